@@ -1,0 +1,88 @@
+"""Loading a Qwen2.5-VL checkpoint and preparing its inputs.
+
+The same code loads the tiny offline model and a released checkpoint such as
+Qwen2.5-VL-7B-Instruct: plain `from_pretrained(path)`.
+
+Positions: Qwen2.5-VL rotates queries and keys by 3-D (temporal, height, width) positions —
+image tokens get their grid coordinates, text continues after the image's largest extent. In
+transformers 5.23 the model derives them (`Qwen2_5_VLModel.get_rope_index`) only when it is
+given `mm_token_type_ids` (0 text, 1 image, 2 video) along with `image_grid_thw`; without them
+it silently uses 1-D positions. `model_inputs` always supplies them.
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from deepeyes.model.processor import QwenVLImageProcessor
+
+IMAGE_TOKEN_ID = 151655  # <|image_pad|>
+MERGE_SIZE = 2  # Qwen2.5-VL merges 2x2 vision patches into one language-model token
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen2_5_VLForConditionalGeneration:
+    """The model at `path` in eval mode (a training loop calls `.train()` itself)."""
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def load_processor(path: str | Path) -> QwenVLImageProcessor:
+    """The tokenizer + image processor at `path` (`processor.tokenizer` is the tokenizer)."""
+    return QwenVLImageProcessor.from_pretrained(str(path))
+
+
+def image_token_count(grid_thw: torch.Tensor | tuple[int, int, int], merge_size: int = MERGE_SIZE) -> int:
+    """Number of `<|image_pad|>` tokens one image occupies, from its `image_grid_thw` row."""
+    t, h, w = (int(x) for x in grid_thw)
+    return t * h * w // (merge_size * merge_size)
+
+
+def model_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    image_token_id: int = IMAGE_TOKEN_ID,
+    merge_size: int = MERGE_SIZE,
+) -> dict[str, torch.Tensor]:
+    """Keyword arguments for `model(...)` and `model.generate(...)` with 3-D mrope positions.
+
+    `input_ids` must already hold each image's `<|image_pad|>` run (the processor expands them);
+    images are matched to runs in order, across the batch row by row, as the model does.
+    Raises ValueError when the placeholder count disagrees with the image grids.
+    """
+    image_tokens = input_ids == image_token_id
+    expected = 0 if image_grid_thw is None else sum(image_token_count(row, merge_size) for row in image_grid_thw)
+    if int(image_tokens.sum()) != expected:
+        raise ValueError(
+            f"input_ids hold {int(image_tokens.sum())} <|image_pad|> tokens but image_grid_thw "
+            f"({None if image_grid_thw is None else image_grid_thw.tolist()}) needs {expected}: "
+            "expand the placeholders with the processor that produced pixel_values"
+        )
+    if (pixel_values is None) != (image_grid_thw is None):
+        raise ValueError("pixel_values and image_grid_thw must be given together")
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": image_tokens.to(torch.int32),
+    }
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values
+        inputs["image_grid_thw"] = image_grid_thw
+    return inputs
+
+
+def rope_position_ids(model: Qwen2_5_VLForConditionalGeneration, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (3, batch, seq) mrope positions the model uses for `inputs` (from `model_inputs`).
+
+    Passing them as `position_ids=` makes a forward independent of the rope state the model
+    caches between `generate` calls, and gives text-only, left-padded rows correct positions
+    (the model's own fallback ignores the padding). Padding positions are 0.
+    """
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs.get("image_grid_thw"),
+        attention_mask=inputs["attention_mask"],
+    )
+    return positions

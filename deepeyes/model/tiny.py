@@ -1,0 +1,123 @@
+"""A tiny, randomly initialised Qwen2.5-VL that tests and CPU runs use in place of the 7B.
+
+It has Qwen2.5-VL-7B's architecture and interfaces — the real tokenizer and vocabulary size,
+untied embeddings, GQA, mrope, a windowed + full-attention vision tower with 2x2 patch merging —
+at a size that runs on one CPU thread. It is written to disk with `save_pretrained` so that every
+consumer loads it with the same `from_pretrained(path)` code a released checkpoint goes through.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from deepeyes.model.processor import QwenVLImageProcessor, build_image_processor
+from deepeyes.model.tokenizer import CHAT_TEMPLATE, build_qwen2_5_tokenizer
+
+SEED = 0
+# A 224x224 image becomes 8x8 = 64 language-model tokens; larger images are scaled down to that.
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 224 * 224
+
+
+def tiny_config() -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-7B's config shrunk: same vocabulary, special-token ids, patching and rope layout."""
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=152064,  # as Qwen2.5-VL-7B/32B: 151,665 real tokens padded for efficiency
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            # head_dim 16: the (temporal, height, width) sections cover its 8 rotary frequencies.
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=151643,
+            eos_token_id=151645,
+            pad_token_id=151643,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            tokens_per_second=2,
+            window_size=112,
+            fullatt_block_indexes=[1],  # block 0 uses windowed attention, block 1 full, as in the 7B
+        ),
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_model() -> Qwen2_5_VLForConditionalGeneration:
+    """The tiny model with weights drawn from a fixed seed: equal weights on every call."""
+    torch.manual_seed(SEED)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config())
+    model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643)
+    return model.eval()
+
+
+def default_cache_dir() -> Path:
+    """`$DEEPEYES_CACHE/models`, or `~/.cache/deepeyes/models` when DEEPEYES_CACHE is unset."""
+    root = os.environ.get("DEEPEYES_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "deepeyes") / "models"
+
+
+def _build_hash() -> str:
+    """Short hash of everything the saved files depend on (incl. the transformers version in the config)."""
+    recipe = {
+        "config": tiny_config().to_dict(),
+        "seed": SEED,
+        "pixels": [MIN_PIXELS, MAX_PIXELS],
+        "chat_template": CHAT_TEMPLATE,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
+    """Path of the tiny model directory (model, tokenizer, processor), building it on first use.
+
+    The directory is `<cache_dir>/qwen2_5_vl-tiny-<hash>`; a change to the recipe gives a new
+    hash and so a fresh build. It is built in a temporary sibling directory and renamed into
+    place, so concurrent callers (several ranks, several test workers) never read half a model:
+    the first rename wins and the others discard their copy.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / f"qwen2_5_vl-tiny-{_build_hash()}"
+    if target.is_dir():
+        return target
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        build_tiny_model().save_pretrained(staging)
+        processor = QwenVLImageProcessor(
+            image_processor=build_image_processor(MIN_PIXELS, MAX_PIXELS),
+            tokenizer=build_qwen2_5_tokenizer(),
+            chat_template=CHAT_TEMPLATE,
+        )
+        processor.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
