@@ -1,0 +1,473 @@
+"""A small synthetic dataset that exercises every tool, for tests and the one-box default run.
+
+Three task families, each solvable only through one kind of tool call, so that a tiny model
+can learn the protocol from them:
+
+- perception: a 224x224 image with a small box in each corner; the question names one corner,
+  whose content (a 5x7-pixel digit or a small colored square) is only legible after cropping
+  and zooming with code;
+- arithmetic: "What is 4837 * 29?" (the expression is also drawn in the image); answered by
+  running code;
+- lookup: a question about a fictional island ("What is the capital of the island of
+  Veldoria?") whose answer is only in the local text corpus; the image is the island's flag,
+  and half of the questions name the island only through the flag, so the agent must use
+  image search first.
+
+Everything is drawn from seeded `random.Random` streams and our own bitmap font, so the same
+parameters give byte-identical files. Lookup islands in the test split never appear in train.
+
+Layout of a generated dataset (image paths in every file are relative to that file)::
+
+    rl_train.jsonl  rl_test.jsonl      Record rows (deepeyes.data.schema)
+    sft_train.jsonl                    SFTRecord rows: one cold-start trajectory per train task
+    corpus.jsonl                       text search corpus: {"title","link","snippet","date","text"}
+    image_index.jsonl                  image search index: {"image_sha256", "results": [{"title","image"}]}
+    images/{perception,arithmetic,lookup}/   task images (PNG)
+    images/search/                     image search result thumbnails
+    images/sft/                        images returned by the code cells of the trajectories
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from deepeyes.data import glyphs
+from deepeyes.data.readers import read_records
+from deepeyes.data.sample_search import SampleImageSearch, SampleTextSearch
+from deepeyes.data.schema import Record
+from deepeyes.data.trajectories import cold_start_trajectory
+from deepeyes.data.writers import write_records, write_sft_records
+
+# Part of the cache key: bump whenever the generated files change.
+GENERATOR_VERSION = 1
+
+FAMILIES = ("perception", "arithmetic", "lookup")
+DATA_SOURCE = "sample"
+
+INK = (20, 20, 20)
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (240, 130, 30),
+}
+_FLAG_COLORS = {**COLORS, "black": INK, "white": (250, 250, 250)}
+
+
+@dataclass(frozen=True)
+class SampleDataset:
+    """Paths of one generated sample dataset."""
+
+    root: Path
+    rl_train: Path
+    rl_test: Path
+    sft_train: Path
+    corpus: Path
+    image_index: Path
+
+    @classmethod
+    def at(cls, root: Path) -> SampleDataset:
+        root = Path(root)
+        return cls(
+            root=root,
+            rl_train=root / "rl_train.jsonl",
+            rl_test=root / "rl_test.jsonl",
+            sft_train=root / "sft_train.jsonl",
+            corpus=root / "corpus.jsonl",
+            image_index=root / "image_index.jsonl",
+        )
+
+
+def generate_sample_data(
+    out_dir: Path, n_per_family: int = 32, seed: int = 0, n_test_per_family: int | None = None
+) -> SampleDataset:
+    """Write the sample dataset into `out_dir`: `n_per_family` train tasks per family and
+    `n_test_per_family` (default: half as many) test tasks per family."""
+    if n_test_per_family is None:
+        n_test_per_family = n_per_family // 2
+    dataset = SampleDataset.at(out_dir)
+    for family in (*FAMILIES, "search", "sft"):
+        (dataset.root / "images" / family).mkdir(parents=True, exist_ok=True)
+
+    islands = _make_islands(random.Random(f"{seed}:islands"), n_per_family + n_test_per_family + 8)
+    train_islands = islands[:n_per_family]
+    test_islands = islands[n_per_family : n_per_family + n_test_per_family]
+    _write_corpus(dataset.corpus, islands, random.Random(f"{seed}:corpus"))
+    _write_flags_and_image_index(dataset, islands, random.Random(f"{seed}:image-index"))
+
+    for path, split, count, split_islands in (
+        (dataset.rl_train, "train", n_per_family, train_islands),
+        (dataset.rl_test, "test", n_test_per_family, test_islands),
+    ):
+        by_family = [
+            _perception_tasks(dataset.root, split, count, random.Random(f"{seed}:perception:{split}")),
+            _arithmetic_tasks(dataset.root, split, count, random.Random(f"{seed}:arithmetic:{split}")),
+            _lookup_tasks(dataset.root, split, split_islands),
+        ]
+        # Interleaved so that any prefix of the file is balanced across families.
+        write_records(path, [task for group in zip(*by_family) for task in group])
+
+    text_search = SampleTextSearch.from_jsonl(dataset.corpus)
+    image_search = SampleImageSearch.from_jsonl(dataset.image_index)
+    trajectories = [
+        cold_start_trajectory(record, text_search, image_search, dataset.root / "images" / "sft")
+        for record in read_records(dataset.rl_train)
+    ]
+    write_sft_records(dataset.sft_train, trajectories)
+    return dataset
+
+
+def ensure_sample_data(
+    cache_dir: Path | None = None,
+    n_per_family: int = 32,
+    seed: int = 0,
+    n_test_per_family: int | None = None,
+) -> SampleDataset:
+    """The sample dataset for these parameters, generated on first use.
+
+    It lives in `cache_dir/sample-<hash of parameters>`; `cache_dir` defaults to
+    `$DEEPEYES_CACHE/data` (`~/.cache/deepeyes/data`). It is built in a temporary directory and
+    renamed into place, so concurrent callers (several ranks, several jobs) never see a
+    half-written dataset.
+    """
+    if n_test_per_family is None:
+        n_test_per_family = n_per_family // 2
+    params = {
+        "version": GENERATOR_VERSION,
+        "n_per_family": n_per_family,
+        "n_test_per_family": n_test_per_family,
+        "seed": seed,
+    }
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir or default_cache_dir()) / f"sample-{digest}"
+    if root.is_dir():
+        return SampleDataset.at(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        generate_sample_data(tmp, n_per_family, seed, n_test_per_family)
+        try:
+            tmp.rename(root)
+        except OSError:
+            if not root.is_dir():
+                raise
+            # Another process finished first; its files are identical to ours.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return SampleDataset.at(root)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("DEEPEYES_CACHE") or Path.home() / ".cache" / "deepeyes"
+    return Path(base) / "data"
+
+
+# ---------------------------------------------------------------------------------------------
+# perception
+
+PERCEPTION_SIZE = 224
+CORNER = 56  # side of the corner square the agent should crop
+_BOX = 20  # the small box inside the corner square
+_REGIONS = {
+    "top-left": (0, 0),
+    "top-right": (PERCEPTION_SIZE - CORNER, 0),
+    "bottom-left": (0, PERCEPTION_SIZE - CORNER),
+    "bottom-right": (PERCEPTION_SIZE - CORNER, PERCEPTION_SIZE - CORNER),
+}
+
+
+def crop_box(region: str) -> tuple[int, int, int, int]:
+    """The corner square (left, top, right, bottom) that holds the box of `region`."""
+    left, top = _REGIONS[region]
+    return left, top, left + CORNER, top + CORNER
+
+
+def _perception_tasks(root: Path, split: str, count: int, rng: random.Random) -> list[Record]:
+    tasks = []
+    for index in range(count):
+        variant = ("digit", "color")[index % 2]
+        image = Image.new("RGB", (PERCEPTION_SIZE,) * 2, tuple(rng.randint(200, 240) for _ in range(3)))
+        _draw_clutter(image, rng)
+        contents = rng.sample("0123456789" if variant == "digit" else sorted(COLORS), len(_REGIONS))
+        for region, content in zip(_REGIONS, contents):
+            _draw_corner_box(image, region, variant, content, rng)
+        target = rng.randrange(len(_REGIONS))
+        region, answer = list(_REGIONS)[target], contents[target]
+        if variant == "digit":
+            question = f"What digit is written in the small box in the {region} corner of the image?"
+        else:
+            question = f"What color is the small square in the box in the {region} corner of the image?"
+        record_id = f"perception-{split}-{index:05d}"
+        tasks.append(
+            Record(
+                id=record_id,
+                question=question,
+                images=(_save(image, root / "images" / "perception" / f"{record_id}.png"),),
+                answer=answer,
+                family="perception",
+                data_source=DATA_SOURCE,
+                metadata={"variant": variant, "region": region, "crop_box": list(crop_box(region))},
+            )
+        )
+    return tasks
+
+
+def _draw_clutter(image: Image.Image, rng: random.Random) -> None:
+    """Muted shapes in the central cross, away from the corners (and never in palette colors)."""
+    draw = ImageDraw.Draw(image)
+    low, high = CORNER, PERCEPTION_SIZE - CORNER
+    for _ in range(rng.randint(3, 6)):
+        if rng.random() < 0.5:  # horizontal band
+            x0, x1 = sorted(rng.sample(range(PERCEPTION_SIZE), 2))
+            y0, y1 = sorted(rng.sample(range(low, high), 2))
+        else:  # vertical band
+            x0, x1 = sorted(rng.sample(range(low, high), 2))
+            y0, y1 = sorted(rng.sample(range(PERCEPTION_SIZE), 2))
+        color = tuple(rng.randint(90, 200) for _ in range(3))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x0, y0, x1, y1), fill=color)
+
+
+def _draw_corner_box(image: Image.Image, region: str, variant: str, content: str, rng: random.Random) -> None:
+    left, top = _REGIONS[region]
+    x = left + rng.randint(2, CORNER - _BOX - 2)
+    y = top + rng.randint(2, CORNER - _BOX - 2)
+    ImageDraw.Draw(image).rectangle((x, y, x + _BOX - 1, y + _BOX - 1), fill=(250, 250, 250), outline=(120, 120, 120))
+    if variant == "digit":
+        glyphs.draw_text(image, (x + (_BOX - glyphs.GLYPH_WIDTH) // 2, y + (_BOX - glyphs.GLYPH_HEIGHT) // 2), content, 1, INK)
+    else:
+        ImageDraw.Draw(image).rectangle((x + 7, y + 7, x + 12, y + 12), fill=COLORS[content])
+
+
+# ---------------------------------------------------------------------------------------------
+# arithmetic
+
+ARITHMETIC_SIZE = (224, 56)
+
+
+def _arithmetic_tasks(root: Path, split: str, count: int, rng: random.Random) -> list[Record]:
+    tasks = []
+    for index in range(count):
+        op = "*+-"[index % 3]
+        if op == "*":
+            a, b = rng.randint(100, 9999), rng.randint(11, 99)
+        elif op == "+":
+            a, b = rng.randint(1000, 99999), rng.randint(1000, 99999)
+        else:
+            a = rng.randint(1000, 99999)
+            b = rng.randint(100, a - 1)
+        expression = f"{a} {op} {b}"
+        answer = {"*": a * b, "+": a + b, "-": a - b}[op]
+        image = Image.new("RGB", ARITHMETIC_SIZE, tuple(rng.randint(215, 250) for _ in range(3)))
+        text = f"{expression} = ?"
+        width, height = glyphs.text_size(text, 2)
+        glyphs.draw_text(image, ((ARITHMETIC_SIZE[0] - width) // 2, (ARITHMETIC_SIZE[1] - height) // 2), text, 2, INK)
+        record_id = f"arithmetic-{split}-{index:05d}"
+        tasks.append(
+            Record(
+                id=record_id,
+                question=f"What is {expression}?",
+                images=(_save(image, root / "images" / "arithmetic" / f"{record_id}.png"),),
+                answer=str(answer),
+                family="arithmetic",
+                data_source=DATA_SOURCE,
+                metadata={"expression": expression},
+            )
+        )
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# lookup
+
+FLAG_SIZE = (168, 112)
+THUMBNAIL_SIZE = (84, 56)
+IMAGE_SEARCH_RESULTS = 3
+
+# (question template, search query template) per attribute.
+LOOKUP_ATTRIBUTES = {
+    "capital": ("What is the capital of {subject}?", "capital of {name}"),
+    "currency": ("What is the currency of {subject}?", "currency of {name}"),
+    "highest mountain": ("What is the highest mountain on {subject}?", "highest mountain on {name}"),
+}
+_FLAG_LAYOUTS = {"horizontal": 3, "vertical": 3, "cross": 2, "disc": 2, "diagonal": 2, "canton": 2}
+
+_ONSETS = ("b", "d", "k", "l", "m", "n", "r", "s", "t", "v", "z", "th", "gr", "br", "st", "f", "h")
+_VOWELS = ("a", "e", "i", "o", "u", "ae", "io")
+_ENDINGS = ("ria", "nia", "dor", "land", "mere", "holm", "ssa", "vel", "tia", "ros")
+_SEAS = ("Amber", "Glass", "Salt", "Quiet", "Iron", "Pearl")
+
+
+@dataclass(frozen=True)
+class Island:
+    name: str
+    capital: str
+    currency: str
+    highest_mountain: str
+    sea: str
+    settled: int
+    flag: tuple[str, tuple[str, ...]]  # layout, color names
+
+    @property
+    def slug(self) -> str:
+        return self.name.lower()
+
+    def fact(self, attribute: str) -> str:
+        return {"capital": self.capital, "currency": self.currency, "highest mountain": self.highest_mountain}[attribute]
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
+
+
+def _make_islands(rng: random.Random, count: int) -> list[Island]:
+    islands: list[Island] = []
+    names: set[str] = set()
+    flags: set[tuple[str, tuple[str, ...]]] = set()
+    while len(islands) < count:
+        name = (_word(rng, 2) + rng.choice(_ENDINGS)).capitalize()
+        layout = rng.choice(sorted(_FLAG_LAYOUTS))
+        flag = (layout, tuple(rng.sample(sorted(_FLAG_COLORS), _FLAG_LAYOUTS[layout])))
+        if name in names or flag in flags:
+            continue
+        names.add(name)
+        flags.add(flag)
+        town = _word(rng, 2).capitalize()
+        islands.append(
+            Island(
+                name=name,
+                capital=rng.choice(("Port {}", "{} Bay", "New {}", "{}ton")).format(town),
+                currency=_word(rng, 2) + rng.choice(("el", "ar", "o")),
+                highest_mountain=f"Mount {_word(rng, 2).capitalize()}",
+                sea=rng.choice(_SEAS),
+                settled=rng.randint(1100, 1850),
+                flag=flag,
+            )
+        )
+    return islands
+
+
+def _lookup_tasks(root: Path, split: str, islands: list[Island]) -> list[Record]:
+    tasks = []
+    for index, island in enumerate(islands):
+        attribute = list(LOOKUP_ATTRIBUTES)[index % len(LOOKUP_ATTRIBUTES)]
+        variant = ("named", "flag")[index % 2]
+        subject = f"the island of {island.name}" if variant == "named" else "the island whose flag is shown in the image"
+        question, query = LOOKUP_ATTRIBUTES[attribute]
+        tasks.append(
+            Record(
+                id=f"lookup-{split}-{index:05d}",
+                question=question.format(subject=subject),
+                images=(_flag_path(root, island),),
+                answer=island.fact(attribute),
+                family="lookup",
+                data_source=DATA_SOURCE,
+                metadata={
+                    "variant": variant,
+                    "entity": island.name,
+                    "attribute": attribute,
+                    "query": query.format(name=island.name),
+                },
+            )
+        )
+    return tasks
+
+
+def _write_corpus(path: Path, islands: list[Island], rng: random.Random) -> None:
+    """One encyclopedia page with the facts per island, plus pages that name it without them."""
+    docs = []
+    for island in islands:
+        link = f"https://islands.example/wiki/{island.name}"
+        facts = (
+            f"{island.name} is an island in the {island.sea} Sea. Its capital is {island.capital}, "
+            f"its currency is the {island.currency}, and its highest mountain is {island.highest_mountain}."
+        )
+        neighbour = rng.choice([other for other in islands if other is not island])
+        docs += [
+            _doc(island.name, link, facts, rng, f"It was first settled in {island.settled}."),
+            _doc(
+                f"History of {island.name}",
+                f"{link}/History",
+                f"{island.name} was first settled in {island.settled} by fishermen from {neighbour.name}.",
+                rng,
+                f"Trade with {neighbour.name} shaped the island for centuries.",
+            ),
+            _doc(
+                f"Travel guide: {island.name}",
+                f"https://travel.example/{island.slug}",
+                f"Visitors to {island.name} come for its beaches and the ferry across the {island.sea} Sea.",
+                rng,
+                "Ferries run twice a week in summer.",
+            ),
+        ]
+    rng.shuffle(docs)
+    path.write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
+
+
+def _doc(title: str, link: str, snippet: str, rng: random.Random, more: str) -> dict[str, str]:
+    date = f"{rng.randint(2015, 2024)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+    return {"title": title, "link": link, "snippet": snippet, "date": date, "text": f"{snippet} {more}"}
+
+
+def _flag_path(root: Path, island: Island) -> Path:
+    return root / "images" / "lookup" / f"flag-{island.slug}.png"
+
+
+def _write_flags_and_image_index(dataset: SampleDataset, islands: list[Island], rng: random.Random) -> None:
+    """Each flag image is indexed with its own thumbnail first, then other islands' flags."""
+    thumbnails = {
+        island.name: _save(_draw_flag(island.flag, THUMBNAIL_SIZE), dataset.root / "images" / "search" / f"flag-{island.slug}.png")
+        for island in islands
+    }
+    rows = []
+    for island in islands:
+        image = _save(_draw_flag(island.flag, FLAG_SIZE), _flag_path(dataset.root, island))
+        others = rng.sample([other for other in islands if other is not island], IMAGE_SEARCH_RESULTS - 1)
+        results = [
+            {"title": f"Flag of {result.name}", "image": thumbnails[result.name].relative_to(dataset.root).as_posix()}
+            for result in (island, *others)
+        ]
+        rows.append({"image_sha256": hashlib.sha256(image.read_bytes()).hexdigest(), "results": results})
+    dataset.image_index.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def _draw_flag(flag: tuple[str, tuple[str, ...]], size: tuple[int, int]) -> Image.Image:
+    layout, names = flag
+    colors = [_FLAG_COLORS[name] for name in names]
+    width, height = size
+    image = Image.new("RGB", size, colors[0])
+    draw = ImageDraw.Draw(image)
+    if layout == "horizontal":
+        for index, color in enumerate(colors):
+            draw.rectangle((0, index * height // 3, width, (index + 1) * height // 3), fill=color)
+    elif layout == "vertical":
+        for index, color in enumerate(colors):
+            draw.rectangle((index * width // 3, 0, (index + 1) * width // 3, height), fill=color)
+    elif layout == "cross":
+        bar = height // 5
+        draw.rectangle((width // 3 - bar // 2, 0, width // 3 + bar // 2, height), fill=colors[1])
+        draw.rectangle((0, height // 2 - bar // 2, width, height // 2 + bar // 2), fill=colors[1])
+    elif layout == "disc":
+        radius = height // 4
+        draw.ellipse((width // 2 - radius, height // 2 - radius, width // 2 + radius, height // 2 + radius), fill=colors[1])
+    elif layout == "diagonal":
+        draw.polygon([(0, height), (width, 0), (width, height)], fill=colors[1])
+    else:  # canton
+        draw.rectangle((0, 0, width // 2, height // 2), fill=colors[1])
+    return image
+
+
+def _save(image: Image.Image, path: Path) -> Path:
+    image.save(path, format="PNG")
+    return path

@@ -1,0 +1,164 @@
+"""Programmatic cold-start trajectories for the sample tasks, in the exact DeepEyesV2 protocol.
+
+Each trajectory is the conversation a competent agent would have: think, call one tool, read
+the real result, answer. Tool results are real: the arithmetic code is executed, the crop a
+perception cell displays is computed and saved as a PNG, and search observations are what the
+given search objects return. A trajectory whose observations do not contain its answer is a bug
+in the generator and raises, so SFT never teaches the model to guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from deepeyes.agent.protocol import (
+    IMAGE_SEARCH,
+    SYSTEM_PROMPT,
+    TEXT_SEARCH,
+    TextHit,
+    render_code_observation,
+    render_image_search,
+    render_text_search,
+    user_prompt,
+)
+from deepeyes.data.schema import Message, Record, SFTRecord
+
+TEXT_SEARCH_TOP_K = 5  # the released text search shows the top 5
+IMAGE_SEARCH_TOP_K = 10
+ZOOM = 4
+
+
+class TextSearch(Protocol):
+    def search(self, query: str, k: int) -> list[TextHit]: ...
+
+
+class ImageSearch(Protocol):
+    def search(self, image: Path, k: int) -> list[tuple[str, Path]]: ...
+
+
+def cold_start_trajectory(
+    record: Record, text_search: TextSearch, image_search: ImageSearch, image_dir: Path
+) -> SFTRecord:
+    """The trajectory that solves a sample task (`record` from `sample_tasks`, with its
+    metadata); images produced by code cells are written into `image_dir`."""
+    conversation = _Conversation(record)
+    if record.family == "perception":
+        _perception(conversation, record, image_dir)
+    elif record.family == "arithmetic":
+        _arithmetic(conversation, record)
+    elif record.family == "lookup":
+        _lookup(conversation, record, text_search, image_search)
+    else:
+        raise ValueError(f"{record.id}: no cold-start trajectory for family {record.family!r}")
+    return conversation.finish()
+
+
+class _Conversation:
+    def __init__(self, record: Record):
+        self.record = record
+        self.messages = [Message("system", SYSTEM_PROMPT), Message("user", user_prompt(record.question))]
+        self.images = list(record.images)
+
+    def code(self, think: str, code: str) -> None:
+        self._assistant(f"<think> {think} </think>\n<code>\n```python\n{code}\n```\n</code>")
+
+    def tool_call(self, think: str, call: dict) -> None:
+        self._assistant(f"<think> {think} </think>\n<tool_call>\n{json.dumps(call)}\n</tool_call>")
+
+    def observe(self, text: str, images: Sequence[Path] = ()) -> None:
+        self.messages.append(Message("user", text))
+        self.images += images
+
+    def answer(self, think: str) -> None:
+        self._assistant(f"<think> {think} </think>\n<answer>{self.record.answer}</answer>")
+
+    def _assistant(self, text: str) -> None:
+        self.messages.append(Message("assistant", text))
+
+    def finish(self) -> SFTRecord:
+        return SFTRecord(
+            id=self.record.id,
+            messages=tuple(self.messages),
+            images=tuple(self.images),
+            family=self.record.family,
+            data_source=self.record.data_source,
+        )
+
+
+def _perception(conversation: _Conversation, record: Record, image_dir: Path) -> None:
+    region = record.metadata["region"]
+    left, top, right, bottom = record.metadata["crop_box"]
+    size = ((right - left) * ZOOM, (bottom - top) * ZOOM)
+    code = (
+        "from PIL import Image\n"
+        "import matplotlib.pyplot as plt\n\n"
+        f"crop = image_1.crop(({left}, {top}, {right}, {bottom})).resize({size}, Image.NEAREST)\n"
+        "plt.imshow(crop)\n"
+        'plt.axis("off")\n'
+        "plt.show()"
+    )
+    conversation.code(
+        f"The question asks about the small box in the {region} corner. It is too small to make "
+        f"out at this size, so I will crop that corner and zoom in {ZOOM}x.",
+        code,
+    )
+    # What the cell displays: the same crop, computed here.
+    with Image.open(record.images[0]) as image:
+        crop = image.crop((left, top, right, bottom)).resize(size, Image.NEAREST)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    crop_path = image_dir / f"{record.id}-crop.png"
+    crop.save(crop_path, format="PNG")
+    conversation.observe(render_code_observation("", "", 1), [crop_path])
+    if record.metadata["variant"] == "digit":
+        seen = f"the digit {record.answer}"
+    else:
+        seen = f"a small {record.answer} square"
+    conversation.answer(f"The zoomed crop of the {region} corner shows {seen} inside the box.")
+
+
+def _arithmetic(conversation: _Conversation, record: Record) -> None:
+    expression = record.metadata["expression"]
+    code = f"print({expression})"
+    conversation.code(f"I need the exact value of {expression}. I will compute it with Python.", code)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        exec(code, {})  # our own one-line expression, not model output
+    result = stdout.getvalue().strip()
+    if result != record.answer:
+        raise ValueError(f"{record.id}: {code} printed {result!r}, but the answer is {record.answer!r}")
+    conversation.observe(render_code_observation(stdout.getvalue(), "", 0))
+    conversation.answer(f"The code printed {result}, so {expression} = {result}.")
+
+
+def _lookup(conversation: _Conversation, record: Record, text_search: TextSearch, image_search: ImageSearch) -> None:
+    entity, attribute, query = (record.metadata[key] for key in ("entity", "attribute", "query"))
+    if record.metadata["variant"] == "flag":
+        conversation.tool_call(
+            "I do not recognize the flag in the image. I will run an image search to find out "
+            "which island it belongs to.",
+            {"name": IMAGE_SEARCH},
+        )
+        results = image_search.search(record.images[0], IMAGE_SEARCH_TOP_K)
+        titles = [title for title, _ in results]
+        if not titles or titles[0] != f"Flag of {entity}":
+            raise ValueError(f"{record.id}: image search does not put {entity} first: {titles}")
+        conversation.observe(render_image_search(titles), [path for _, path in results])
+        think = (
+            f'The top image search result is "{titles[0]}", so this is the flag of {entity}. '
+            f"Now I will search for the {attribute} of {entity}."
+        )
+    else:
+        think = f"I do not know the {attribute} of {entity}. I will search for it."
+    conversation.tool_call(think, {"name": TEXT_SEARCH, "arguments": {"query": query}})
+    hits = text_search.search(query, TEXT_SEARCH_TOP_K)
+    if not hits or record.answer not in hits[0].snippet:
+        raise ValueError(f"{record.id}: the top search hit for {query!r} does not state {record.answer!r}")
+    conversation.observe(render_text_search(query, hits))
+    conversation.answer(f'The first result, "{hits[0].title}", says the {attribute} of {entity} is {record.answer}.')
