@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from deepeyes.data.schema import IMAGE_PLACEHOLDER
+# The same string as deepeyes.data.schema.IMAGE_PLACEHOLDER (a test checks it). Not imported from
+# there: importing deepeyes.data runs its __init__, whose readers import this module (a cycle).
+IMAGE_PLACEHOLDER = "<image>"
 
 SYSTEM_PROMPT = """You are an agent - please keep going until the user's query is completely resolved, before ending your turn and yielding back to the user. Only terminate your turn when you are sure that the problem is solved.
 
@@ -162,8 +164,13 @@ def extract_answer(text: str) -> str | None:
 
 
 def parse_action(turn: str) -> Action:
-    """What one model turn asks for. Never raises, whatever the text."""
-    if "<answer>" in turn or "</answer>" in turn:
+    """What one model turn asks for. Never raises, whatever the text.
+
+    As in the released RL environment, a complete <answer>...</answer> anywhere ends the episode,
+    but a lone answer tag (say, mentioned while thinking) does not stop a code or tool call.
+    A lone answer tag with no call is a broken answer: the episode ends with no answer text.
+    """
+    if _ANSWER.search(turn):
         return Answer(extract_answer(turn.split("</think>")[-1]))
     if "<code>" in turn:
         blocks = _CODE.findall(turn)
@@ -173,28 +180,31 @@ def parse_action(turn: str) -> Action:
         return CodeCall(code[-1])
     if "<tool_call>" in turn:
         return _parse_tool_call(turn)
+    if "<answer>" in turn or "</answer>" in turn:
+        return Answer(None)
     return InvalidCall("none", FORMAT_ERROR)
 
 
 def _parse_tool_call(turn: str) -> Action:
+    # The released RL environment shows tool-call errors to the model as "Error: <message>".
     calls = _TOOL_CALL.findall(turn)
     if not calls:
         return InvalidCall("none", FORMAT_ERROR)
     raw = calls[-1].strip()
     try:
         call = json.loads(raw)
-    except ValueError as err:
-        return InvalidCall("none", f"Invalid tool call format: {raw}. Error: {err}")
+    except (ValueError, RecursionError) as err:  # deeply nested JSON raises RecursionError
+        return InvalidCall("none", f"Error: Invalid tool call format: {raw}. Error: {err}")
     if not isinstance(call, dict) or call.get("name") not in (TEXT_SEARCH, IMAGE_SEARCH):
-        return InvalidCall("none", f"Invalid tool call name: {raw}.")
+        return InvalidCall("none", f"Error: Invalid tool call name: {raw}.")
     arguments = call.get("arguments")
     if call["name"] == IMAGE_SEARCH:
         if arguments is not None:
-            return InvalidCall(IMAGE_SEARCH, f"Invalid tool call parameters for image search: {raw}.")
+            return InvalidCall(IMAGE_SEARCH, f"Error: Invalid tool call parameters for image search: {raw}.")
         return ImageSearchCall()
     query = arguments.get("query") if isinstance(arguments, dict) else None
     if not isinstance(query, str) or not query.strip():
-        return InvalidCall(TEXT_SEARCH, f"Invalid tool call parameters for search: {raw}.")
+        return InvalidCall(TEXT_SEARCH, f"Error: Invalid tool call parameters for search: {raw}.")
     return SearchCall(query)
 
 

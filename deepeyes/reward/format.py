@@ -16,13 +16,14 @@ def model_text(model_turns: Sequence[str]) -> str:
 
     Tool observations are left out on purpose: a program can print "<answer>" or "</think>" into
     its stdout, and the model must not be rewarded (or punished) for tags it did not write.
+    A turn that does not start with "<think>" gets one, as the released reward does for the first
+    turn; for later turns, the released RL environment writes "<think>" at the end of each
+    observation (the model continues it), so the released reward counted one there too.
     Turns are joined by a newline so that no tag can form across a boundary.
     """
     if isinstance(model_turns, str):
         raise TypeError("model_turns must be a sequence of model turns, not one str; wrap it in a list")
-    text = "\n".join(model_turns)
-    # The released reward assumes the prompt may end with "<think>"; mirror it exactly.
-    return text if text.startswith("<think>") else "<think>" + text
+    return "\n".join(turn if turn.startswith("<think>") else "<think>" + turn for turn in model_turns)
 
 
 def final_answer(text: str) -> str | None:
