@@ -107,7 +107,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield row, json.loads(line)
+                yield row, json.loads(line.strip())
             except ValueError as err:
                 yield row, _RowProblem(f"not valid JSON: {err}")
 

@@ -1,0 +1,121 @@
+import contextlib
+import io
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepeyes.agent.protocol import (
+    SYSTEM_PROMPT,
+    STOP_STRINGS,
+    Answer,
+    CodeCall,
+    ImageSearchCall,
+    SearchCall,
+    parse_action,
+    render_code_observation,
+    render_image_search,
+    render_text_search,
+    user_prompt,
+)
+from deepeyes.data import IMAGE_PLACEHOLDER, Record, cold_start_trajectory, read_records, read_sft_records
+from deepeyes.data.sample_search import SampleImageSearch, SampleTextSearch
+
+
+@pytest.fixture(scope="module")
+def pairs(sample):
+    """(task, its trajectory) for every train task."""
+    tasks = {record.id: record for record in read_records(sample.rl_train)}
+    trajectories = read_sft_records(sample.sft_train)
+    assert [t.id for t in trajectories] == list(tasks)
+    return [(tasks[t.id], t) for t in trajectories]
+
+
+def assistant_turns(trajectory):
+    return [m.content for m in trajectory.messages if m.role == "assistant"]
+
+
+def expected_actions(task):
+    if task.family in ("perception", "arithmetic"):
+        return [CodeCall, Answer]
+    search = [SearchCall] if task.metadata["variant"] == "named" else [ImageSearchCall, SearchCall]
+    return [*search, Answer]
+
+
+def test_trajectories_follow_the_protocol(pairs):
+    for task, trajectory in pairs:
+        messages = trajectory.messages
+        assert (messages[0].role, messages[0].content) == ("system", SYSTEM_PROMPT)
+        assert (messages[1].role, messages[1].content) == ("user", user_prompt(task.question))
+        assert messages[1].content.startswith(f"{IMAGE_PLACEHOLDER}\n")
+        assert trajectory.family == task.family
+        turns = assistant_turns(trajectory)
+        actions = [parse_action(turn) for turn in turns]
+        assert [type(action) for action in actions] == expected_actions(task)
+        assert actions[-1] == Answer(task.answer)
+        for turn in turns:
+            assert turn.startswith("<think> ") and turn.count("</think>") == 1
+        for turn in turns[:-1]:
+            # The rollout stops at the first stop string, so a turn must end exactly there.
+            assert any(turn.endswith(stop) for stop in STOP_STRINGS)
+            assert sum(turn.count(stop) for stop in STOP_STRINGS) == 1
+        for action in actions:
+            if isinstance(action, SearchCall):
+                assert action.query == task.metadata["query"]
+
+
+def test_placeholders_match_images_message_by_message(pairs):
+    for task, trajectory in pairs:
+        images = list(trajectory.images)
+        assert images[0] == task.images[0]
+        placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in trajectory.messages)
+        assert placeholders == len(images)
+        assert all(IMAGE_PLACEHOLDER not in m.content for m in trajectory.messages if m.role != "user")
+
+
+def test_code_observations_are_what_the_code_really_outputs(pairs, monkeypatch):
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(np.asarray(plt.gca().get_images()[0].get_array())))
+    for task, trajectory in pairs:
+        if task.family not in ("perception", "arithmetic"):
+            continue
+        code = parse_action(assistant_turns(trajectory)[0]).code
+        observation = trajectory.messages[3].content
+        shown.clear()
+        stdout = io.StringIO()
+        with Image.open(task.images[0]) as image_1, contextlib.redirect_stdout(stdout):
+            exec(code, {"image_1": image_1})
+        plt.close("all")
+        assert observation == render_code_observation(stdout.getvalue(), "", len(shown))
+        if task.family == "perception":
+            [array] = shown
+            crop = np.asarray(Image.open(trajectory.images[1]).convert("RGB"))
+            assert np.array_equal(array, crop)
+        else:
+            assert stdout.getvalue() == f"{task.answer}\n"
+
+
+def test_search_observations_are_what_the_search_returns(sample, pairs):
+    text_search = SampleTextSearch.from_jsonl(sample.corpus)
+    image_search = SampleImageSearch.from_jsonl(sample.image_index)
+    for task, trajectory in pairs:
+        if task.family != "lookup":
+            continue
+        observations = [m.content for m in trajectory.messages[3::2]]
+        query = task.metadata["query"]
+        assert observations[-1] == render_text_search(query, text_search.search(query, 5))
+        assert task.answer in text_search.search(query, 5)[0].snippet
+        if task.metadata["variant"] == "flag":
+            results = image_search.search(task.images[0], 10)
+            assert observations[0] == render_image_search([title for title, _ in results])
+            assert list(trajectory.images[1:]) == [path for _, path in results]
+
+
+def test_unknown_family_has_no_trajectory(sample, tmp_path):
+    record = Record("x", "q", (sample.rl_train,), "a", "chart")
+    with pytest.raises(ValueError, match="family 'chart'"):
+        cold_start_trajectory(record, None, None, tmp_path)
