@@ -1,10 +1,10 @@
 """Programmatic cold-start trajectories for the sample tasks, in the exact DeepEyesV2 protocol.
 
 Each trajectory is the conversation a competent agent would have: think, call one tool, read
-the real result, answer. Tool results are real: the arithmetic code is executed, the crop a
-perception cell displays is computed and saved as a PNG, and search observations are what the
-given search objects return. A trajectory whose observations do not contain its answer is a bug
-in the generator and raises, so SFT never teaches the model to guess.
+the real result, answer. Tool results are real: each code cell is executed (in-process, with
+the notebook's `image_1`.. and `display()`), the images it displays are saved as PNGs, and
+search observations are what the given search objects return. A trajectory whose observations
+do not contain its answer is a bug in the generator and raises, so SFT never teaches guessing.
 """
 
 from __future__ import annotations
@@ -96,26 +96,24 @@ def _perception(conversation: _Conversation, record: Record, image_dir: Path) ->
     region = record.metadata["region"]
     left, top, right, bottom = record.metadata["crop_box"]
     size = ((right - left) * ZOOM, (bottom - top) * ZOOM)
+    # display() rather than plt.imshow + plt.show: the notebook returns a displayed PIL image
+    # as-is, while a figure adds axes and margins around it and costs more image tokens.
     code = (
-        "from PIL import Image\n"
-        "import matplotlib.pyplot as plt\n\n"
+        "from PIL import Image\n\n"
         f"crop = image_1.crop(({left}, {top}, {right}, {bottom})).resize({size}, Image.NEAREST)\n"
-        "plt.imshow(crop)\n"
-        'plt.axis("off")\n'
-        "plt.show()"
+        "display(crop)"
     )
     conversation.code(
         f"The question asks about the small box in the {region} corner. It is too small to make "
         f"out at this size, so I will crop that corner and zoom in {ZOOM}x.",
         code,
     )
-    # What the cell displays: the same crop, computed here.
-    with Image.open(record.images[0]) as image:
-        crop = image.crop((left, top, right, bottom)).resize(size, Image.NEAREST)
+    stdout, shown = _run_cell(code, record.images)
     image_dir.mkdir(parents=True, exist_ok=True)
-    crop_path = image_dir / f"{record.id}-crop.png"
-    crop.save(crop_path, format="PNG")
-    conversation.observe(render_code_observation("", "", 1), [crop_path])
+    paths = [image_dir / f"{record.id}-cell1-{index}.png" for index in range(1, len(shown) + 1)]
+    for image, path in zip(shown, paths):
+        image.save(path, format="PNG")
+    conversation.observe(render_code_observation(stdout, "", len(paths)), paths)
     if record.metadata["variant"] == "digit":
         seen = f"the digit {record.answer}"
     else:
@@ -127,14 +125,25 @@ def _arithmetic(conversation: _Conversation, record: Record) -> None:
     expression = record.metadata["expression"]
     code = f"print({expression})"
     conversation.code(f"I need the exact value of {expression}. I will compute it with Python.", code)
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        exec(code, {})  # our own one-line expression, not model output
-    result = stdout.getvalue().strip()
+    stdout, _ = _run_cell(code, record.images)
+    result = stdout.strip()
     if result != record.answer:
         raise ValueError(f"{record.id}: {code} printed {result!r}, but the answer is {record.answer!r}")
-    conversation.observe(render_code_observation(stdout.getvalue(), "", 0))
+    conversation.observe(render_code_observation(stdout, "", 0))
     conversation.answer(f"The code printed {result}, so {expression} = {result}.")
+
+
+def _run_cell(code: str, images: Sequence[Path]) -> tuple[str, list[Image.Image]]:
+    """Run a generated cell as the sandbox notebook would (image_1.. preloaded, display() returns
+    images), but in this process: the code is ours, not model output. Returns stdout and the
+    displayed images."""
+    shown: list[Image.Image] = []
+    with contextlib.ExitStack() as stack:
+        namespace = {f"image_{i}": stack.enter_context(Image.open(path)) for i, path in enumerate(images, 1)}
+        namespace["display"] = lambda *objects: shown.extend(objects)
+        stdout = stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        exec(code, namespace)
+        return stdout.getvalue(), [image.copy() for image in shown]
 
 
 def _lookup(conversation: _Conversation, record: Record, text_search: TextSearch, image_search: ImageSearch) -> None:
