@@ -103,7 +103,7 @@ _LATEX_SPACING = re.compile(r"\\[,;:! ]|\\left|\\right|\^\{?\\circ\}?")
 
 def _unwrap_latex(text: str) -> str:
     """Drop `$`, spacing macros and degree signs, and replace `\\boxed{x}`-style wrappers with x."""
-    text = _LATEX_SPACING.sub("", text.replace("$", ""))
+    text = _LATEX_SPACING.sub("", text.replace("$", "")).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     for name in _LATEX_WRAPPERS:
         text = _replace_wrapper(text, "\\" + name + "{")
     return text.strip()

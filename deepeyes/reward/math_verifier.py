@@ -14,6 +14,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -123,10 +124,21 @@ class MathVerifier:
             self._process = self._conn = None
 
 
+# Bare LaTeX ("\\dfrac{3}{4}", "\\sqrt{2}/2") is only found between $...$. Plain words are never
+# wrapped: as math, "Paris" would become the product p*a*r*i*s and equal "pairs".
+_MATH_LOOKING = re.compile(r"[\\\d+\-*/^=<>]")
+
+
 def _serve(conn: Connection, step_timeout_s: int) -> None:
     """Worker loop: answer each (gold, prediction) with one of the outcome strings."""
     from math_verify import parse, verify
     from math_verify.errors import TimeoutException
+
+    def extract(text: str) -> list:
+        parsed = parse(text, parsing_timeout=step_timeout_s, raise_on_error=True)
+        if not parsed and _MATH_LOOKING.search(text):
+            parsed = parse(f"${text}$", parsing_timeout=step_timeout_s, raise_on_error=True)
+        return parsed
 
     conn.send("ready")
     while True:
@@ -136,10 +148,7 @@ def _serve(conn: Connection, step_timeout_s: int) -> None:
             return
         try:
             matched = verify(
-                parse(gold, parsing_timeout=step_timeout_s, raise_on_error=True),
-                parse(prediction, parsing_timeout=step_timeout_s, raise_on_error=True),
-                timeout_seconds=step_timeout_s,
-                raise_on_error=True,
+                extract(gold), extract(prediction), timeout_seconds=step_timeout_s, raise_on_error=True
             )
             outcome = _MATCH if matched else _NO_MATCH
         except TimeoutException:
