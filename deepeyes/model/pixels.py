@@ -23,8 +23,9 @@ class ImagePixels:
 
 
 class PixelCache:
-    def __init__(self, image_processor, max_items: int = 4096):
+    def __init__(self, image_processor, min_pixels: int, max_pixels: int, max_items: int = 4096):
         self._processor = image_processor
+        self._size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
         self._merge = int(image_processor.merge_size)
         self._items: dict[Path, ImagePixels] = {}
         self._max_items = max_items
@@ -37,7 +38,7 @@ class PixelCache:
                 self._items.pop(next(iter(self._items)))  # oldest first: dicts keep insertion order
             with Image.open(path) as image:
                 rgb = image.convert("RGB")
-            out = self._processor(images=[rgb], return_tensors="pt")
+            out = self._processor(images=[rgb], size=self._size, return_tensors="pt")
             grid = out["image_grid_thw"][0]
             item = ImagePixels(out["pixel_values"], grid, int(grid.prod()) // self._merge**2)
             self._items[path] = item
