@@ -75,7 +75,7 @@ def normalize_answer(text: str) -> str:
     punctuation, articles and whitespace. May be "", which matches nothing.
     """
     text = _unwrap_latex(text)
-    left, equals, right = text.rpartition("=")
+    _, equals, right = text.rpartition("=")
     if equals and right.strip():
         text = right
     text = text.strip().rstrip(_TRAILING_PUNCTUATION).lstrip(_LEADING_PUNCTUATION).lower()

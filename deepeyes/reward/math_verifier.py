@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -57,16 +58,17 @@ class MathVerifier:
         self._forget_worker_if_forked()
         with self._lock:
             self.stats.calls += 1
-            outcome = self._ask(gold, prediction)
+            outcome, detail = self._ask(gold, prediction)
             if outcome == _MATCH:
                 self.stats.matches += 1
             elif outcome == _ERROR:
                 self.stats.errors += 1
             elif outcome == _TIMEOUT:
                 self.stats.timeouts += 1
+            if outcome in (_ERROR, _TIMEOUT):
                 logger.warning(
-                    "math-verify timed out (budget %.1f s) on gold=%.80r prediction=%.80r; scored as no match",
-                    self.timeout_s, gold, prediction,
+                    "math-verify %s (%s) on gold=%.80r prediction=%.80r; scored as no match",
+                    outcome, detail, gold, prediction,
                 )
             return outcome == _MATCH
 
@@ -75,7 +77,8 @@ class MathVerifier:
         with self._lock:
             self._stop_worker()
 
-    def _ask(self, gold: str, prediction: str) -> str:
+    def _ask(self, gold: str, prediction: str) -> tuple[str, str]:
+        """(outcome, detail) from the worker; a dead or overdue worker is stopped (and replaced later)."""
         if self._conn is None:
             self._start_worker()
         assert self._conn is not None
@@ -84,11 +87,10 @@ class MathVerifier:
             if self._conn.poll(self.timeout_s):
                 return self._conn.recv()
         except (EOFError, OSError) as err:
-            logger.warning("math-verify worker died (%s); scored as no match, restarting it", err)
             self._stop_worker()
-            return _ERROR
+            return _ERROR, f"worker died: {err!r}"
         self._stop_worker()
-        return _TIMEOUT
+        return _TIMEOUT, f"worker killed after {self.timeout_s} s"
 
     def _start_worker(self) -> None:
         # spawn, not fork: forking a multi-threaded trainer can copy a held lock into the child.
@@ -130,7 +132,7 @@ _MATH_LOOKING = re.compile(r"[\\\d+\-*/^=<>]")
 
 
 def _serve(conn: Connection, step_timeout_s: int) -> None:
-    """Worker loop: answer each (gold, prediction) with one of the outcome strings."""
+    """Worker loop: answer each (gold, prediction) with (outcome, detail)."""
     from math_verify import parse, verify
     from math_verify.errors import TimeoutException
 
@@ -140,6 +142,8 @@ def _serve(conn: Connection, step_timeout_s: int) -> None:
             parsed = parse(f"${text}$", parsing_timeout=step_timeout_s, raise_on_error=True)
         return parsed
 
+    # SymPy deprecation warnings on odd input would flood the trainer's log.
+    warnings.simplefilter("ignore")
     conn.send("ready")
     while True:
         try:
@@ -150,9 +154,9 @@ def _serve(conn: Connection, step_timeout_s: int) -> None:
             matched = verify(
                 extract(gold), extract(prediction), timeout_seconds=step_timeout_s, raise_on_error=True
             )
-            outcome = _MATCH if matched else _NO_MATCH
+            reply = (_MATCH if matched else _NO_MATCH, "")
         except TimeoutException:
-            outcome = _TIMEOUT
-        except Exception:  # noqa: BLE001 - any failure inside math-verify is a no-match, counted
-            outcome = _ERROR
-        conn.send(outcome)
+            reply = (_TIMEOUT, f"a step exceeded {step_timeout_s} s")
+        except Exception as err:  # noqa: BLE001 - any failure inside math-verify is a no-match, counted
+            reply = (_ERROR, f"{type(err).__name__}: {err}"[:200])
+        conn.send(reply)
