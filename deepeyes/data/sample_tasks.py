@@ -42,7 +42,6 @@ from PIL import Image, ImageDraw
 
 from deepeyes.data import glyphs
 from deepeyes.data.readers import read_records
-from deepeyes.data.sample_search import SampleImageSearch, SampleTextSearch
 from deepeyes.data.schema import Record
 from deepeyes.data.trajectories import cold_start_trajectory
 from deepeyes.data.writers import write_records, write_sft_records
@@ -118,8 +117,12 @@ def generate_sample_data(
         # Interleaved so that any prefix of the file is balanced across families.
         write_records(path, [task for group in zip(*by_family) for task in group])
 
-    text_search = SampleTextSearch.from_jsonl(dataset.corpus)
-    image_search = SampleImageSearch.from_jsonl(dataset.image_index)
+    # Imported here: deepeyes.tools imports deepeyes.data.schema, so a module-level import
+    # would be circular. The trajectories show exactly what the search tools return at RL time.
+    from deepeyes.tools.search import LocalImageSearch, LocalTextSearch
+
+    text_search = LocalTextSearch.from_jsonl(dataset.corpus)
+    image_search = LocalImageSearch.from_jsonl(dataset.image_index)
     trajectories = [
         cold_start_trajectory(record, text_search, image_search, dataset.root / "images" / "sft")
         for record in read_records(dataset.rl_train)
@@ -385,17 +388,24 @@ def _lookup_tasks(root: Path, split: str, islands: list[Island]) -> list[Record]
 
 
 def _write_corpus(path: Path, islands: list[Island], rng: random.Random) -> None:
-    """One encyclopedia page with the facts per island, plus pages that name it without them."""
+    """Per island: one short page per fact, titled like the query that finds it, plus pages
+    that name the island without stating any fact (history, travel) as distractors."""
     docs = []
     for island in islands:
         link = f"https://islands.example/wiki/{island.name}"
-        facts = (
-            f"{island.name} is an island in the {island.sea} Sea. Its capital is {island.capital}, "
-            f"its currency is the {island.currency}, and its highest mountain is {island.highest_mountain}."
-        )
+        for attribute, (_, query) in LOOKUP_ATTRIBUTES.items():
+            title = query.format(name=island.name)
+            docs.append(
+                _doc(
+                    title[0].upper() + title[1:],
+                    f"{link}#{attribute.replace(' ', '_')}",
+                    f"The {title} is {island.fact(attribute)}.",
+                    rng,
+                    f"{island.name} is an island in the {island.sea} Sea.",
+                )
+            )
         neighbour = rng.choice([other for other in islands if other is not island])
         docs += [
-            _doc(island.name, link, facts, rng, f"It was first settled in {island.settled}."),
             _doc(
                 f"History of {island.name}",
                 f"{link}/History",

@@ -99,8 +99,8 @@ def test_lookup_facts_are_in_the_corpus_and_test_islands_are_unseen(sample):
         [r for r in read_records(path) if r.family == "lookup"] for path in (sample.rl_train, sample.rl_test)
     )
     for record in train + test:
-        entity = record.metadata["entity"]
-        assert record.answer in by_title[entity]["snippet"]
+        entity, query = record.metadata["entity"], record.metadata["query"]
+        assert by_title[query[0].upper() + query[1:]]["snippet"] == f"The {query} is {record.answer}."
         assert (entity in record.question) == (record.metadata["variant"] == "named")
         assert f"History of {entity}" in by_title and f"Travel guide: {entity}" in by_title
     assert not {r.metadata["entity"] for r in train} & {r.metadata["entity"] for r in test}

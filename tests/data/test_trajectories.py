@@ -1,3 +1,4 @@
+import asyncio
 import contextlib
 import io
 
@@ -18,7 +19,7 @@ from deepeyes.agent.protocol import (
     user_prompt,
 )
 from deepeyes.data import IMAGE_PLACEHOLDER, Record, cold_start_trajectory, read_records, read_sft_records
-from deepeyes.data.sample_search import SampleImageSearch, SampleTextSearch
+from deepeyes.tools.search import LocalImageSearch, LocalTextSearch
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +94,8 @@ def test_code_observations_are_what_the_code_really_outputs(pairs, tmp_path):
 
 
 def test_search_observations_are_what_the_search_returns(sample, pairs):
-    text_search = SampleTextSearch.from_jsonl(sample.corpus)
-    image_search = SampleImageSearch.from_jsonl(sample.image_index)
+    text_search = LocalTextSearch.from_jsonl(sample.corpus)
+    image_search = LocalImageSearch.from_jsonl(sample.image_index)
     for task, trajectory in pairs:
         if task.family != "lookup":
             continue
@@ -112,3 +113,25 @@ def test_unknown_family_has_no_trajectory(sample, tmp_path):
     record = Record("x", "q", (sample.rl_train,), "a", "chart")
     with pytest.raises(ValueError, match="family 'chart'"):
         cold_start_trajectory(record, None, None, tmp_path)
+
+
+def test_code_observations_match_the_real_sandbox(pairs, tmp_path):
+    """The trajectories' code cells, run by the notebook workers RL rollouts use, give the same
+    observation text and byte-identical images."""
+    code_worker = pytest.importorskip("deepeyes.tools.code_worker")
+
+    async def run(task, code, scratch):
+        worker = await code_worker.CodeWorker.start(task.images, scratch, code_worker.CodeLimits(isolation="none"))
+        try:
+            return await worker.run(code)
+        finally:
+            await worker.close()
+
+    for task, trajectory in pairs:
+        if task.family not in ("perception", "arithmetic"):
+            continue
+        scratch = tmp_path / task.id
+        scratch.mkdir()
+        result = asyncio.run(run(task, parse_action(assistant_turns(trajectory)[0]).code, scratch))
+        assert render_code_observation(result.stdout, result.stderr, len(result.images)) == trajectory.messages[3].content
+        assert [path.read_bytes() for path in result.images] == [path.read_bytes() for path in trajectory.images[1:]]
