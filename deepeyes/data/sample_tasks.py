@@ -46,7 +46,8 @@ from deepeyes.data.schema import Record
 from deepeyes.data.trajectories import cold_start_trajectory
 from deepeyes.data.writers import write_records, write_sft_records
 
-# Part of the cache key: bump whenever the generated files change.
+# Part of the cache key: bump whenever the generated files change, including when
+# deepeyes.tools.search ranks differently (trajectories embed its results).
 GENERATOR_VERSION = 1
 
 FAMILIES = ("perception", "arithmetic", "lookup")
@@ -95,6 +96,8 @@ def generate_sample_data(
     `n_test_per_family` (default: half as many) test tasks per family."""
     if n_test_per_family is None:
         n_test_per_family = n_per_family // 2
+    if n_per_family < 0 or n_test_per_family < 0:
+        raise ValueError(f"task counts must be >= 0, got {n_per_family} train and {n_test_per_family} test")
     dataset = SampleDataset.at(out_dir)
     for family in (*FAMILIES, "search", "sft"):
         (dataset.root / "images" / family).mkdir(parents=True, exist_ok=True)
@@ -158,6 +161,7 @@ def ensure_sample_data(
         return SampleDataset.at(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must stay readable
     try:
         generate_sample_data(tmp, n_per_family, seed, n_test_per_family)
         try:

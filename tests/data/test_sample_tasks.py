@@ -136,6 +136,18 @@ def test_ensure_sample_data_builds_once_under_deepeyes_cache(tmp_path, monkeypat
     assert ensure_sample_data(tmp_path / "elsewhere", n_per_family=3, seed=5).root.parent == tmp_path / "elsewhere"
 
 
+def test_ensure_sample_data_when_another_process_finishes_first(tmp_path, monkeypatch):
+    def racing(out_dir, *args):
+        generate_sample_data(out_dir, *args)
+        # Meanwhile another process renamed its copy into place: ".sample-<hash>-<random>" → "sample-<hash>".
+        generate_sample_data(out_dir.parent / out_dir.name[1:].rsplit("-", 1)[0], *args)
+
+    monkeypatch.setattr("deepeyes.data.sample_tasks.generate_sample_data", racing)
+    dataset = ensure_sample_data(tmp_path, n_per_family=3)
+    assert [path.name for path in tmp_path.iterdir()] == [dataset.root.name]
+    assert len(read_records(dataset.rl_train)) == 9
+
+
 def test_ensure_sample_data_leaves_nothing_behind_on_failure(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")

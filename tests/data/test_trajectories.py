@@ -19,6 +19,7 @@ from deepeyes.agent.protocol import (
     user_prompt,
 )
 from deepeyes.data import IMAGE_PLACEHOLDER, Record, cold_start_trajectory, read_records, read_sft_records
+from deepeyes.tools.code_worker import CodeLimits, CodeWorker
 from deepeyes.tools.search import LocalImageSearch, LocalTextSearch
 
 
@@ -118,10 +119,8 @@ def test_unknown_family_has_no_trajectory(sample, tmp_path):
 def test_code_observations_match_the_real_sandbox(pairs, tmp_path):
     """The trajectories' code cells, run by the notebook workers RL rollouts use, give the same
     observation text and byte-identical images."""
-    code_worker = pytest.importorskip("deepeyes.tools.code_worker")
-
     async def run(task, code, scratch):
-        worker = await code_worker.CodeWorker.start(task.images, scratch, code_worker.CodeLimits(isolation="none"))
+        worker = await CodeWorker.start(task.images, scratch, CodeLimits(isolation="none"))
         try:
             return await worker.run(code)
         finally:
