@@ -30,8 +30,8 @@ from deepeyes.agent.protocol import (
 )
 from deepeyes.data.schema import Message, Record, SFTRecord
 
-TEXT_SEARCH_TOP_K = 5  # the released text search shows the top 5
-IMAGE_SEARCH_TOP_K = 10
+# As the rollout tool session's default: both searches return their top 5.
+SEARCH_TOP_K = 5
 ZOOM = 4
 
 
@@ -154,7 +154,7 @@ def _lookup(conversation: _Conversation, record: Record, text_search: TextSearch
             "which island it belongs to.",
             {"name": IMAGE_SEARCH},
         )
-        results = image_search.search(record.images[0], IMAGE_SEARCH_TOP_K)
+        results = image_search.search(record.images[0], SEARCH_TOP_K)
         titles = [title for title, _ in results]
         if not titles or titles[0] != f"Flag of {entity}":
             raise ValueError(f"{record.id}: image search does not put {entity} first: {titles}")
@@ -166,7 +166,7 @@ def _lookup(conversation: _Conversation, record: Record, text_search: TextSearch
     else:
         think = f"I do not know the {attribute} of {entity}. I will search for it."
     conversation.tool_call(think, {"name": TEXT_SEARCH, "arguments": {"query": query}})
-    hits = text_search.search(query, TEXT_SEARCH_TOP_K)
+    hits = text_search.search(query, SEARCH_TOP_K)
     if not hits or record.answer not in hits[0].snippet:
         raise ValueError(f"{record.id}: the top search hit for {query!r} does not state {record.answer!r}")
     conversation.observe(render_text_search(query, hits))

@@ -4,6 +4,8 @@ import logging
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from deepeyes.data import Message, Record, RecordError, SFTRecord, read_records, read_sft_records
@@ -187,3 +189,27 @@ def test_sft_skip_mode(image_dir):
     path = write_lines(image_dir / "sft.jsonl", [good_sft(id="a"), good_sft(id="b", images=[])])
     records, skipped = read_sft_records(path, on_error="skip")
     assert ([r.id for r in records], skipped) == (["a"], 1)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.sampled_from(["images/a.png", "<image>", "user", "assistant", "system", "x"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(["role", "content", "k"]), children, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    row=st.dictionaries(
+        st.sampled_from(["id", "question", "images", "answer", "family", "metadata", "messages", "data_source", "extra"]),
+        json_values,
+    ),
+    patch=st.sampled_from([good_record(), good_sft(), {}]),
+)
+def test_any_json_row_is_either_read_or_a_record_error(image_dir, row, patch):
+    path = write_lines(image_dir / "fuzz.jsonl", [{**patch, **row}])
+    for reader in (read_records, read_sft_records):
+        try:
+            reader(path)
+        except RecordError as error:
+            assert str(error).startswith(f"{path}:1: ")
