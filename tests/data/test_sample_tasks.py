@@ -1,6 +1,9 @@
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -20,6 +23,15 @@ def tree(root):
 def test_same_seed_gives_identical_bytes(sample, tmp_path):
     again = generate_sample_data(tmp_path / "again", n_per_family=N_PER_FAMILY, seed=0)
     assert tree(again.root) == tree(sample.root)
+
+
+def test_same_seed_gives_identical_bytes_across_processes(sample, tmp_path):
+    """Set and dict-of-hash orders change with PYTHONHASHSEED; the output must not."""
+    script = "import sys; from pathlib import Path; from deepeyes.data import generate_sample_data; "
+    script += f"generate_sample_data(Path(sys.argv[1]), n_per_family={N_PER_FAMILY}, seed=0)"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "other")], env=env, check=True)
+    assert tree(tmp_path / "other") == tree(sample.root)
 
 
 def test_different_seed_gives_different_tasks(sample, tmp_path):
