@@ -111,6 +111,9 @@ class CodeWorker:
                 "limit.\nThe kernel restarted: all variables are lost; image_1.. are loaded again."
             )
             return CodeResult("", message, (), timed_out=False)
+        except asyncio.CancelledError:
+            self._abandon()  # its reply may still come: a kernel out of step with us is no use
+            raise
         return CodeResult(reply["stdout"], reply["stderr"], self._output_paths(reply["images"]), False)
 
     async def close(self) -> None:
@@ -122,7 +125,7 @@ class CodeWorker:
         if drop_to is not None:
             os.chown(self._scratch, drop_to, drop_to)
         if self._bwrap:
-            command, env = self._bwrap_command(drop_to is not None), {"PATH": os.environ.get("PATH", "")}
+            command, env = self._bwrap_command(drop_to is not None), {}  # bwrap sets the kernel's own
         else:
             tmp = self._scratch / ".tmp"
             tmp.mkdir(exist_ok=True)
@@ -207,19 +210,22 @@ class CodeWorker:
         return tuple(path for path in paths if path.is_file() and not path.is_symlink())
 
     async def _kill(self) -> int | None:
-        """SIGKILL the whole process group (bwrap's pid namespace dies with it); the exit status."""
+        """Kill the kernel (see `_abandon`) and wait for it; its exit status."""
+        process = self._abandon()
+        return None if process is None else await process.wait()
+
+    def _abandon(self) -> asyncio.subprocess.Process | None:
+        """SIGKILL the kernel's whole process group now and forget it (bwrap's pid namespace
+        dies with it); the next `run` starts a new kernel."""
         process, self._process = self._process, None
-        if process is None:
-            return None
-        if process.returncode is None:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        status = await process.wait()
-        if process.stdin is not None:
+        if process is not None:
+            if process.returncode is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             process.stdin.close()
-        return status
+        return process
 
 
 def _kernel_env(tmp: Path, scratch: Path) -> dict[str, str]:

@@ -237,3 +237,30 @@ def test_isolation_setting_is_checked(tmp_path, monkeypatch, caplog):
         assert len([r for r in caplog.records if "WITHOUT isolation" in r.getMessage()]) == 1
     finally:
         _resolve_isolation.cache_clear()
+
+
+@pytest.mark.slow
+def test_kernel_death_is_reported_and_the_next_cell_gets_a_fresh_kernel(image, scratch):
+    limits = CodeLimits(cpu_s=1, timeout_s=20)
+    lost, burned, after, exited = run_cells(
+        image, scratch, ["lost = 1", "while True:\n    pass", "lost", "import os\nos._exit(3)"], limits
+    )
+    assert not burned.timed_out and "SIGXCPU" in burned.stderr and "restarted" in burned.stderr
+    assert "NameError" in after.stderr
+    assert "exit status 3" in exited.stderr
+
+
+def test_cancelled_cell_leaves_a_usable_worker(image, scratch):
+    async def main():
+        worker = await CodeWorker.start([image], scratch, CodeLimits())
+        try:
+            cell = asyncio.create_task(worker.run("import time\ntime.sleep(0.5)\nprint('late')"))
+            await asyncio.sleep(0.2)
+            cell.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cell
+            return await worker.run("print('next')")
+        finally:
+            await worker.close()
+
+    assert asyncio.run(main()).stdout == "next\n"
