@@ -1,59 +1,60 @@
-"""Image → vision-tower input, computed once per image and shared by everything that needs it.
+"""Images on disk → Qwen2.5-VL vision inputs, each image processed once.
 
-The chat encoder needs each image's token count, the rollout engine and the trainer need its
-pixel patches; all three ask this cache, so an image is decoded and preprocessed once per
-process however many rollouts, turns and micro-batches refer to it.
+A prompt's image is fed to every rollout of its group and again to the training forward; tool
+calls add images mid-trajectory. `PixelCache` resizes and patchifies each file once and hands out
+the cached `pixel_values` / `image_grid_thw`, and counts an image's placeholder tokens from its
+header alone, so prompts can be tokenized without decoding pixels.
 """
 
-from __future__ import annotations
-
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
 
 
-@dataclass(frozen=True)
-class ImagePixels:
-    pixel_values: torch.Tensor  # (patches, channels * temporal * patch * patch)
-    grid_thw: torch.Tensor  # (3,) temporal, height, width in patches
-    tokens: int  # placeholder tokens this image occupies in the language model's input
-
-
 class PixelCache:
-    def __init__(self, image_processor, min_pixels: int, max_pixels: int, max_items: int = 4096):
+    """Vision inputs for image files under one pixel budget; call `release()` between steps.
+
+    Entries are keyed by resolved path, modification time and size, so a file rewritten in place
+    (a reused scratch path) is processed again rather than served stale.
+    """
+
+    def __init__(self, image_processor, min_pixels: int, max_pixels: int):
         self._processor = image_processor
         self._size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-        self._merge = int(image_processor.merge_size)
-        self._items: dict[Path, ImagePixels] = {}
-        self._max_items = max_items
+        self._budget = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        self._entries: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def get(self, path: Path) -> ImagePixels:
-        path = Path(path)
-        item = self._items.get(path)
-        if item is None:
-            if len(self._items) >= self._max_items:
-                self._items.pop(next(iter(self._items)))  # oldest first: dicts keep insertion order
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-            out = self._processor(images=[rgb], size=self._size, return_tensors="pt")
-            grid = out["image_grid_thw"][0]
-            item = ImagePixels(out["pixel_values"], grid, int(grid.prod()) // self._merge**2)
-            self._items[path] = item
-        return item
+    def tokens(self, image: str | Path) -> int:
+        """Number of `<|image_pad|>` tokens the image occupies (reads only its header)."""
+        with Image.open(image) as opened:
+            width, height = opened.size
+        patches = self._processor.get_number_of_image_patches(height, width, self._budget)
+        return patches // self._processor.merge_size**2
 
-    def tokens(self, path: Path) -> int:
-        return self.get(path).tokens
-
-    def batch(self, paths: Sequence[Path]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """pixel_values and image_grid_thw for these images, in order (None when there are none)."""
-        if not paths:
+    def batch(self, images: Sequence[str | Path]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(pixel_values, image_grid_thw) for these images in order, or (None, None) for none."""
+        if not images:
             return None, None
-        items = [self.get(path) for path in paths]
-        return torch.cat([i.pixel_values for i in items]), torch.stack([i.grid_thw for i in items])
+        entries = [self._entry(Path(image)) for image in images]
+        return torch.cat([pixels for pixels, _ in entries]), torch.stack([grid for _, grid in entries])
 
     def release(self) -> None:
-        """Drop everything (called between steps so pixels do not accumulate)."""
-        self._items.clear()
+        """Forget every processed image (their pixels can be hundreds of MB at 7B budgets)."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _entry(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        entry = self._entries.get(key)
+        if entry is None:
+            with Image.open(path) as opened:
+                rgb = opened.convert("RGB")
+            out = self._processor(images=[rgb], size=self._size, return_tensors="pt")
+            entry = (out["pixel_values"], out["image_grid_thw"][0])
+            self._entries[key] = entry
+        return entry

@@ -1,0 +1,54 @@
+"""The one sample type that flows from the agent loop through the reward to the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deepeyes.data.schema import Record
+
+
+@dataclass
+class ToolCall:
+    tool: str  # "code" | "search" | "image_search" | "none" (a malformed call)
+    ok: bool  # False for malformed calls, tool errors and timeouts
+    seconds: float
+
+
+@dataclass
+class Trajectory:
+    """One rollout of one prompt: everything the trainer and the metrics need, nothing more.
+
+    `response_ids`, `loss_mask` and `rollout_logprobs` are aligned token by token: model tokens
+    have mask 1 and the logprob the rollout engine sampled them with; observation tokens have
+    mask 0 and logprob 0.
+    """
+
+    record: Record
+    group: int  # index of the prompt in the step's batch: GRPO normalizes within a group
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    rollout_logprobs: list[float] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)  # every image in the sequence, in order
+    model_turns: list[str] = field(default_factory=list)  # decoded model turns (reward, logs)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish: str = ""  # "answer" | "max_turns" | "length"
+    weight_versions: set[int] = field(default_factory=set)  # policy versions that sampled it
+    reward: float = 0.0
+    accuracy: float = 0.0
+    format: float = 0.0
+    answer: str | None = None
+
+    def extend(self, ids: list[int], trained: bool, logprobs: list[float] | None = None) -> None:
+        self.response_ids += ids
+        self.loss_mask += [int(trained)] * len(ids)
+        self.rollout_logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    @property
+    def model_tokens(self) -> int:
+        return sum(self.loss_mask)

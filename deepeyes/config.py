@@ -1,0 +1,200 @@
+"""Typed configuration for every job, registered with Hydra's ConfigStore.
+
+The YAML files under conf/ only choose values; these dataclasses say which keys exist and what
+type they have, so a typo or a wrong type fails when the config is composed — on the login node,
+before a Slurm queue wait — not hours later inside a job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"  # where the job's roles run: "local" (this machine)
+    nodes: int = 1
+    gpus_per_node: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # A Hugging Face checkpoint directory (Qwen2.5-VL layout). None = the tiny model this
+    # project builds offline into the cache on first use.
+    path: Optional[str] = None
+    dtype: str = "float32"
+    # Pixel budget per image (the processor resizes into [min_pixels, max_pixels]).
+    min_pixels: int = 3136
+    max_pixels: int = 50176
+    # The paper freezes the vision tower and the projector (merger) during training.
+    freeze_vision: bool = True
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+
+
+@dataclass
+class DataConfig:
+    name: str = "sample"
+    # JSON-lines files in deepeyes.data.schema form. None = the bundled sample data, generated
+    # deterministically into the cache on first use.
+    train: Optional[str] = None
+    test: Optional[str] = None
+    sft: Optional[str] = None
+    corpus: Optional[str] = None
+    image_index: Optional[str] = None
+    sample_per_family: int = 32
+    sample_seed: int = 0
+    on_bad_record: str = "raise"  # "raise" | "skip" (counted and logged)
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    n: int = 4  # rollouts per prompt: the GRPO group size
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_turn_tokens: int = 96  # new tokens per model turn
+    max_response_tokens: int = 512  # model + observation tokens after the prompt
+    max_turns: int = 3
+    max_batch: int = 16  # requests one batched generate serves
+    batch_wait_ms: float = 5.0  # how long the batcher waits for more requests to join
+
+
+@dataclass
+class CodeToolConfig:
+    timeout_s: float = 20.0
+    memory_mb: int = 1024
+    max_processes: int = 64
+    cpu_s: int = 30
+    isolation: str = "auto"  # "bwrap" | "none" | "auto" (bwrap when available, else a loud warning)
+
+
+@dataclass
+class ToolsConfig:
+    code: CodeToolConfig = field(default_factory=CodeToolConfig)
+    search_backend: str = "local"
+    search_top_k: int = 5
+
+
+@dataclass
+class RewardConfig:
+    accuracy_weight: float = 0.8
+    format_weight: float = 0.2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = 4
+    steps: int = 3
+    mini_batch_size: int = 0  # trajectories per optimizer step; 0 = the whole batch (one step)
+    micro_batch_size: int = 2  # trajectories per forward/backward
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    kl_coef: float = 0.0  # the paper trains without a KL term
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = 1
+    batch_size: int = 4
+    micro_batch_size: int = 2
+    cutoff_len: int = 2048  # tokens; longer samples are dropped and counted
+    max_steps: int = 0  # 0 = run all epochs
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"
+    mode: str = "offline"  # "online" | "offline" | "disabled"
+    project: str = "deepeyes"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    out_dir: str = "."  # Hydra sets the working directory per run; checkpoints/ and wandb/ go here
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    init_from: Optional[str] = None  # a checkpoint directory to start from (e.g. the SFT result)
+
+
+@dataclass
+class RLJobConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class SFTJobConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def register_configs() -> None:
+    """Make the schemas available to conf/*.yaml as `rl_schema` and `sft_schema`."""
+    store = ConfigStore.instance()
+    store.store(name="rl_schema", node=RLJobConfig)
+    store.store(name="sft_schema", node=SFTJobConfig)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.on_bad_record": ("raise", "skip"),
+    "rollout.backend": ("hf",),
+    "tools.code.isolation": ("auto", "bwrap", "none"),
+    "tools.search_backend": ("local",),
+    "logger.mode": ("online", "offline", "disabled"),
+    "cluster.name": ("local",),
+}
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """The composed config as its dataclass, after checks a type alone cannot express."""
+    job = OmegaConf.to_object(cfg)
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in allowed:
+            raise ValueError(f"config {key}={value!r}: expected one of {', '.join(allowed)}")
+    _check_positive(cfg)
+    return job
+
+
+def _check_positive(cfg: DictConfig) -> None:
+    for key in (
+        "rollout.n", "rollout.max_turn_tokens", "rollout.max_response_tokens", "rollout.max_turns",
+        "rollout.max_batch", "grpo.prompts_per_step", "grpo.steps", "grpo.micro_batch_size",
+        "sft.epochs", "sft.batch_size", "sft.micro_batch_size", "sft.cutoff_len", "optim.lr",
+    ):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value <= 0:
+            raise ValueError(f"config {key}={value}: must be > 0")
+    if OmegaConf.select(cfg, "rollout.temperature", default=1.0) <= 0:
+        raise ValueError("config rollout.temperature must be > 0 (greedy rollouts give GRPO no signal)")

@@ -1,0 +1,189 @@
+"""The `hf` rollout backend: transformers generation, batching concurrent trajectories together.
+
+Token ids in, token ids + per-token logprobs out: the caller never re-tokenizes model output.
+
+Sampling is done by Gumbel-max with a noise stream seeded per request (not by transformers'
+global-RNG sampler), so what a trajectory samples does not depend on which other requests
+happened to share its batch: a run is reproducible from its seed even though batches form by
+timing. The logprob reported for each token is under the exact distribution it was drawn from
+(temperature and top-p applied).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from deepeyes.agent.protocol import STOP_STRINGS
+from deepeyes.model import model_inputs
+from deepeyes.model.pixels import PixelCache
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = STOP_STRINGS
+    seed: int = 0  # the request's own noise stream
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    input_ids: list[int]
+    images: list[Path]  # every image whose placeholder tokens appear in input_ids, in order
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "eos" (model ended its turn) | "stop" (a stop string) | "length"
+    weight_version: int
+
+
+class _GumbelSampler(LogitsProcessor):
+    """Turns greedy decoding into exact sampling and records each sampled token's logprob."""
+
+    def __init__(self, requests: Sequence[GenerateRequest], prompt_len: int):
+        self._temperature = torch.tensor([[r.sampling.temperature] for r in requests])
+        self._top_p = [r.sampling.top_p for r in requests]
+        self._noise = [torch.Generator().manual_seed(r.sampling.seed) for r in requests]
+        self._prompt_len = prompt_len
+        self._last_logprobs: torch.Tensor | None = None
+        self.logprobs: list[list[float]] = [[] for _ in requests]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] > self._prompt_len:
+            self.record(input_ids[:, -1])
+        logprobs = torch.log_softmax(scores.float() / self._temperature.to(scores.device), dim=-1)
+        for row, top_p in enumerate(self._top_p):
+            if top_p < 1.0:
+                logprobs[row] = _top_p_filter(logprobs[row], top_p)
+        self._last_logprobs = logprobs
+        uniform = torch.stack([torch.rand(scores.shape[1], generator=g) for g in self._noise])
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)).clamp_min(1e-20))
+        return logprobs + gumbel.to(scores.device)
+
+    def record(self, tokens: torch.Tensor) -> None:
+        chosen = self._last_logprobs.gather(1, tokens[:, None].to(self._last_logprobs.device))[:, 0]
+        for row, value in enumerate(chosen.tolist()):
+            self.logprobs[row].append(value)
+
+
+def _top_p_filter(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Renormalized log-distribution over the smallest set of tokens with mass ≥ top_p."""
+    sorted_lp, order = torch.sort(logprobs, descending=True)
+    mass_before = torch.cumsum(sorted_lp.exp(), 0) - sorted_lp.exp()
+    sorted_lp[mass_before > top_p] = float("-inf")
+    filtered = torch.full_like(logprobs, float("-inf")).scatter(0, order, sorted_lp)
+    return torch.log_softmax(filtered, dim=-1)
+
+
+class HFRolloutEngine:
+    """Serves `generate` requests from many coroutines with batched `model.generate` calls.
+
+    Generation runs in a worker thread, so tool calls of other trajectories proceed meanwhile.
+    """
+
+    def __init__(self, model, tokenizer, pixels: PixelCache, max_batch: int = 16, batch_wait_ms: float = 5.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pixels = pixels
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.weight_version = 0
+        self.eos_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
+        self.pad_id = tokenizer.pad_token_id
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+        self._lock = threading.Lock()  # one generate at a time on the shared model
+        self.batches_served = 0
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        if self._queue is None or self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._serve())
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((request, future))
+        return await future
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+
+    async def _serve(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            await asyncio.sleep(self.batch_wait_s)  # let the other ready coroutines join
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            requests = [request for request, _ in batch]
+            try:
+                results = await asyncio.to_thread(self.generate_batch, requests)
+            except Exception as error:  # every waiter learns of the failure, none hangs
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+    def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        """One left-padded batched generate over these requests (synchronous)."""
+        with self._lock, torch.no_grad():
+            self.batches_served += 1
+            length = max(len(r.input_ids) for r in requests)
+            input_ids = torch.full((len(requests), length), self.pad_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for row, request in enumerate(requests):
+                input_ids[row, length - len(request.input_ids):] = torch.tensor(request.input_ids)
+                attention_mask[row, length - len(request.input_ids):] = 1
+            images = [image for request in requests for image in request.images]
+            pixel_values, grid_thw = self.pixels.batch(images)
+            sampler = _GumbelSampler(requests, length)
+            max_new = max(r.sampling.max_new_tokens for r in requests)
+            config = GenerationConfig(
+                do_sample=False, max_new_tokens=max_new, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                stop_strings=sorted({s for r in requests for s in r.sampling.stop}) or None,
+            )
+            self.model.eval()
+            sequences = self.model.generate(
+                **model_inputs(input_ids, attention_mask, pixel_values, grid_thw),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([sampler]),
+                tokenizer=self.tokenizer,
+            )
+            new_tokens = sequences[:, length:]
+            sampler.record(new_tokens[:, -1])
+            return [
+                self._finish(request, new_tokens[row].tolist(), sampler.logprobs[row])
+                for row, request in enumerate(requests)
+            ]
+
+    def _finish(self, request: GenerateRequest, tokens: list[int], logprobs: list[float]) -> GenerateResult:
+        """Cut a row where this request ends: its own eos, stop string or token limit."""
+        limit = request.sampling.max_new_tokens
+        text = ""
+        for index, token in enumerate(tokens[:limit]):
+            if token in self.eos_ids:
+                return self._result(tokens, logprobs, index + 1, "eos")
+            piece = self.tokenizer.decode([token])
+            text += piece
+            tail = text[-(len(piece) + max((len(s) for s in request.sampling.stop), default=0)):]
+            if any(stop in tail for stop in request.sampling.stop):
+                return self._result(tokens, logprobs, index + 1, "stop")
+        return self._result(tokens, logprobs, min(limit, len(tokens)), "length")
+
+    def _result(self, tokens, logprobs, end: int, reason: str) -> GenerateResult:
+        return GenerateResult(tokens[:end], logprobs[:end], reason, self.weight_version)

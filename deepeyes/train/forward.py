@@ -1,0 +1,58 @@
+"""Per-token log-probabilities of whole sequences: the one forward both SFT and GRPO train with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from deepeyes.model import model_inputs, rope_position_ids
+from deepeyes.model.pixels import PixelCache
+
+
+@dataclass(frozen=True)
+class TokenSequence:
+    """Token ids with their images; `mask[t] = 1` where the logprob of `ids[t]` is wanted."""
+
+    ids: list[int]
+    images: list[Path]
+    mask: list[int]
+
+
+def token_logprobs(
+    model, pixels: PixelCache, sequences: Sequence[TokenSequence], pad_id: int, temperature: float = 1.0
+) -> list[torch.Tensor]:
+    """For each sequence, log p(ids[t] | ids[:t]) at its masked positions, in order: one padded forward.
+
+    The language-model head runs only at positions some sequence needs (`logits_to_keep` with
+    indices): with a 150k vocabulary the logits, not the model, dominate time and memory, and
+    prompts and tool observations are usually most of a sequence.
+    """
+    length = max(len(s.ids) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, sequence in enumerate(sequences):
+        if len(sequence.mask) != len(sequence.ids) or sequence.mask[:1] == [1]:
+            raise ValueError("mask must align with ids and cannot select the first token (it has no context)")
+        input_ids[row, : len(sequence.ids)] = torch.tensor(sequence.ids)
+        attention_mask[row, : len(sequence.ids)] = 1
+    # Position p's logits predict token p + 1.
+    wanted = [[t - 1 for t, m in enumerate(s.mask) if m] for s in sequences]
+    keep = sorted({p for positions in wanted for p in positions})
+    column = {p: i for i, p in enumerate(keep)}
+    pixel_values, grid_thw = pixels.batch([image for s in sequences for image in s.images])
+    inputs = model_inputs(input_ids, attention_mask, pixel_values, grid_thw)
+    logits = model(
+        **inputs, position_ids=rope_position_ids(model, inputs), logits_to_keep=torch.tensor(keep, dtype=torch.long)
+    ).logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    results = []
+    for row, positions in enumerate(wanted):
+        columns = torch.tensor([column[p] for p in positions], dtype=torch.long)
+        targets = input_ids[row, torch.tensor(positions, dtype=torch.long) + 1]
+        results.append(-F.cross_entropy(logits[row, columns], targets, reduction="none"))
+    return results

@@ -1,0 +1,228 @@
+"""GRPO training: rollout → reward → advantages → policy update → new weights, step after step.
+
+`train_grpo` is the whole job; `grpo_step` is one step and reads top to bottom. This trainer is
+plain PyTorch on the Hugging Face model: it is the reference other trainers are checked against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from deepeyes.agent.chat import ChatEncoder
+from deepeyes.agent.loop import EpisodeLimits, rollout
+from deepeyes.agent.tool_session import Toolbox, clear_scratch
+from deepeyes.agent.trajectory import Trajectory
+from deepeyes.config import RLJobConfig
+from deepeyes.data import read_records
+from deepeyes.reward import compute_reward
+from deepeyes.rollout.hf_engine import HFRolloutEngine
+from deepeyes.tools import CodeLimits, LocalImageSearch, LocalTextSearch
+from deepeyes.train.checkpoint import (
+    TrainerState, latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state,
+)
+from deepeyes.train.forward import TokenSequence, token_logprobs
+from deepeyes.train.losses import clipped_policy_loss, grpo_advantages
+from deepeyes.train.run_logger import RunLogger
+from deepeyes.train.sampler import EpochSampler
+from deepeyes.train.setup import (
+    Policy, build_optimizer, clip_and_step, data_paths, load_policy, read_validated, seed_everything,
+    set_learning_rate,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOTrainer:
+    cfg: RLJobConfig
+    policy: Policy
+    engine: HFRolloutEngine
+    encoder: ChatEncoder
+    toolbox: Toolbox
+    optimizer: torch.optim.Optimizer
+    sampler: EpochSampler
+
+    def step(self, step: int) -> dict[str, float]:
+        """One GRPO step; returns its metrics."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        records = self.sampler.take(cfg.grpo.prompts_per_step)
+        limits = EpisodeLimits(
+            cfg.rollout.max_turns, cfg.rollout.max_turn_tokens, cfg.rollout.max_response_tokens,
+            cfg.rollout.temperature, cfg.rollout.top_p,
+        )
+        trajectories = asyncio.run(self._rollout(records, step, limits))
+        rollout_s = time.perf_counter() - started
+
+        for trajectory in trajectories:
+            result = compute_reward(
+                trajectory.model_turns, trajectory.record.answer, cfg.reward.accuracy_weight, cfg.reward.format_weight
+            )
+            trajectory.reward, trajectory.accuracy = result.score, result.accuracy
+            trajectory.format, trajectory.answer = result.format, result.answer
+        advantages = grpo_advantages([t.reward for t in trajectories], [t.group for t in trajectories])
+
+        update_started = time.perf_counter()
+        update_metrics = self.update(trajectories, advantages)
+        self.engine.weight_version += 1
+        self.policy.pixels.release()
+        clear_scratch(self.toolbox.scratch_root)
+
+        metrics = rollout_metrics(trajectories, step)
+        metrics.update(update_metrics)
+        metrics["timing/rollout_s"] = rollout_s
+        metrics["timing/update_s"] = time.perf_counter() - update_started
+        metrics["timing/step_s"] = time.perf_counter() - started
+        return metrics
+
+    async def _rollout(self, records, step: int, limits: EpisodeLimits) -> list[Trajectory]:
+        try:
+            return await rollout(
+                records, self.cfg.rollout.n, step, self.cfg.run.seed, self.engine, self.encoder, self.toolbox, limits
+            )
+        finally:
+            await self.engine.close()
+
+    def update(self, trajectories: list[Trajectory], advantages: list[float]) -> dict[str, float]:
+        """Clipped policy-gradient steps over the batch, in mini-batches of trajectories."""
+        cfg = self.cfg.grpo
+        model = self.policy.model
+        model.train()
+        size = cfg.mini_batch_size or len(trajectories)
+        mini_batches = [list(range(i, min(i + size, len(trajectories)))) for i in range(0, len(trajectories), size)]
+        # With one mini-batch the policy has not moved when the loss is taken, so the "old"
+        # logprobs equal the current ones (detached); with several, they are recomputed first.
+        old = self._logprobs(trajectories, grad=False) if len(mini_batches) > 1 else None
+        totals: Counter = Counter()
+        for indices in mini_batches:
+            trained_tokens = sum(trajectories[i].model_tokens for i in indices) or 1
+            self.optimizer.zero_grad(set_to_none=True)
+            for start in range(0, len(indices), cfg.micro_batch_size):
+                micro = indices[start : start + cfg.micro_batch_size]
+                logprobs = self._logprobs([trajectories[i] for i in micro], grad=True)
+                loss = torch.zeros(())
+                for i, lp in zip(micro, logprobs):  # lp: logprobs of the model's tokens only
+                    old_lp = old[i] if old is not None else lp.detach()
+                    token_loss, stats = clipped_policy_loss(
+                        lp, old_lp, torch.full_like(lp, advantages[i]), torch.ones_like(lp),
+                        cfg.clip_ratio_low, cfg.clip_ratio_high,
+                    )
+                    loss = loss + token_loss / trained_tokens
+                    sampled = torch.tensor([v for v, m in zip(trajectories[i].rollout_logprobs, trajectories[i].loss_mask) if m])
+                    totals["policy/rollout_logprob_abs_diff"] += float((sampled - lp.detach()).abs().sum())
+                    for key, value in stats.items():
+                        totals[f"policy/{key}"] += float(value)
+                    totals["tokens"] += lp.numel()
+                loss.backward()
+                totals["policy/loss"] += float(loss.detach())
+            grad_norm = clip_and_step(model, self.optimizer, self.cfg.optim.grad_clip)
+            totals["policy/grad_norm"] += grad_norm / len(mini_batches)
+        model.eval()
+        tokens = totals.pop("tokens") or 1.0
+        return {
+            key: value / tokens if key.startswith("policy/") and key not in ("policy/loss", "policy/grad_norm") else value
+            for key, value in totals.items()
+        } | {"policy/lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _logprobs(self, trajectories: list[Trajectory], grad: bool) -> list[torch.Tensor]:
+        """Logprobs of each trajectory's model tokens under the current weights, at the sampling temperature."""
+        sequences = [TokenSequence(t.input_ids, t.images, [0] * len(t.prompt_ids) + t.loss_mask) for t in trajectories]
+        with torch.set_grad_enabled(grad):
+            return token_logprobs(
+                self.policy.model, self.policy.pixels, sequences, self.policy.tokenizer.pad_token_id,
+                self.cfg.rollout.temperature,
+            )
+
+
+def rollout_metrics(trajectories: list[Trajectory], step: int) -> dict[str, float]:
+    """What a person watches: reward, accuracy, format, tool use, turns, lengths, staleness."""
+    n = len(trajectories)
+    mean = lambda values: sum(values) / n  # noqa: E731 - reads better than a def here
+    metrics = {
+        "reward/mean": mean([t.reward for t in trajectories]),
+        "reward/accuracy": mean([t.accuracy for t in trajectories]),
+        "reward/format_rate": mean([t.format for t in trajectories]),
+        "rollout/turns": mean([len(t.model_turns) for t in trajectories]),
+        "rollout/response_tokens": mean([len(t.response_ids) for t in trajectories]),
+        "rollout/model_tokens": mean([t.model_tokens for t in trajectories]),
+        "rollout/staleness": mean([step - min(t.weight_versions) for t in trajectories]),
+    }
+    calls = Counter(call.tool for t in trajectories for call in t.tool_calls)
+    failed = Counter(call.tool for t in trajectories for call in t.tool_calls if not call.ok)
+    for tool in ("code", "search", "image_search", "none"):
+        metrics[f"tools/{tool}_calls"] = calls[tool] / n
+        metrics[f"tools/{tool}_failed"] = failed[tool] / n
+    for finish, count in Counter(t.finish for t in trajectories).items():
+        metrics[f"rollout/finish_{finish}"] = count / n
+    families = Counter(t.record.family for t in trajectories)
+    for family, count in families.items():
+        metrics[f"accuracy/{family}"] = sum(t.accuracy for t in trajectories if t.record.family == family) / count
+    return metrics
+
+
+def train_grpo(cfg: RLJobConfig) -> Path:
+    """The RL job on this machine; returns the final checkpoint directory."""
+    out_dir = Path(cfg.run.out_dir)
+    seed_everything(cfg.run.seed)
+    resume = latest_checkpoint(out_dir)
+    policy = load_policy(cfg.model, str(resume) if resume else cfg.run.init_from)
+    paths = data_paths(cfg.data)
+    sampler = EpochSampler(read_validated(read_records, paths.train, cfg.data.on_bad_record), cfg.run.seed)
+    optimizer = build_optimizer(policy.model, cfg.optim)
+    start, run_id = 0, None
+    if resume is not None:
+        state = load_trainer_state(resume)
+        optimizer.load_state_dict(state.optimizer)
+        sampler.load_state_dict(state.data)
+        set_rng_state(state.rng)
+        start, run_id = state.step, state.run_id
+        log.info("resuming from %s at step %d", resume, start)
+
+    encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
+    engine = HFRolloutEngine(
+        policy.model, policy.tokenizer, policy.pixels, cfg.rollout.max_batch, cfg.rollout.batch_wait_ms
+    )
+    engine.weight_version = start
+    toolbox = Toolbox(
+        text_search=LocalTextSearch.from_jsonl(paths.corpus),
+        image_search=LocalImageSearch.from_jsonl(paths.image_index) if paths.image_index else None,
+        code_limits=CodeLimits(
+            timeout_s=cfg.tools.code.timeout_s, memory_mb=cfg.tools.code.memory_mb,
+            max_processes=cfg.tools.code.max_processes, cpu_s=cfg.tools.code.cpu_s,
+            isolation=cfg.tools.code.isolation,
+        ),
+        scratch_root=out_dir / "scratch",
+        top_k=cfg.tools.search_top_k,
+    )
+    trainer = GRPOTrainer(cfg, policy, engine, encoder, toolbox, optimizer, sampler)
+    logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id)
+    console = Console()
+    checkpoint = resume
+    try:
+        for step in range(start, cfg.grpo.steps):
+            set_learning_rate(optimizer, cfg.optim, step)
+            metrics = trainer.step(step)
+            logger.log(metrics, step=step + 1)
+            console.print(
+                f"[bold]step {step + 1}/{cfg.grpo.steps}[/] reward {metrics['reward/mean']:.3f} "
+                f"acc {metrics['reward/accuracy']:.3f} format {metrics['reward/format_rate']:.3f} "
+                f"code {metrics['tools/code_calls']:.2f} search {metrics['tools/search_calls']:.2f} "
+                f"img {metrics['tools/image_search_calls']:.2f} turns {metrics['rollout/turns']:.2f} "
+                f"({metrics['timing/step_s']:.1f}s)"
+            )
+            last = step + 1 == cfg.grpo.steps
+            if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                state = TrainerState(step + 1, optimizer.state_dict(), sampler.state_dict(), logger.run_id, rng_state())
+                checkpoint = save_checkpoint(out_dir, policy.model, policy.processor, state)
+                log.info("saved %s", checkpoint)
+    finally:
+        logger.finish()
+    return checkpoint

@@ -1,0 +1,43 @@
+"""Metrics to wandb (offline by default: the run lands in <out_dir>/wandb, `wandb sync` uploads it)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from deepeyes.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    def __init__(self, cfg: LoggerConfig, job_config: Any, out_dir: Path, job: str, run_id: str | None = None):
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self._run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            tags=list(cfg.tags),
+            job_type=job,
+            mode=cfg.mode,
+            dir=str(out_dir),
+            config=asdict(job_config),
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
+        log.info("wandb run %s (%s) in %s", self._run.id, cfg.mode, out_dir)
+
+    @property
+    def run_id(self) -> str:
+        return self._run.id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self._run.finish()

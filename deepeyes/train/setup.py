@@ -1,0 +1,116 @@
+"""What every training job builds first: the policy (model + processor) and its data paths."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepeyes.config import DataConfig, ModelConfig, OptimConfig
+from deepeyes.data import ensure_sample_data
+from deepeyes.model import ensure_tiny_model, load_model, load_processor
+from deepeyes.model.pixels import PixelCache
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    processor: object  # tokenizer + image processor; saved beside every checkpoint
+    pixels: PixelCache
+    path: Path
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_policy(cfg: ModelConfig, init_from: str | None = None) -> Policy:
+    """The model to train: `init_from` (a previous stage's checkpoint), else `model.path`, else
+    the tiny offline model. All go through the same `from_pretrained(path)` loading."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    path = Path(init_from or cfg.path or ensure_tiny_model())
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} has no config.json (model.path / run.init_from)")
+    model = load_model(path, dtype=_DTYPES[cfg.dtype])
+    processor = load_processor(path)
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)  # vision tower and merger, as in the paper
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("policy %s: %.1fM parameters, %.1fM trainable", path, model.num_parameters() / 1e6, trainable / 1e6)
+    pixels = PixelCache(processor.image_processor, cfg.min_pixels, cfg.max_pixels)
+    return Policy(model, processor, pixels, path)
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    train: Path
+    test: Path | None
+    sft: Path | None
+    corpus: Path | None
+    image_index: Path | None
+
+
+def data_paths(cfg: DataConfig) -> DataPaths:
+    """Configured files, with the bundled sample data filling whatever is not set."""
+    sample = None
+    if None in (cfg.train, cfg.sft, cfg.corpus):
+        sample = ensure_sample_data(n_per_family=cfg.sample_per_family, seed=cfg.sample_seed)
+
+    def pick(configured: str | None, default: Path | None) -> Path | None:
+        return Path(configured) if configured else default
+
+    return DataPaths(
+        train=pick(cfg.train, sample and sample.rl_train),
+        test=pick(cfg.test, sample and sample.rl_test),
+        sft=pick(cfg.sft, sample and sample.sft_train),
+        corpus=pick(cfg.corpus, sample and sample.corpus),
+        image_index=pick(cfg.image_index, sample and sample.image_index),
+    )
+
+
+
+def read_validated(reader, path: Path, on_bad_record: str) -> list:
+    """`reader(path)` (read_records / read_sft_records); bad rows raise, or with
+    data.on_bad_record=skip are counted and logged."""
+    if on_bad_record == "skip":
+        records, skipped = reader(path, on_error="skip")
+        if skipped:
+            log.warning("%s: skipped %d bad rows (data.on_bad_record=skip)", path, skipped)
+        return records
+    return reader(path)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (the frozen vision tower is left out)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int) -> float:
+    """Linear warmup over `warmup_steps`, then constant (the paper's RL and SFT schedules)."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+    """Clip the gradient norm, take the optimizer step, return the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    return float(norm)

@@ -1,0 +1,111 @@
+"""Cold-start SFT on multi-turn tool-using trajectories: loss on assistant tokens only.
+
+Conversations are encoded with the same `ChatEncoder` the RL agent loop uses, so the model
+learns exactly the token sequences it will later produce and read during rollouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from deepeyes.agent.chat import ChatEncoder
+from deepeyes.config import SFTJobConfig
+from deepeyes.data import read_sft_records
+from deepeyes.train.checkpoint import TrainerState, rng_state, save_checkpoint
+from deepeyes.train.forward import TokenSequence, token_logprobs
+from deepeyes.train.run_logger import RunLogger
+from deepeyes.train.setup import (
+    build_optimizer, clip_and_step, data_paths, load_policy, read_validated, seed_everything, set_learning_rate,
+)
+
+log = logging.getLogger(__name__)
+
+
+def encode_sft_dataset(records, encoder: ChatEncoder, cutoff_len: int) -> tuple[list[TokenSequence], Counter]:
+    """One sequence per record (loss mask 1 on assistant tokens), and why others were dropped:
+    longer than `cutoff_len` (truncating would cut an answer off its reasoning, or an image in
+    half) or without an assistant turn to learn from."""
+    samples, dropped = [], Counter()
+    for record in records:
+        ids, mask = encoder.conversation(record.messages, list(record.images))
+        if len(ids) > cutoff_len:
+            dropped["too_long"] += 1
+        elif 1 not in mask:
+            dropped["no_assistant_turn"] += 1
+        else:
+            samples.append(TokenSequence(ids, list(record.images), mask))
+    return samples, dropped
+
+
+def train_sft(cfg: SFTJobConfig) -> Path:
+    """The SFT job on this machine; returns the final checkpoint directory."""
+    out_dir = Path(cfg.run.out_dir)
+    seed_everything(cfg.run.seed)
+    policy = load_policy(cfg.model, cfg.run.init_from)
+    paths = data_paths(cfg.data)
+    if paths.sft is None:
+        raise ValueError("data.sft: no SFT trajectory file configured")
+    records = read_validated(read_sft_records, paths.sft, cfg.data.on_bad_record)
+    encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
+    samples, dropped = encode_sft_dataset(records, encoder, cfg.sft.cutoff_len)
+    if dropped:
+        log.warning("dropped %s of %d samples (sft.cutoff_len=%d)", dict(dropped), len(records), cfg.sft.cutoff_len)
+    if not samples:
+        raise ValueError(f"{paths.sft}: no usable sample ({dict(dropped)}; sft.cutoff_len={cfg.sft.cutoff_len})")
+
+    steps_per_epoch = -(-len(samples) // cfg.sft.batch_size)
+    total_steps = steps_per_epoch * cfg.sft.epochs
+    if cfg.sft.max_steps:
+        total_steps = min(total_steps, cfg.sft.max_steps)
+    optimizer = build_optimizer(policy.model, cfg.optim)
+    logger = RunLogger(cfg.logger, cfg, out_dir, job="sft")
+    logger.log({"data/samples": len(samples)} | {f"data/dropped_{k}": v for k, v in dropped.items()}, step=0)
+    model = policy.model
+    model.train()
+    order_rng = random.Random(cfg.run.seed)
+    step = 0
+    bar = tqdm(total=total_steps, desc="sft", unit="step")
+    try:
+        for epoch in range(cfg.sft.epochs):
+            order = list(range(len(samples)))
+            order_rng.shuffle(order)
+            for first in range(0, len(order), cfg.sft.batch_size):
+                if step == total_steps:
+                    break
+                started = time.perf_counter()
+                batch = [samples[i] for i in order[first : first + cfg.sft.batch_size]]
+                lr = set_learning_rate(optimizer, cfg.optim, step)
+                optimizer.zero_grad(set_to_none=True)
+                trained_tokens = sum(sum(s.mask) for s in batch)
+                loss_total = 0.0
+                for start in range(0, len(batch), cfg.sft.micro_batch_size):
+                    micro = batch[start : start + cfg.sft.micro_batch_size]
+                    logprobs = token_logprobs(model, policy.pixels, micro, policy.tokenizer.pad_token_id)
+                    loss = -sum(lp.sum() for lp in logprobs) / trained_tokens  # token mean over the batch
+                    loss.backward()
+                    loss_total += float(loss.detach())
+                grad_norm = clip_and_step(model, optimizer, cfg.optim.grad_clip)
+                step += 1
+                logger.log(
+                    {"sft/loss": loss_total, "sft/grad_norm": grad_norm, "sft/lr": lr, "sft/epoch": epoch,
+                     "sft/tokens": trained_tokens, "timing/step_s": time.perf_counter() - started},
+                    step=step,
+                )
+                bar.set_postfix(loss=f"{loss_total:.3f}", epoch=epoch)
+                bar.update()
+        policy.pixels.release()
+        model.eval()
+        state = TrainerState(step, optimizer.state_dict(), {"epoch": cfg.sft.epochs, "position": 0}, logger.run_id, rng_state())
+        checkpoint = save_checkpoint(out_dir, model, policy.processor, state)
+        log.info("saved %s", checkpoint)
+    finally:
+        bar.close()
+        logger.finish()
+    return checkpoint

@@ -1,0 +1,24 @@
+"""GRPO reinforcement learning of an agentic VLM (DeepEyesV2 recipe).
+
+    python jobs/rl.py                                  # embedded default: tiny model, one CPU box
+    python jobs/rl.py model=qwen2_5_vl_7b model.path=/models/Qwen2.5-VL-7B-Instruct
+    python jobs/rl.py --cfg job                        # print the resolved config
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from deepeyes.config import register_configs, to_object
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="rl", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from deepeyes.train.grpo import train_grpo
+
+    train_grpo(to_object(cfg))
+
+
+if __name__ == "__main__":
+    main()
