@@ -9,13 +9,15 @@ from deepeyes.model.load import (
     model_inputs,
     rope_position_ids,
 )
-from deepeyes.model.processor import QwenVLImageProcessor
+from deepeyes.model.pixels import PixelCache
+from deepeyes.model.processor import Qwen2_5_VLImageOnlyProcessor
 from deepeyes.model.tiny import ensure_tiny_model
 from deepeyes.model.tokenizer import build_qwen2_5_tokenizer
 
 __all__ = [
     "IMAGE_TOKEN_ID",
-    "QwenVLImageProcessor",
+    "PixelCache",
+    "Qwen2_5_VLImageOnlyProcessor",
     "build_qwen2_5_tokenizer",
     "ensure_tiny_model",
     "image_token_count",

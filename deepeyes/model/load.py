@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from deepeyes.model.processor import QwenVLImageProcessor
+from deepeyes.model.processor import Qwen2_5_VLImageOnlyProcessor
 
 IMAGE_TOKEN_ID = 151655  # <|image_pad|>
 MERGE_SIZE = 2  # Qwen2.5-VL merges 2x2 vision patches into one language-model token
@@ -26,9 +26,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen2_5_
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype).eval()
 
 
-def load_processor(path: str | Path) -> QwenVLImageProcessor:
+def load_processor(path: str | Path) -> Qwen2_5_VLImageOnlyProcessor:
     """The tokenizer + image processor at `path` (`processor.tokenizer` is the tokenizer)."""
-    return QwenVLImageProcessor.from_pretrained(str(path))
+    return Qwen2_5_VLImageOnlyProcessor.from_pretrained(str(path))
 
 
 def image_token_count(grid_thw: torch.Tensor | tuple[int, int, int], merge_size: int = MERGE_SIZE) -> int:

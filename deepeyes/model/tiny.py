@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from deepeyes.model.processor import QwenVLImageProcessor, build_image_processor
+from deepeyes.model.processor import Qwen2_5_VLImageOnlyProcessor, build_image_processor
 from deepeyes.model.tokenizer import CHAT_TEMPLATE, build_qwen2_5_tokenizer
 
 SEED = 0
@@ -107,7 +107,7 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     try:
         staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         build_tiny_model().save_pretrained(staging)
-        processor = QwenVLImageProcessor(
+        processor = Qwen2_5_VLImageOnlyProcessor(
             image_processor=build_image_processor(MIN_PIXELS, MAX_PIXELS),
             tokenizer=build_qwen2_5_tokenizer(),
             chat_template=CHAT_TEMPLATE,
