@@ -6,13 +6,14 @@ Python environment and starts in about a tenth of a second.
 
 It speaks length-prefixed JSON over its stdin/stdout (see `code_worker.py`):
 
-    parent → kernel, once:     {"images": [path, ...], "out_dir": path, "limits": {...}}
+    parent → kernel, once:     {"images": [path, ...], "out_dir": path, "uid": int | null, "limits": {...}}
     kernel → parent, once:     {"ready": true}  or  {"error": "..."}
     parent → kernel, per cell: {"code": "...", "cell": n}
     kernel → parent, per cell: {"stdout": "...", "stderr": "...", "images": [file name, ...]}
 """
 
 import ast
+import io
 import json
 import linecache
 import os
@@ -27,12 +28,14 @@ MAX_IMAGES = 10  # returned per cell, as DeepEyesV2 does
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 
 
-class BoundedText:
+class BoundedText(io.TextIOBase):
     """sys.stdout/sys.stderr during a cell: keeps the head and the tail, says what it cut.
 
     The tail is kept because that is where a traceback is; the bound keeps a cell that prints
     in a loop from growing the kernel until it dies.
     """
+
+    encoding = "utf-8"
 
     def __init__(self, limit: int = MAX_OUTPUT_CHARS):
         self._head_limit = limit // 2
@@ -53,11 +56,8 @@ class BoundedText:
             self._tail = self._tail[-self._tail_limit :]
         return written
 
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
+    def writable(self) -> bool:
+        return True
 
     def getvalue(self) -> str:
         cut = self._total - len(self._head) - self._tail_limit
@@ -120,9 +120,9 @@ class Notebook:
                 self._save(obj.save if obj.mode in _PNG_MODES else obj.convert("RGB").save)
             elif _is_figure(obj):
                 self._save(obj.savefig)
-                import matplotlib.pyplot as plt
-
-                plt.close(obj)  # displayed once, not again when the cell ends
+                pyplot = sys.modules.get("matplotlib.pyplot")
+                if pyplot is not None:
+                    pyplot.close(obj)  # displayed once, not again when the cell ends
             else:
                 print(repr(obj))
 

@@ -1,11 +1,16 @@
 """An isolated, stateful Python worker per trajectory: the model's Jupyter notebook.
 
 `CodeWorker.start` launches `_kernel.py` in a fresh process, inside bubblewrap when it is
-available (`bwrap --unshare-all --die-with-parent`: no network, an empty root with only the
-Python environment read-only, the images read-only and the scratch directory writable, its own
-user and pid namespaces). The kernel sets rlimits on itself before running any user code; the
-parent enforces the wall-clock timeout by SIGKILLing the sandbox's whole process group, which
-nothing inside can catch or ignore.
+available (`bwrap --unshare-all --die-with-parent`: no network, its own pid namespace, an empty
+root with only the Python environment, the images and the kernel read-only, the scratch
+directory writable at /scratch and a private /tmp). The kernel sets rlimits on itself before
+running any user code; the parent enforces the wall-clock timeout by SIGKILLing the sandbox's
+whole process group, which nothing inside can catch or ignore.
+
+RLIMIT_NPROC binds only a process whose host uid is not 0, and a user namespace made by root
+maps back to uid 0. So as a normal user bwrap runs with every namespace (user included); as
+root (CI) it runs with every namespace but the user one, and the kernel drops to `nobody`
+after opening the images, before any user code.
 
 After a timeout, or when the kernel dies (memory, CPU or file limit, a crash), the result says
 so in stderr, as a Jupyter kernel restart would, and the next `run` starts a fresh kernel:
@@ -34,9 +39,7 @@ from typing import Sequence
 log = logging.getLogger(__name__)
 
 _KERNEL = Path(__file__).with_name("_kernel.py")
-# When the parent is root, bwrap runs as `nobody`: root ignores RLIMIT_NPROC even inside a user
-# namespace (the namespace maps back to host uid 0), so a fork bomb would not be contained.
-_NOBODY = 65534
+_NOBODY = 65534  # the uid a kernel started by root runs user code as
 _ISOLATIONS = ("auto", "bwrap", "none")
 
 
@@ -46,7 +49,9 @@ class CodeLimits:
 
     timeout_s: float = 30.0  # wall clock per cell
     memory_mb: int = 1024  # address space (RLIMIT_AS)
-    max_processes: int = 64  # RLIMIT_NPROC, counted inside the sandbox's user namespace
+    # RLIMIT_NPROC counts a uid's processes and threads: those of one sandbox under bwrap as a
+    # normal user, of every `nobody` under bwrap as root, of the whole user without isolation.
+    max_processes: int = 64
     max_file_mb: int = 16  # largest file the kernel may write (RLIMIT_FSIZE)
     max_open_files: int = 256
     cpu_s: int = 60
@@ -84,8 +89,10 @@ class CodeWorker:
 
     @classmethod
     async def start(cls, images: Sequence[Path], scratch_dir: Path, limits: CodeLimits = CodeLimits()) -> CodeWorker:
-        """Start a kernel with image_1..image_n preloaded (PIL.Image.open); scratch_dir must exist."""
+        """Start a kernel with image_1..image_n preloaded (PIL.Image.open) and its working
+        directory in scratch_dir (created if missing), where returned images are written."""
         worker = cls(images, scratch_dir, limits)
+        worker._scratch.mkdir(parents=True, exist_ok=True)
         await worker._start_kernel()
         return worker
 
@@ -165,9 +172,8 @@ class CodeWorker:
         the kernel read-only, the scratch directory writable at /scratch, and a private /tmp."""
         args = [self._bwrap, "--die-with-parent"]
         if as_root:
-            # A user namespace made by root maps uid 0 to host uid 0, which ignores RLIMIT_NPROC.
-            # So: every namespace but the user one, and the kernel drops to `nobody` itself
-            # (CAP_SETUID/CAP_SETGID are the only capabilities it keeps, until it drops them).
+            # No user namespace (see the module docstring): the kernel drops to `nobody` itself;
+            # CAP_SETUID/CAP_SETGID, the only capabilities it keeps, are lost in the drop.
             args += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
             args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
@@ -189,6 +195,7 @@ class CodeWorker:
                 args += ["--ro-bind", source, dest]
         args += ["--bind", str(self._scratch), "/scratch", "--chdir", "/scratch"]
         args += ["--proc", "/proc", "--dev", "/dev"]
+        # tmpfs pages are memory outside RLIMIT_AS: cap /tmp at the same size.
         args += ["--perms", "1777", "--size", str(self._limits.memory_mb << 20), "--tmpfs", "/tmp"]
         args += ["--clearenv"]
         for key, value in _kernel_env(Path("/tmp"), Path("/scratch")).items():
@@ -263,10 +270,9 @@ def _resolve_isolation(isolation: str) -> str | None:
 
 
 def _describe_exit(status: int | None) -> str:
-    if status is None:
-        return "unknown status"
-    if status < 0:
-        return f"killed by {signal.Signals(-status).name}"
-    if status > 128:  # bwrap reports a signalled child as 128 + signal
-        return f"exit status {status}, likely {signal.Signals(status - 128).name}"
-    return f"exit status {status}"
+    """Exit status in words; bwrap reports a kernel killed by signal N as 128 + N."""
+    number = -status if status is not None and status < 0 else (status or 0) - 128
+    try:
+        return f"exit status {status}: {signal.Signals(number).name}"
+    except ValueError:
+        return f"exit status {status}"

@@ -37,11 +37,11 @@ def scratch(tmp_path):
     return path
 
 
-def run_cells(image, scratch, cells, limits=CodeLimits()):
+def run_cells(images, scratch, cells, limits=CodeLimits()):
     """Results of running the cells, in order, in one fresh worker."""
 
     async def main():
-        worker = await CodeWorker.start([image], scratch, limits)
+        worker = await CodeWorker.start(images, scratch, limits)
         try:
             return [await worker.run(cell) for cell in cells]
         finally:
@@ -50,16 +50,20 @@ def run_cells(image, scratch, cells, limits=CodeLimits()):
     return asyncio.run(main())
 
 
-def test_state_persists_across_cells_and_image_1_is_preloaded(image, scratch):
-    results = run_cells(image, scratch, ["size = image_1.size", "print(size)", "size[0] * 2", "None"])
-    assert [result.stdout for result in results] == ["", "(64, 48)\n", "128\n", ""]
+def test_state_persists_across_cells_and_images_are_preloaded(image, scratch, tmp_path):
+    second = tmp_path / "elsewhere" / "photo.png"  # same file name, another directory
+    second.parent.mkdir()
+    Image.new("L", (5, 7)).save(second)
+    cells = ["size = image_1.size", "print(size)", "size[0] * 2", "None", "print(image_2.size, image_2.mode)"]
+    results = run_cells([image, second], scratch, cells)
+    assert [result.stdout for result in results] == ["", "(64, 48)\n", "128\n", "", "(5, 7) L\n"]
     assert all(result.stderr == "" and not result.timed_out for result in results)
 
 
 def test_show_and_displayed_images_come_back_as_png_files(image, scratch):
     plot = "import matplotlib.pyplot as plt\nplt.figure(figsize=(2, 1), dpi=50)\nplt.plot([1, 2])\nplt.show()"
     shown, cropped, displayed = run_cells(
-        image, scratch, [plot, "image_1.crop((0, 0, 10, 20))", "display(image_1.resize((8, 8)), 'text')"]
+        [image], scratch, [plot, "image_1.crop((0, 0, 10, 20))", "display(image_1.resize((8, 8)), 'text')"]
     )
     sizes = []
     for result in (shown, cropped, displayed):
@@ -72,13 +76,13 @@ def test_show_and_displayed_images_come_back_as_png_files(image, scratch):
 
 
 def test_at_most_ten_images_per_cell_and_the_rest_is_reported(image, scratch):
-    (result,) = run_cells(image, scratch, ["for _ in range(12):\n    display(image_1)"])
+    (result,) = run_cells([image], scratch, ["for _ in range(12):\n    display(image_1)"])
     assert len(result.images) == 10
     assert "2 more images not returned" in result.stderr
 
 
 def test_exception_is_reported_as_traceback_and_worker_survives(image, scratch):
-    _, failed, after = run_cells(image, scratch, ["kept = 5", "def f():\n    return 1 / 0\nf()", "print(kept)"])
+    _, failed, after = run_cells([image], scratch, ["kept = 5", "def f():\n    return 1 / 0\nf()", "print(kept)"])
     assert "ZeroDivisionError: division by zero" in failed.stderr
     assert 'File "<cell 2>", line 2, in f' in failed.stderr and "return 1 / 0" in failed.stderr
     assert "_kernel.py" not in failed.stderr and not failed.timed_out
@@ -86,14 +90,14 @@ def test_exception_is_reported_as_traceback_and_worker_survives(image, scratch):
 
 
 def test_long_output_is_truncated_and_says_so(image, scratch):
-    (result,) = run_cells(image, scratch, ["print('a' * 100_000 + 'END')"])
+    (result,) = run_cells([image], scratch, ["print('a' * 100_000 + 'END')"])
     assert len(result.stdout) < 11_000
     assert "characters truncated" in result.stdout and result.stdout.rstrip().endswith("END")
 
 
 def test_memory_limit_raises_memory_error_instead_of_taking_the_box(image, scratch):
     results = run_cells(
-        image,
+        [image],
         scratch,
         ["blob = bytearray(50 * 2**30)", "import numpy as np\nnp.ones(50 * 2**30 // 8)", "print('alive')"],
         CodeLimits(memory_mb=1024),
@@ -186,7 +190,7 @@ def test_sandbox_hides_etc_blocks_loopback_and_writes_outside_scratch(image, scr
         "open('/usr/escaped.txt', 'w').write('x')",
         "open('written.txt', 'w').write('ok')",
     ]
-    etc, connect, write_host_path, write_usr, write_scratch = run_cells(image, scratch, cells)
+    etc, connect, write_host_path, write_usr, write_scratch = run_cells([image], scratch, cells)
     with pytest.raises(BlockingIOError):
         server.accept()
     server.close()
@@ -220,7 +224,7 @@ def test_unreadable_image_fails_start_with_a_clear_error(tmp_path, scratch):
     bogus = tmp_path / "not_an_image.png"
     bogus.write_text("hello")
     with pytest.raises(CodeWorkerError, match="image_1"):
-        run_cells(bogus, scratch, [])
+        run_cells([bogus], scratch, [])
 
 
 def test_isolation_setting_is_checked(tmp_path, monkeypatch, caplog):
@@ -243,7 +247,7 @@ def test_isolation_setting_is_checked(tmp_path, monkeypatch, caplog):
 def test_kernel_death_is_reported_and_the_next_cell_gets_a_fresh_kernel(image, scratch):
     limits = CodeLimits(cpu_s=1, timeout_s=20)
     lost, burned, after, exited = run_cells(
-        image, scratch, ["lost = 1", "while True:\n    pass", "lost", "import os\nos._exit(3)"], limits
+        [image], scratch, ["lost = 1", "while True:\n    pass", "lost", "import os\nos._exit(3)"], limits
     )
     assert not burned.timed_out and "SIGXCPU" in burned.stderr and "restarted" in burned.stderr
     assert "NameError" in after.stderr
