@@ -18,7 +18,11 @@ variables are lost, image_1..image_n are loaded again.
 
 Parent and kernel exchange length-prefixed JSON over the kernel's stdin/stdout: written by hand
 because it is a dozen lines and needs nothing installed inside the sandbox. Images come back as
-PNG files in the scratch directory, named in the reply, never as bytes through the pipe.
+PNG files, named in the reply, never as bytes through the pipe.
+
+Scratch layout: the kernel sees only `scratch_dir/kernel/` (its working directory, /scratch in
+the sandbox). The parent moves each returned PNG up into `scratch_dir/` and checks it there,
+out of the sandbox's reach, so a cell cannot swap a returned image for a symlink to a host file.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
+import stat
 import struct
 import sys
 from dataclasses import asdict, dataclass
@@ -39,6 +45,7 @@ from typing import Sequence
 log = logging.getLogger(__name__)
 
 _KERNEL = Path(__file__).with_name("_kernel.py")
+_OUTPUT_NAME = re.compile(r"cell\d+_\d+\.png")  # as the kernel names returned images
 _NOBODY = 65534  # the uid a kernel started by root runs user code as
 _ISOLATIONS = ("auto", "bwrap", "none")
 
@@ -82,6 +89,7 @@ class CodeWorker:
     def __init__(self, images: Sequence[Path], scratch_dir: Path, limits: CodeLimits):
         self._images = [Path(image).resolve() for image in images]
         self._scratch = Path(scratch_dir).resolve()
+        self._kernel_dir = self._scratch / "kernel"
         self._limits = limits
         self._bwrap = _resolve_isolation(limits.isolation)
         self._process: asyncio.subprocess.Process | None = None
@@ -92,7 +100,7 @@ class CodeWorker:
         """Start a kernel with image_1..image_n preloaded (PIL.Image.open) and its working
         directory in scratch_dir (created if missing), where returned images are written."""
         worker = cls(images, scratch_dir, limits)
-        worker._scratch.mkdir(parents=True, exist_ok=True)
+        worker._kernel_dir.mkdir(parents=True, exist_ok=True)
         await worker._start_kernel()
         return worker
 
@@ -130,20 +138,20 @@ class CodeWorker:
     async def _start_kernel(self) -> None:
         drop_to = _NOBODY if self._bwrap and os.geteuid() == 0 else None
         if drop_to is not None:
-            os.chown(self._scratch, drop_to, drop_to)
+            os.chown(self._kernel_dir, drop_to, drop_to)
         if self._bwrap:
             command, env = self._bwrap_command(drop_to is not None), {}  # bwrap sets the kernel's own
         else:
-            tmp = self._scratch / ".tmp"
+            tmp = self._kernel_dir / ".tmp"
             tmp.mkdir(exist_ok=True)
-            command, env = [sys.executable, "-I", str(_KERNEL)], _kernel_env(tmp, self._scratch)
+            command, env = [sys.executable, "-I", str(_KERNEL)], _kernel_env(tmp)
         self._process = await asyncio.create_subprocess_exec(
             *command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
-            cwd=self._scratch,
+            cwd=self._kernel_dir,
             start_new_session=True,  # its own process group, killed as one
         )
         images, scratch = self._kernel_paths()
@@ -164,7 +172,7 @@ class CodeWorker:
     def _kernel_paths(self) -> tuple[list[str], str]:
         """Where the kernel sees the images and the scratch directory."""
         if not self._bwrap:
-            return [str(path) for path in self._images], str(self._scratch)
+            return [str(path) for path in self._images], str(self._kernel_dir)
         return [f"/inputs/{index}/{path.name}" for index, path in enumerate(self._images, 1)], "/scratch"
 
     def _bwrap_command(self, as_root: bool) -> list[str]:
@@ -193,12 +201,12 @@ class CodeWorker:
                 for parent in reversed(Path(dest).parents[:-1]):
                     args += ["--perms", "0755", "--dir", str(parent)]
                 args += ["--ro-bind", source, dest]
-        args += ["--bind", str(self._scratch), "/scratch", "--chdir", "/scratch"]
+        args += ["--bind", str(self._kernel_dir), "/scratch", "--chdir", "/scratch"]
         args += ["--proc", "/proc", "--dev", "/dev"]
         # tmpfs pages are memory outside RLIMIT_AS: cap /tmp at the same size.
         args += ["--perms", "1777", "--size", str(self._limits.memory_mb << 20), "--tmpfs", "/tmp"]
         args += ["--clearenv"]
-        for key, value in _kernel_env(Path("/tmp"), Path("/scratch")).items():
+        for key, value in _kernel_env(Path("/tmp")).items():
             args += ["--setenv", key, value]
         return args + [sys.executable, "-I", "/kernel.py"]
 
@@ -211,10 +219,25 @@ class CodeWorker:
         return json.loads(await self._process.stdout.readexactly(size))
 
     def _output_paths(self, names: list[str]) -> tuple[Path, ...]:
-        """Host paths of the images the kernel wrote; only plain files directly in scratch count,
-        so user code cannot hand back a symlink to a file outside the sandbox."""
-        paths = [self._scratch / name for name in names if "/" not in name]
-        return tuple(path for path in paths if path.is_file() and not path.is_symlink())
+        """Move the images the kernel wrote out of its reach, into scratch_dir; their new paths.
+
+        Checked after the move: before it, a process left running in the sandbox could still
+        swap a file for a symlink. Anything but a plain file is deleted, not returned.
+        """
+        paths = []
+        for name in names:
+            if not _OUTPUT_NAME.fullmatch(name):
+                continue
+            path = self._scratch / name
+            try:
+                os.rename(self._kernel_dir / name, path)
+            except OSError:
+                continue
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                paths.append(path)
+            else:
+                path.unlink()
+        return tuple(paths)
 
     async def _kill(self) -> int | None:
         """Kill the kernel (see `_abandon`) and wait for it; its exit status."""
@@ -235,7 +258,7 @@ class CodeWorker:
         return process
 
 
-def _kernel_env(tmp: Path, scratch: Path) -> dict[str, str]:
+def _kernel_env(tmp: Path) -> dict[str, str]:
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": str(tmp),

@@ -75,6 +75,13 @@ def test_show_and_displayed_images_come_back_as_png_files(image, scratch):
     assert displayed.stdout == "'text'\n"
 
 
+def test_a_returned_image_swapped_for_a_symlink_is_not_returned(image, scratch):
+    swap = "display(image_1)\nimport os\nos.remove('cell001_01.png')\nos.symlink('/etc/passwd', 'cell001_01.png')"
+    swapped, kept = run_cells([image], scratch, [swap, "display(image_1)"])
+    assert swapped.images == () and not (scratch / "cell001_01.png").exists()
+    assert kept.images == (scratch / "cell002_01.png",)
+
+
 def test_at_most_ten_images_per_cell_and_the_rest_is_reported(image, scratch):
     (result,) = run_cells([image], scratch, ["for _ in range(12):\n    display(image_1)"])
     assert len(result.images) == 10
@@ -198,7 +205,7 @@ def test_sandbox_hides_etc_blocks_loopback_and_writes_outside_scratch(image, scr
     assert "Error" in connect.stderr
     assert "FileNotFoundError" in write_host_path.stderr and not outside.exists()
     assert "Read-only file system" in write_usr.stderr
-    assert write_scratch.stderr == "" and (scratch / "written.txt").read_text() == "ok"
+    assert write_scratch.stderr == "" and (scratch / "kernel" / "written.txt").read_text() == "ok"
 
 
 def test_parallel_workers_do_not_see_each_other(image, tmp_path):
