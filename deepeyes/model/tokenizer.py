@@ -92,7 +92,9 @@ def bpe_from_tiktoken(ranks: dict[bytes, int]) -> BPE:
     merges the pair with the lowest merge priority. Listing every split (left, right) of each
     token whose halves are both tokens, ordered by the rank of the token they form, makes the two
     pick the same pair at every step. `ignore_merges` mirrors tiktoken's shortcut of emitting a
-    whole pre-token directly when it is itself in the vocabulary.
+    whole pre-token directly when it is itself in the vocabulary. transformers 5.x drops that flag
+    when it reloads a saved `Qwen2Tokenizer` (it rebuilds the BPE from vocab and merges); that is
+    harmless here because merging reaches every one of the 151,643 tokens from its bytes.
     """
     to_unicode = _byte_to_unicode()
 
@@ -128,7 +130,7 @@ def build_qwen2_5_tokenizer() -> Qwen2Tokenizer:
     backend.add_tokens([AddedToken(text, special=special, normalized=False) for text, special in ADDED_TOKENS])
     ids = [backend.token_to_id(text) for text, _ in ADDED_TOKENS]
     if ids != list(range(FIRST_ADDED_ID, FIRST_ADDED_ID + len(ADDED_TOKENS))):
-        raise RuntimeError(f"Qwen2.5 added tokens landed on ids {ids}, not from {FIRST_ADDED_ID}: is qwen.tiktoken changed?")
+        raise RuntimeError(f"Qwen2.5 added tokens got ids {ids}, not {FIRST_ADDED_ID}...: has qwen.tiktoken changed?")
 
     return Qwen2Tokenizer(
         tokenizer_object=backend,

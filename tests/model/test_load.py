@@ -114,3 +114,17 @@ def test_generate_stops_at_stop_string(tiny_model, processor, single):
         )[0, single["input_ids"].shape[1] :]
     assert torch.equal(stopped, free[:6])
     assert tokenizer.decode(stopped).endswith(stop)
+
+
+def test_cached_decoding_matches_full_forwards(tiny_model, single):
+    """Decode steps continue the 3-D positions correctly: greedy `generate` (KV cache, cached rope
+    deltas) picks the same tokens as full forwards over the growing sequence."""
+    with torch.no_grad():
+        generated = tiny_model.generate(**single, max_new_tokens=6, do_sample=False)[0, single["input_ids"].shape[1] :]
+        ids, mask = single["input_ids"], single["attention_mask"]
+        for token in generated:
+            inputs = model_inputs(ids, mask, single["pixel_values"], single["image_grid_thw"])
+            next_token = tiny_model(**inputs, use_cache=False).logits[0, -1].argmax()
+            assert next_token == token
+            ids = torch.cat([ids, next_token.view(1, 1)], dim=1)
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)

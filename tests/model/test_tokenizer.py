@@ -6,6 +6,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from deepeyes.model import build_qwen2_5_tokenizer
+from deepeyes.model.tokenizer import _byte_to_unicode, tiktoken_ranks
 
 TEXTS = [
     "Hello world",
@@ -81,6 +82,20 @@ def test_ids_equal_tiktoken(tokenizer, tiktoken_qwen, text):
 def test_ids_equal_tiktoken_on_random_text(built, tiktoken_qwen, text):
     assume(not any(added in text for added in ADDED))  # added tokens are ours, not tiktoken's
     assert built.encode(text, add_special_tokens=False) == reference_ids(tiktoken_qwen, text)
+
+
+def test_reloaded_bpe_reaches_every_token_by_merging(processor):
+    """transformers reloads the BPE without tiktoken's whole-word shortcut (`ignore_merges`);
+    encodings stay exact only because merging alone rebuilds every vocabulary entry."""
+    model = processor.tokenizer.backend_tokenizer.model
+    assert not model.ignore_merges
+    to_unicode = _byte_to_unicode()
+    unreachable = [
+        rank
+        for token, rank in tiktoken_ranks().items()
+        if [piece.id for piece in model.tokenize("".join(to_unicode[b] for b in token))] != [rank]
+    ]
+    assert unreachable == []
 
 
 def test_known_released_ids(tokenizer):
