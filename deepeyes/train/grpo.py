@@ -7,6 +7,7 @@ plain PyTorch on the Hugging Face model: it is the reference other trainers are 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
@@ -50,26 +51,12 @@ class GRPOTrainer:
     optimizer: torch.optim.Optimizer
     sampler: EpochSampler
 
-    def step(self, step: int) -> dict[str, float]:
-        """One GRPO step; returns its metrics."""
-        cfg = self.cfg
+    def step(self, step: int) -> tuple[dict[str, float], list[Trajectory]]:
+        """One GRPO step; returns its metrics and its scored trajectories."""
         started = time.perf_counter()
-        records = self.sampler.take(cfg.grpo.prompts_per_step)
-        limits = EpisodeLimits(
-            cfg.rollout.max_turns, cfg.rollout.max_turn_tokens, cfg.rollout.max_response_tokens,
-            cfg.rollout.temperature, cfg.rollout.top_p,
-        )
-        trajectories = asyncio.run(self._rollout(records, step, limits))
+        trajectories = self.collect(step)
         rollout_s = time.perf_counter() - started
-
-        for trajectory in trajectories:
-            result = compute_reward(
-                trajectory.model_turns, trajectory.record.answer, cfg.reward.accuracy_weight, cfg.reward.format_weight
-            )
-            trajectory.reward, trajectory.accuracy = result.score, result.accuracy
-            trajectory.format, trajectory.answer = result.format, result.answer
         advantages = grpo_advantages([t.reward for t in trajectories], [t.group for t in trajectories])
-
         update_started = time.perf_counter()
         update_metrics = self.update(trajectories, advantages)
         self.engine.weight_version += 1
@@ -81,7 +68,24 @@ class GRPOTrainer:
         metrics["timing/rollout_s"] = rollout_s
         metrics["timing/update_s"] = time.perf_counter() - update_started
         metrics["timing/step_s"] = time.perf_counter() - started
-        return metrics
+        return metrics, trajectories
+
+    def collect(self, step: int) -> list[Trajectory]:
+        """The step's prompts, n rollouts each, scored by the reward."""
+        cfg = self.cfg
+        records = self.sampler.take(cfg.grpo.prompts_per_step)
+        limits = EpisodeLimits(
+            cfg.rollout.max_turns, cfg.rollout.max_turn_tokens, cfg.rollout.max_response_tokens,
+            cfg.rollout.temperature, cfg.rollout.top_p,
+        )
+        trajectories = asyncio.run(self._rollout(records, step, limits))
+        for trajectory in trajectories:
+            result = compute_reward(
+                trajectory.model_turns, trajectory.record.answer, cfg.reward.accuracy_weight, cfg.reward.format_weight
+            )
+            trajectory.reward, trajectory.accuracy = result.score, result.accuracy
+            trajectory.format, trajectory.answer = result.format, result.answer
+        return trajectories
 
     async def _rollout(self, records, step: int, limits: EpisodeLimits) -> list[Trajectory]:
         try:
@@ -168,49 +172,57 @@ def rollout_metrics(trajectories: list[Trajectory], step: int) -> dict[str, floa
     return metrics
 
 
-def train_grpo(cfg: RLJobConfig) -> Path:
-    """The RL job on this machine; returns the final checkpoint directory."""
-    out_dir = Path(cfg.run.out_dir)
-    seed_everything(cfg.run.seed)
-    resume = latest_checkpoint(out_dir)
-    policy = load_policy(cfg.model, str(resume) if resume else cfg.run.init_from)
+def build_trainer(cfg: RLJobConfig, out_dir: Path, init_from: str | None) -> GRPOTrainer:
+    """Policy, data, optimizer, rollout engine and tools, wired together."""
+    policy = load_policy(cfg.model, init_from)
     paths = data_paths(cfg.data)
     sampler = EpochSampler(read_validated(read_records, paths.train, cfg.data.on_bad_record), cfg.run.seed)
-    optimizer = build_optimizer(policy.model, cfg.optim)
-    start, run_id = 0, None
-    if resume is not None:
-        state = load_trainer_state(resume)
-        optimizer.load_state_dict(state.optimizer)
-        sampler.load_state_dict(state.data)
-        set_rng_state(state.rng)
-        start, run_id = state.step, state.run_id
-        log.info("resuming from %s at step %d", resume, start)
-
-    encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
     engine = HFRolloutEngine(
         policy.model, policy.tokenizer, policy.pixels, cfg.rollout.max_batch, cfg.rollout.batch_wait_ms
     )
-    engine.weight_version = start
+    code = cfg.tools.code
     toolbox = Toolbox(
         text_search=LocalTextSearch.from_jsonl(paths.corpus),
         image_search=LocalImageSearch.from_jsonl(paths.image_index) if paths.image_index else None,
         code_limits=CodeLimits(
-            timeout_s=cfg.tools.code.timeout_s, memory_mb=cfg.tools.code.memory_mb,
-            max_processes=cfg.tools.code.max_processes, cpu_s=cfg.tools.code.cpu_s,
-            isolation=cfg.tools.code.isolation,
+            timeout_s=code.timeout_s, memory_mb=code.memory_mb, max_processes=code.max_processes,
+            cpu_s=code.cpu_s, isolation=code.isolation,
         ),
         scratch_root=out_dir / "scratch",
         top_k=cfg.tools.search_top_k,
     )
-    trainer = GRPOTrainer(cfg, policy, engine, encoder, toolbox, optimizer, sampler)
+    encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
+    return GRPOTrainer(cfg, policy, engine, encoder, toolbox, build_optimizer(policy.model, cfg.optim), sampler)
+
+
+def train_grpo(cfg: RLJobConfig) -> Path:
+    """The RL job on this machine; returns the final checkpoint directory.
+
+    A run restarted in the same `run.out_dir` resumes from its latest checkpoint: weights,
+    optimizer, data position, RNG and the wandb run.
+    """
+    out_dir = Path(cfg.run.out_dir)
+    seed_everything(cfg.run.seed)
+    resume = latest_checkpoint(out_dir)
+    trainer = build_trainer(cfg, out_dir, str(resume) if resume else cfg.run.init_from)
+    start, run_id = 0, None
+    if resume is not None:
+        state = load_trainer_state(resume)
+        trainer.optimizer.load_state_dict(state.optimizer)
+        trainer.sampler.load_state_dict(state.data)
+        set_rng_state(state.rng)
+        start, run_id = state.step, state.run_id
+        log.info("resuming from %s at step %d", resume, start)
+    trainer.engine.weight_version = start
     logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id)
     console = Console()
     checkpoint = resume
     try:
         for step in range(start, cfg.grpo.steps):
-            set_learning_rate(optimizer, cfg.optim, step)
-            metrics = trainer.step(step)
+            set_learning_rate(trainer.optimizer, cfg.optim, step)
+            metrics, trajectories = trainer.step(step)
             logger.log(metrics, step=step + 1)
+            write_rollouts(out_dir / "rollouts" / f"step_{step + 1:06d}.jsonl", trajectories)
             console.print(
                 f"[bold]step {step + 1}/{cfg.grpo.steps}[/] reward {metrics['reward/mean']:.3f} "
                 f"acc {metrics['reward/accuracy']:.3f} format {metrics['reward/format_rate']:.3f} "
@@ -220,9 +232,25 @@ def train_grpo(cfg: RLJobConfig) -> Path:
             )
             last = step + 1 == cfg.grpo.steps
             if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                state = TrainerState(step + 1, optimizer.state_dict(), sampler.state_dict(), logger.run_id, rng_state())
-                checkpoint = save_checkpoint(out_dir, policy.model, policy.processor, state)
+                state = TrainerState(
+                    step + 1, trainer.optimizer.state_dict(), trainer.sampler.state_dict(), logger.run_id, rng_state()
+                )
+                checkpoint = save_checkpoint(out_dir, trainer.policy.model, trainer.policy.processor, state)
                 log.info("saved %s", checkpoint)
     finally:
         logger.finish()
     return checkpoint
+
+
+def write_rollouts(path: Path, trajectories: list[Trajectory]) -> None:
+    """The step's trajectories as readable JSON lines: what the model wrote, what it earned."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as out:
+        for t in trajectories:
+            row = {
+                "id": t.record.id, "group": t.group, "family": t.record.family, "ground_truth": t.record.answer,
+                "answer": t.answer, "reward": t.reward, "accuracy": t.accuracy, "format": t.format,
+                "finish": t.finish, "model_turns": t.model_turns, "response_tokens": len(t.response_ids),
+                "tool_calls": [{"tool": c.tool, "ok": c.ok, "seconds": round(c.seconds, 3)} for c in t.tool_calls],
+            }
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")

