@@ -69,7 +69,8 @@ class _GumbelSampler(LogitsProcessor):
                 logprobs[row] = _top_p_filter(logprobs[row], top_p)
         self._last_logprobs = logprobs
         uniform = torch.stack([torch.rand(scores.shape[1], generator=g) for g in self._noise])
-        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)).clamp_min(1e-20))
+        exponential = (-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20)
+        gumbel = -torch.log(exponential)
         return logprobs + gumbel.to(scores.device)
 
     def record(self, tokens: torch.Tensor) -> None:
