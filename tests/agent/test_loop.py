@@ -1,0 +1,119 @@
+"""The agent loop with real tools, driven by a policy that replays cold-start trajectories.
+
+Replaying a known-good conversation through the loop must rebuild it token for token: the
+code worker, the searches, the observation rendering and the chat assembly of RL rollouts
+agree exactly with what SFT trains on.
+"""
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepeyes.agent.chat import ChatEncoder
+from deepeyes.agent.loop import EpisodeLimits, run_episode
+from deepeyes.agent.tool_session import Toolbox
+from deepeyes.data import read_records, read_sft_records
+from deepeyes.model.pixels import PixelCache
+from deepeyes.model import load_processor
+from deepeyes.rollout.hf_engine import GenerateResult
+from deepeyes.tools import CodeLimits, LocalImageSearch, LocalTextSearch
+
+pytestmark = pytest.mark.slow
+
+
+class ReplayPolicy:
+    """Answers `generate` with the next assistant turn of a conversation, as the engine would:
+    tool turns end at their stop string, the last turn with <|im_end|>."""
+
+    def __init__(self, encoder: ChatEncoder, turns: list[str]):
+        self._encoder = encoder
+        self._turns = turns
+        self.requests = []
+
+    async def generate(self, request) -> GenerateResult:
+        self.requests.append(request)
+        index = len(self.requests) - 1
+        ids = self._encoder.content(self._turns[index], [])
+        last = index == len(self._turns) - 1
+        if last:
+            ids = ids + [self._encoder.im_end]
+        return GenerateResult(ids, [-0.5] * len(ids), "eos" if last else "stop", weight_version=7)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir, sample_data, tmp_path_factory):
+    processor = load_processor(tiny_dir)
+    pixels = PixelCache(processor.image_processor, 3136, 50176)
+    encoder = ChatEncoder(processor.tokenizer, pixels.tokens)
+    toolbox = Toolbox(
+        LocalTextSearch.from_jsonl(sample_data.corpus),
+        LocalImageSearch.from_jsonl(sample_data.image_index),
+        CodeLimits(timeout_s=20),
+        tmp_path_factory.mktemp("scratch"),
+    )
+    tasks = {r.id: r for r in read_records(sample_data.rl_train)}
+    conversations = read_sft_records(sample_data.sft_train)
+    return encoder, toolbox, tasks, conversations
+
+
+def pick(conversations, tasks, family, variant=None):
+    for conversation in conversations:
+        task = tasks[conversation.id]
+        if task.family == family and (variant is None or task.metadata.get("variant") == variant):
+            return task, conversation
+    raise LookupError(family)
+
+
+@pytest.mark.parametrize("family, variant", [("perception", None), ("arithmetic", None), ("lookup", "flag")])
+def test_replaying_a_cold_start_trajectory_rebuilds_it_token_for_token(setup, family, variant):
+    encoder, toolbox, tasks, conversations = setup
+    task, conversation = pick(conversations, tasks, family, variant)
+    turns = [m.content for m in conversation.messages if m.role == "assistant"]
+    policy = ReplayPolicy(encoder, turns)
+    limits = EpisodeLimits(max_turns=9, max_turn_tokens=4096, max_response_tokens=16384)
+
+    trajectory = asyncio.run(run_episode(task, 0, 0, 0, 0, policy, encoder, toolbox, limits))
+
+    ids, mask = encoder.conversation(conversation.messages, list(conversation.images))
+    assert trajectory.finish == "answer"
+    assert trajectory.input_ids == ids[: -len(encoder.newline)]
+    # SFT also trains the <|im_end|> after a turn cut at a stop string (as LLaMA-Factory does);
+    # in a rollout that token is the observation's, so it is the only place the masks differ.
+    rl_mask = [0] * len(trajectory.prompt_ids) + trajectory.loss_mask
+    differ = [i for i, (a, b) in enumerate(zip(rl_mask, mask)) if a != b]
+    assert len(rl_mask) == len(mask) - len(encoder.newline)
+    assert [ids[i] for i in differ] == [encoder.im_end] * (len(turns) - 1)
+    assert trajectory.model_turns == turns
+    assert all(call.ok for call in trajectory.tool_calls)
+    assert len(trajectory.tool_calls) == len(turns) - 1
+    assert trajectory.weight_versions == {7}
+    # Images the tools returned are pixel-identical to the ones the trajectory was written with.
+    assert len(trajectory.images) == len(conversation.images)
+    for returned, recorded in zip(trajectory.images, conversation.images):
+        assert np.array_equal(np.asarray(Image.open(returned).convert("RGB")), np.asarray(Image.open(recorded).convert("RGB")))
+    # Every request carried the whole conversation so far and all of its images.
+    for request in policy.requests:
+        assert trajectory.input_ids[: len(request.input_ids)] == request.input_ids
+
+
+def test_the_turn_limit_ends_an_episode_without_running_the_last_call(setup):
+    encoder, toolbox, tasks, conversations = setup
+    task, conversation = pick(conversations, tasks, "arithmetic")
+    turns = [m.content for m in conversation.messages if m.role == "assistant"]
+    limits = EpisodeLimits(max_turns=1, max_turn_tokens=4096, max_response_tokens=16384)
+    trajectory = asyncio.run(run_episode(task, 0, 0, 0, 0, ReplayPolicy(encoder, turns), encoder, toolbox, limits))
+    assert (trajectory.finish, trajectory.tool_calls, len(trajectory.model_turns)) == ("max_turns", [], 1)
+
+
+def test_the_token_budget_ends_an_episode_before_an_observation_overflows_it(setup):
+    encoder, toolbox, tasks, conversations = setup
+    task, conversation = pick(conversations, tasks, "perception")
+    turns = [m.content for m in conversation.messages if m.role == "assistant"]
+    first_turn = len(encoder.content(turns[0], []))
+    limits = EpisodeLimits(max_turns=9, max_turn_tokens=4096, max_response_tokens=first_turn + 5)
+    trajectory = asyncio.run(run_episode(task, 0, 0, 0, 0, ReplayPolicy(encoder, turns), encoder, toolbox, limits))
+    assert trajectory.finish == "length"
+    assert len(trajectory.response_ids) <= limits.max_response_tokens
+    assert trajectory.loss_mask == [1] * first_turn
