@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 
 @dataclass
@@ -179,6 +180,11 @@ _CHOICES = {
 def to_object(cfg: DictConfig) -> Any:
     """The composed config as its dataclass, after checks a type alone cannot express."""
     job = OmegaConf.to_object(cfg)
+    model = getattr(job, "model", None)
+    if model is not None and model.path is None and model.name != "tiny":
+        raise MissingMandatoryValue(
+            f"model={model.name} needs model.path=<local checkpoint directory> (nothing is downloaded at run time)"
+        )
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
