@@ -73,7 +73,9 @@ class ToolSession:
 
     def _image_search(self):
         search = self._toolbox.image_search
-        if self._image_search_used or search is None or not self._images:
+        if search is None or not self._images:
+            return protocol.SEARCH_ERROR, [], protocol.IMAGE_SEARCH, False
+        if self._image_search_used:
             return protocol.IMAGE_SEARCH_REPEATED, [], protocol.IMAGE_SEARCH, False
         self._image_search_used = True
         hits = search.search(self._images[0], k=self._toolbox.top_k)
