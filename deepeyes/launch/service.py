@@ -1,0 +1,233 @@
+"""Every deepeyes network service, both sides: how it is served and how a job runs it locally.
+
+Server side: `service_app(token, ready)` is an aiohttp application that refuses any request
+without the job's token (`Authorization: Bearer <token>`, 401) and answers `GET /health` (the
+process is up) and `GET /ready` (it can serve: model loaded, index built; 503 until then).
+`add_service_args` gives a server command its common flags (`--host`, default 127.0.0.1,
+`--port`, `--token-file`) and `serve(app, args)` runs the app there.
+
+Client side: `LocalService` starts a server command as a child process, waits for its /ready
+and stops it (SIGTERM, then SIGKILL); `local_services(...)` holds several for the length of a
+`with` block and stops them however the block ends (return, exception, Ctrl-C). Children also
+get SIGTERM when the thread that started them dies (PR_SET_PDEATHSIG), so a trainer killed with
+SIGKILL leaves no orphan servers behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import hmac
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+# ---- the token -------------------------------------------------------------------------------
+
+
+def new_token_file(directory: Path) -> Path:
+    """A fresh per-job token in a file only this user can read; servers get its path, never the
+    token itself on their command line (which `ps` shows to everyone)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "service_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(secrets.token_hex(32))
+    return path
+
+
+def read_token(path: Path | str) -> str:
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
+
+
+def auth_headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# ---- server side -----------------------------------------------------------------------------
+
+
+def service_app(token: str, ready: Callable[[], bool] = lambda: True) -> web.Application:
+    """An application with the token check and /health, /ready; add the service's routes to it."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def require_token(request: web.Request, handler):
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return web.json_response({"error": "missing or wrong job token"}, status=401)
+        return await handler(request)
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readiness(request: web.Request) -> web.Response:
+        is_ready = ready()
+        return web.json_response({"ready": is_ready}, status=200 if is_ready else 503)
+
+    app = web.Application(middlewares=[require_token], client_max_size=64 << 20)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", readiness)
+    return app
+
+
+def add_service_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=LOOPBACK, help="address to bind (default loopback only)")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token-file", type=Path, required=True, help="file holding the job's token")
+
+
+def serve(app: web.Application, args: argparse.Namespace) -> None:
+    """Run until SIGTERM/SIGINT (aiohttp turns both into a clean shutdown)."""
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+# ---- client side: local processes -----------------------------------------------------------
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port free right now (another process could take it before the server binds; the
+    server then fails to start and `wait_ready` says so)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class LocalService:
+    """One server command run as a child process of this one."""
+
+    name: str
+    argv: Sequence[str]  # the full command, e.g. [sys.executable, "-m", "deepeyes.rollout.server", ...]
+    port: int
+    token: str
+    log_path: Path
+    host: str = LOOPBACK
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                list(self.argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        log.info("started %s (pid %d) on %s, log %s", self.name, self.process.pid, self.url, self.log_path)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Return once GET /ready answers 200; raise if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        request = urllib.request.Request(self.url + "/ready", headers=auth_headers(self.token))
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"service {self.name} exited with code {self.process.returncode} before it was ready; "
+                    f"last log lines ({self.log_path}):\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass  # not listening yet, or 503 while loading
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"service {self.name} not ready on {self.url} after {timeout_s:.0f}s; "
+                    f"last log lines ({self.log_path}):\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the service's process group, SIGKILL what is left after `grace_s`."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                log.warning("service %s did not stop on %s", self.name, sig.name)
+        log.info("stopped %s (exit code %s)", self.name, self.process.returncode)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+@contextlib.contextmanager
+def local_services(services: Sequence[LocalService], ready_timeout_s: float = 300.0) -> Iterator[list[LocalService]]:
+    """Start all services at once, wait until every one is ready, stop all on the way out.
+
+    SIGTERM to this process is turned into the same clean exit as Ctrl-C, so services are
+    stopped whether the job ends, fails, is interrupted or is cancelled by Slurm.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main_thread = _is_main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    started: list[LocalService] = []
+    try:
+        for service in services:
+            service.start()
+            started.append(service)
+        for service in services:
+            service.wait_ready(ready_timeout_s)
+        yield list(services)
+    finally:
+        for service in reversed(started):
+            service.stop()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def python_module(module: str, *args: object) -> list[str]:
+    """The argv running `python -m module args...` with this interpreter."""
+    return [sys.executable, "-m", module, *(str(a) for a in args)]
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _is_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
