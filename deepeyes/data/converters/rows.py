@@ -1,0 +1,69 @@
+"""The row loop every converter shares: validate each row, raise or count-and-log a bad one."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from deepeyes.data.readers import _RowProblem
+from deepeyes.data.schema import RecordError
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["raise", "skip"]
+T = TypeVar("T")
+
+RowProblem = _RowProblem  # raised by a row parser; the loop adds the file and row
+
+
+@dataclass
+class Conversion:
+    """What a converter wrote: the output file, and rows read / written / skipped per source file."""
+
+    output: Path
+    read: dict[str, int] = field(default_factory=dict)
+    written: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_written(self) -> int:
+        return sum(self.written.values())
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
+def parse_rows(
+    source: Path,
+    rows: Iterable[tuple[int, Any]],
+    parse: Callable[[int, Any], T],
+    on_error: OnError,
+    conversion: Conversion,
+) -> Iterator[T]:
+    """`parse(row, value)` for each (row, value); a `RowProblem` or `RecordError` from it raises
+    `RecordError(source, row, ...)`, or with on_error="skip" is logged and counted."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    key = str(source)
+    for counter in (conversion.read, conversion.written, conversion.skipped):
+        counter.setdefault(key, 0)
+    for row, value in rows:
+        conversion.read[key] += 1
+        try:
+            parsed = parse(row, value)
+        except (_RowProblem, RecordError) as problem:
+            message = problem.problem if isinstance(problem, RecordError) else str(problem)
+            error = RecordError(source, row, message)
+            if on_error == "raise":
+                raise error from None
+            log.warning("skipping bad row: %s", error)
+            conversion.skipped[key] += 1
+            continue
+        conversion.written[key] += 1
+        yield parsed
+    if conversion.skipped[key]:
+        log.warning("%s: skipped %d of %d rows", source, conversion.skipped[key], conversion.read[key])
