@@ -19,13 +19,13 @@ from rich.console import Console
 
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.loop import EpisodeLimits, rollout
+from deepeyes.agent.runtime import build_engine, build_toolbox
 from deepeyes.agent.tool_session import Toolbox, clear_scratch
 from deepeyes.agent.trajectory import Trajectory
 from deepeyes.config import RLJobConfig
 from deepeyes.data import read_records
 from deepeyes.reward import compute_reward
 from deepeyes.rollout.hf_engine import HFRolloutEngine
-from deepeyes.tools import CodeLimits, LocalImageSearch, LocalTextSearch
 from deepeyes.train.checkpoint import (
     TrainerState, latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state,
 )
@@ -177,20 +177,8 @@ def build_trainer(cfg: RLJobConfig, out_dir: Path, init_from: str | None) -> GRP
     policy = load_policy(cfg.model, init_from)
     paths = data_paths(cfg.data)
     sampler = EpochSampler(read_validated(read_records, paths.train, cfg.data.on_bad_record), cfg.run.seed)
-    engine = HFRolloutEngine(
-        policy.model, policy.tokenizer, policy.pixels, cfg.rollout.max_batch, cfg.rollout.batch_wait_ms
-    )
-    code = cfg.tools.code
-    toolbox = Toolbox(
-        text_search=LocalTextSearch.from_jsonl(paths.corpus),
-        image_search=LocalImageSearch.from_jsonl(paths.image_index) if paths.image_index else None,
-        code_limits=CodeLimits(
-            timeout_s=code.timeout_s, memory_mb=code.memory_mb, max_processes=code.max_processes,
-            cpu_s=code.cpu_s, isolation=code.isolation,
-        ),
-        scratch_root=out_dir / "scratch",
-        top_k=cfg.tools.search_top_k,
-    )
+    engine = build_engine(policy, cfg.rollout)
+    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch")
     encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
     return GRPOTrainer(cfg, policy, engine, encoder, toolbox, build_optimizer(policy.model, cfg.optim), sampler)
 

@@ -1,0 +1,92 @@
+"""What every job that runs the agent builds from its config: the rollout engine, the tools and
+the chat encoder. Training (`deepeyes.train.grpo`), the difficulty filter and evaluation share
+this wiring, so the three run exactly the same agent loop; and `run_scored` runs it over records
+and scores every trajectory with the DeepEyesV2 reward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from deepeyes.agent.chat import ChatEncoder
+from deepeyes.agent.loop import EpisodeLimits, rollout
+from deepeyes.agent.tool_session import Toolbox
+from deepeyes.agent.trajectory import Trajectory
+from deepeyes.config import RewardConfig, RolloutConfig, ToolsConfig
+from deepeyes.data.schema import Record
+from deepeyes.reward import Grader, accuracy, compute_reward
+from deepeyes.rollout.hf_engine import GenerateRequest, GenerateResult, HFRolloutEngine
+from deepeyes.tools import CodeLimits, LocalImageSearch, LocalTextSearch
+
+
+class RolloutEngine(Protocol):
+    """What the agent loop needs from an engine (in-process or a client of rollout servers)."""
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult: ...
+
+    async def close(self) -> None: ...
+
+
+def build_engine(policy, cfg: RolloutConfig) -> HFRolloutEngine:
+    """The in-process engine over a loaded `deepeyes.train.setup.Policy`."""
+    return HFRolloutEngine(policy.model, policy.tokenizer, policy.pixels, cfg.max_batch, cfg.batch_wait_ms)
+
+
+def build_toolbox(cfg: ToolsConfig, corpus: Path, image_index: Path | None, scratch_root: Path) -> Toolbox:
+    code = cfg.code
+    return Toolbox(
+        text_search=LocalTextSearch.from_jsonl(corpus),
+        image_search=LocalImageSearch.from_jsonl(image_index) if image_index else None,
+        code_limits=CodeLimits(
+            timeout_s=code.timeout_s, memory_mb=code.memory_mb, max_processes=code.max_processes,
+            cpu_s=code.cpu_s, isolation=code.isolation,
+        ),
+        scratch_root=scratch_root,
+        top_k=cfg.search_top_k,
+    )
+
+
+def episode_limits(cfg: RolloutConfig, max_turns: int | None = None) -> EpisodeLimits:
+    return EpisodeLimits(
+        max_turns or cfg.max_turns, cfg.max_turn_tokens, cfg.max_response_tokens, cfg.temperature, cfg.top_p
+    )
+
+
+@dataclass
+class AgentRuntime:
+    engine: RolloutEngine
+    encoder: ChatEncoder
+    toolbox: Toolbox
+
+
+def run_scored(
+    runtime: AgentRuntime,
+    records: Sequence[Record],
+    n: int,
+    limits: EpisodeLimits,
+    seed: int,
+    reward: RewardConfig,
+    grader: Grader = accuracy,
+    step: int = 0,
+) -> list[Trajectory]:
+    """n rollouts per record (grouped by record), each scored: reward, accuracy, format, answer."""
+
+    async def run() -> list[Trajectory]:
+        try:
+            return await rollout(records, n, step, seed, runtime.engine, runtime.encoder, runtime.toolbox, limits)
+        finally:
+            await runtime.engine.close()
+
+    trajectories = asyncio.run(run())
+    for trajectory in trajectories:
+        result = compute_reward(
+            trajectory.model_turns, trajectory.record.answer, reward.accuracy_weight, reward.format_weight,
+            grader=grader,
+        )
+        trajectory.reward, trajectory.accuracy = result.score, result.accuracy
+        trajectory.format, trajectory.answer = result.format, result.answer
+    return trajectories
