@@ -13,47 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from deepeyes.agent.protocol import STOP_STRINGS
 from deepeyes.model import model_inputs
 from deepeyes.model.pixels import PixelCache
+from deepeyes.rollout.api import GenerateRequest, GenerateResult, SamplingParams
+from deepeyes.rollout.weight_sync import load_weights
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = STOP_STRINGS
-    seed: int = 0  # the request's own noise stream
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    input_ids: list[int]
-    images: list[Path]  # every image whose placeholder tokens appear in input_ids, in order
-    sampling: SamplingParams
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "eos" (model ended its turn) | "stop" (a stop string) | "length"
-    weight_version: int
+__all__ = ["GenerateRequest", "GenerateResult", "HFRolloutEngine", "SamplingParams"]
 
 
 class _GumbelSampler(LogitsProcessor):
     """Turns greedy decoding into exact sampling and records each sampled token's logprob."""
 
     def __init__(self, requests: Sequence[GenerateRequest], prompt_len: int):
-        self._temperature = torch.tensor([[r.sampling.temperature] for r in requests])
+        # Temperature 0 is greedy: no noise, and logprobs of the unscaled distribution.
+        self._temperature = torch.tensor([[r.sampling.temperature or 1.0] for r in requests])
+        self._sampled = torch.tensor([[float(r.sampling.temperature > 0)] for r in requests])
         self._top_p = [r.sampling.top_p for r in requests]
         self._noise = [torch.Generator().manual_seed(r.sampling.seed) for r in requests]
         self._prompt_len = prompt_len
@@ -70,7 +50,7 @@ class _GumbelSampler(LogitsProcessor):
         self._last_logprobs = logprobs
         uniform = torch.stack([torch.rand(scores.shape[1], generator=g) for g in self._noise])
         exponential = (-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20)
-        gumbel = -torch.log(exponential)
+        gumbel = -torch.log(exponential) * self._sampled
         return logprobs + gumbel.to(scores.device)
 
     def record(self, tokens: torch.Tensor) -> None:
@@ -115,6 +95,16 @@ class HFRolloutEngine:
         future = asyncio.get_running_loop().create_future()
         await self._queue.put((request, future))
         return await future
+
+    def load_weights(self, path: Path, version: int) -> None:
+        """Switch to published weights between batches: waits for the batch in progress."""
+        with self._lock:
+            load_weights(self.model, path)
+            self.weight_version = version
+            self.pixels.release()
+
+    async def update_weights(self, path: Path, version: int) -> None:
+        await asyncio.to_thread(self.load_weights, path, version)
 
     async def close(self) -> None:
         if self._worker is not None:
