@@ -27,9 +27,9 @@ def token_logprobs(
 ) -> list[torch.Tensor]:
     """For each sequence, log p(ids[t] | ids[:t]) at its masked positions, in order: one padded forward.
 
-    The language-model head runs only at positions some sequence needs (`logits_to_keep` with
-    indices): with a 150k vocabulary the logits, not the model, dominate time and memory, and
-    prompts and tool observations are usually most of a sequence.
+    The language-model head runs only on the hidden states of wanted positions: with a 150k
+    vocabulary the logits, not the transformer, dominate time and memory, and prompts and tool
+    observations are usually most of a sequence.
     """
     length = max(len(s.ids) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -39,20 +39,14 @@ def token_logprobs(
             raise ValueError("mask must align with ids and cannot select the first token (it has no context)")
         input_ids[row, : len(sequence.ids)] = torch.tensor(sequence.ids)
         attention_mask[row, : len(sequence.ids)] = 1
-    # Position p's logits predict token p + 1.
-    wanted = [[t - 1 for t, m in enumerate(s.mask) if m] for s in sequences]
-    keep = sorted({p for positions in wanted for p in positions})
-    column = {p: i for i, p in enumerate(keep)}
     pixel_values, grid_thw = pixels.batch([image for s in sequences for image in s.images])
     inputs = model_inputs(input_ids, attention_mask, pixel_values, grid_thw)
-    logits = model(
-        **inputs, position_ids=rope_position_ids(model, inputs), logits_to_keep=torch.tensor(keep, dtype=torch.long)
-    ).logits.float()
+    hidden = model.model(**inputs, position_ids=rope_position_ids(model, inputs)).last_hidden_state
+    # Position p's hidden state predicts token p + 1.
+    rows, positions = zip(*[(row, t - 1) for row, s in enumerate(sequences) for t, m in enumerate(s.mask) if m])
+    rows, positions = torch.tensor(rows), torch.tensor(positions)
+    logits = model.lm_head(hidden[rows, positions]).float()
     if temperature != 1.0:
         logits = logits / temperature
-    results = []
-    for row, positions in enumerate(wanted):
-        columns = torch.tensor([column[p] for p in positions], dtype=torch.long)
-        targets = input_ids[row, torch.tensor(positions, dtype=torch.long) + 1]
-        results.append(-F.cross_entropy(logits[row, columns], targets, reduction="none"))
-    return results
+    logprobs = -F.cross_entropy(logits, input_ids[rows, positions + 1], reduction="none")
+    return list(logprobs.split([sum(s.mask) for s in sequences]))
