@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from deepeyes.cache import build_once, cache_root
 from deepeyes.data import glyphs
 from deepeyes.data.readers import read_records
 from deepeyes.data.schema import Record
@@ -143,9 +141,8 @@ def ensure_sample_data(
     """The sample dataset for these parameters, generated on first use.
 
     It lives in `cache_dir/sample-<hash of parameters>`; `cache_dir` defaults to
-    `$DEEPEYES_CACHE/data` (`~/.cache/deepeyes/data`). It is built in a temporary directory and
-    renamed into place, so concurrent callers (several ranks, several jobs) never see a
-    half-written dataset.
+    `$DEEPEYES_CACHE/data` (`~/.cache/deepeyes/data`). It is built atomically (`build_once`), so
+    concurrent callers (several ranks, several jobs) never see a half-written dataset.
     """
     if n_test_per_family is None:
         n_test_per_family = n_per_family // 2
@@ -156,28 +153,9 @@ def ensure_sample_data(
         "seed": seed,
     }
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(cache_dir or default_cache_dir()) / f"sample-{digest}"
-    if root.is_dir():
-        return SampleDataset.at(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must stay readable
-    try:
-        generate_sample_data(tmp, n_per_family, seed, n_test_per_family)
-        try:
-            tmp.rename(root)
-        except OSError:
-            if not root.is_dir():
-                raise
-            # Another process finished first; its files are identical to ours.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    root = Path(cache_dir or cache_root() / "data") / f"sample-{digest}"
+    build_once(root, lambda staging: generate_sample_data(staging, n_per_family, seed, n_test_per_family))
     return SampleDataset.at(root)
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("DEEPEYES_CACHE") or Path.home() / ".cache" / "deepeyes"
-    return Path(base) / "data"
 
 
 # ---------------------------------------------------------------------------------------------

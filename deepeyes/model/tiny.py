@@ -8,14 +8,12 @@ consumer loads it with the same `from_pretrained(path)` code a released checkpoi
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from deepeyes.cache import build_once, cache_root
 from deepeyes.model.processor import Qwen2_5_VLImageOnlyProcessor, build_image_processor
 from deepeyes.model.tokenizer import CHAT_TEMPLATE, build_qwen2_5_tokenizer
 
@@ -72,12 +70,6 @@ def build_tiny_model() -> Qwen2_5_VLForConditionalGeneration:
     return model
 
 
-def default_cache_dir() -> Path:
-    """`$DEEPEYES_CACHE/models`, or `~/.cache/deepeyes/models` when DEEPEYES_CACHE is unset."""
-    root = os.environ.get("DEEPEYES_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "deepeyes") / "models"
-
-
 def _build_hash() -> str:
     """Short hash of what the saved files depend on: the code that builds them and the config
     (whose dict records the transformers version), so any change to either gives a fresh build."""
@@ -90,32 +82,18 @@ def _build_hash() -> str:
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     """Path of the tiny model directory (model, tokenizer, processor), building it on first use.
 
-    The directory is `<cache_dir>/qwen2_5_vl-tiny-<hash>`; a change to the recipe gives a new
-    hash and so a fresh build. It is built in a temporary sibling directory and renamed into
-    place, so concurrent callers (several ranks, several test workers) never read half a model:
-    the first rename wins and the others discard their copy.
+    The directory is `<cache_dir>/qwen2_5_vl-tiny-<hash>` (default cache: `$DEEPEYES_CACHE/models`);
+    a change to the recipe gives a new hash and so a fresh build, built atomically (`build_once`).
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_dir / f"qwen2_5_vl-tiny-{_build_hash()}"
-    if target.is_dir():
-        return target
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "models"
+    return build_once(cache_dir / f"qwen2_5_vl-tiny-{_build_hash()}", _save_tiny_model)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
-    try:
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        build_tiny_model().save_pretrained(staging)
-        processor = Qwen2_5_VLImageOnlyProcessor(
-            image_processor=build_image_processor(MIN_PIXELS, MAX_PIXELS),
-            tokenizer=build_qwen2_5_tokenizer(),
-            chat_template=CHAT_TEMPLATE,
-        )
-        processor.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+def _save_tiny_model(directory: Path) -> None:
+    build_tiny_model().save_pretrained(directory)
+    processor = Qwen2_5_VLImageOnlyProcessor(
+        image_processor=build_image_processor(MIN_PIXELS, MAX_PIXELS),
+        tokenizer=build_qwen2_5_tokenizer(),
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(directory)

@@ -151,8 +151,8 @@ def test_ensure_sample_data_builds_once_under_deepeyes_cache(tmp_path, monkeypat
 def test_ensure_sample_data_when_another_process_finishes_first(tmp_path, monkeypatch):
     def racing(out_dir, *args):
         generate_sample_data(out_dir, *args)
-        # Meanwhile another process renamed its copy into place: ".sample-<hash>-<random>" → "sample-<hash>".
-        generate_sample_data(out_dir.parent / out_dir.name[1:].rsplit("-", 1)[0], *args)
+        # Meanwhile another process renamed its copy into place: ".sample-<hash>.<random>" → "sample-<hash>".
+        generate_sample_data(out_dir.parent / out_dir.name[1:].rsplit(".", 1)[0], *args)
 
     monkeypatch.setattr("deepeyes.data.sample_tasks.generate_sample_data", racing)
     dataset = ensure_sample_data(tmp_path, n_per_family=3)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from deepeyes.model import ensure_tiny_model
-from deepeyes.model.tiny import build_tiny_model, default_cache_dir
+from deepeyes.cache import cache_root
+from deepeyes.model.tiny import build_tiny_model
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -48,9 +49,9 @@ def test_existing_directory_is_reused(tiny_model_dir):
 
 def test_default_cache_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("DEEPEYES_CACHE", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "models"
+    assert cache_root() == tmp_path
     monkeypatch.delenv("DEEPEYES_CACHE")
-    assert default_cache_dir().parts[-3:] == (".cache", "deepeyes", "models")
+    assert cache_root().parts[-2:] == (".cache", "deepeyes")
 
 
 @pytest.mark.slow
