@@ -1,15 +1,13 @@
-"""The Python kernel inside a CodeWorker's sandbox: one process, one notebook.
+"""The notebook a sandbox session runs: one namespace, Jupyter's display rules, bounded output.
 
-Run as a script (`python -I _kernel.py`); it imports nothing from deepeyes and nothing heavy up
-front (matplotlib and numpy load when a cell first imports them), so a sandbox needs only the
-Python environment and starts in about a tenth of a second.
+Runs inside a session forked by the fork-server (`_forkserver.py`), which imports this module
+before forking. It speaks length-prefixed JSON with the sandbox daemon over the session socket:
 
-It speaks length-prefixed JSON over its stdin/stdout (see `code_worker.py`):
+    daemon → kernel, per cell: {"code": "...", "cell": n}
+    kernel → daemon, per cell: {"stdout": "...", "stderr": "...", "images": [file name, ...]}
 
-    parent → kernel, once:     {"images": [path, ...], "out_dir": path, "uid": int | null, "limits": {...}}
-    kernel → parent, once:     {"ready": true}  or  {"error": "..."}
-    parent → kernel, per cell: {"code": "...", "cell": n}
-    kernel → parent, per cell: {"stdout": "...", "stderr": "...", "images": [file name, ...]}
+Returned images are PNG files written into the session's scratch directory; the daemon moves
+them out of the sandbox's reach before anyone reads them.
 """
 
 import ast
@@ -82,6 +80,16 @@ class Notebook:
                 self.namespace[f"image_{index}"] = Image.open(path)
             except Exception as error:  # noqa: BLE001 — re-raised naming the variable
                 raise ValueError(f"cannot open image_{index}: {error}") from error
+
+    def open_files(self) -> list[int]:
+        """File descriptors the images are read from (lazily, on first use): kept open when the
+        session closes every other descriptor and loses its view of the host's files."""
+        return [value.fp.fileno() for key, value in self.namespace.items() if key.startswith("image_") and value.fp]
+
+    def serve(self, requests, replies) -> None:
+        """Run cells until the daemon hangs up."""
+        while (request := read_message(requests)) is not None:
+            send_message(replies, self.run(request["code"], request["cell"]))
 
     def run(self, code: str, cell: int) -> dict:
         self._cell, self._saved, self._not_returned = cell, [], 0
@@ -164,24 +172,16 @@ def _is_figure(obj) -> bool:
 
 
 def install_inline_backend(notebook: Notebook) -> None:
-    """Register the matplotlib backend that MPLBACKEND=module://deepeyes_inline names.
+    """Make plt.show() display the open figures through this notebook, as Jupyter's inline
+    backend does: a backend module is matplotlib's own hook for show()."""
+    import matplotlib.pyplot as pyplot
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    A backend module is matplotlib's own hook for plt.show(); its canvas class is resolved only
-    when pyplot loads it, so a kernel whose cells never plot never imports matplotlib.
-    """
     backend = types.ModuleType("deepeyes_inline")
     backend.show = notebook.show
-
-    def canvas(name):
-        if name != "FigureCanvas":
-            raise AttributeError(name)
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-        backend.FigureCanvas = FigureCanvasAgg  # a real attribute from now on: pyplot reads vars(backend)
-        return FigureCanvasAgg
-
-    backend.__getattr__ = canvas  # PEP 562 module __getattr__, consulted only while FigureCanvas is unset
+    backend.FigureCanvas = FigureCanvasAgg
     sys.modules["deepeyes_inline"] = backend
+    pyplot.switch_backend("module://deepeyes_inline")
 
 
 def drop_privileges(uid: int) -> None:

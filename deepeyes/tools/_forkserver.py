@@ -1,0 +1,166 @@
+"""The sandbox's fork-server: numpy, PIL and matplotlib loaded once, one fork per session.
+
+Started by the sandbox daemon (`python -m deepeyes.tools._forkserver CONTROL_FD`) and never
+reached by anything else. The daemon sends, over the control socket, a JSON session spec with
+the daemon's end of a fresh socket pair attached (SCM_RIGHTS); the fork-server forks and goes
+back to waiting. It never reads a reply, so a slow or dying session cannot stall it.
+
+Each fork is a session's *keeper*: it enters the session's namespaces (see `_isolation`) and
+forks the *kernel*, which becomes pid 1 of the new pid namespace, builds its root filesystem,
+drops its privileges and runs the notebook (`_kernel.Notebook`) over the socket. The keeper
+sends the daemon the kernel's pid, waits for the kernel to die and sends how it died. What
+the daemon reads on a session socket, in order:
+
+    keeper:  {"pid": n}
+    kernel:  {"ready": true} | {"error": "..."}, then one reply per {"code": ..., "cell": n} request
+    keeper:  {"exit": code}      (when the kernel has died, however it died)
+
+A forked child shares the preloaded modules with the fork-server page by page (copy on
+write), which is why a session starts in milliseconds and costs a few MB.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+
+from deepeyes.tools import _isolation
+from deepeyes.tools._kernel import Notebook, apply_limits, install_inline_backend, send_message
+
+KERNEL_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "MPLCONFIGDIR": "/tmp/matplotlib",
+    "MPLBACKEND": "module://deepeyes_inline",  # plt.show() returns images (see _kernel)
+    "OMP_NUM_THREADS": "1",  # thread stacks count against RLIMIT_AS, threads against RLIMIT_NPROC
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def preload() -> None:
+    """Import what the model's cells use, and warm what would otherwise happen in every session
+    (matplotlib's font list, PIL's plugin registry, the Agg canvas)."""
+    import numpy  # noqa: F401
+    from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps  # noqa: F401
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Image.init()
+    figure = plt.figure(figsize=(1, 1), dpi=10)
+    figure.gca().plot([0, 1])
+    figure.canvas.draw()
+    plt.close(figure)
+    gc.collect()
+    gc.freeze()  # the collector never touches these objects again: their pages stay shared
+
+
+def serve(control: socket.socket) -> None:
+    while True:
+        message, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
+        if not message:
+            return  # the daemon is gone
+        spec = json.loads(message)
+        try:
+            keeper = os.fork()
+        except OSError as error:
+            with socket.socket(fileno=fds[0]) as session:
+                send_message(session.makefile("wb"), {"error": f"fork failed: {error}"})
+            continue
+        if keeper == 0:
+            code = 1
+            try:
+                control.close()
+                code = keep_session(spec, fds[0])
+            finally:
+                os._exit(code)
+        os.close(fds[0])
+
+
+def keep_session(spec: dict, session_fd: int) -> int:
+    """In the keeper: enter the namespaces, fork the kernel, report its pid and its end."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the fork-server ignores it; we wait for the kernel
+    replies = os.fdopen(os.dup(session_fd), "wb")
+    try:
+        if spec["isolated"]:
+            _isolation.enter_namespaces()
+        _isolation.die_with_parent()  # after unshare: a credential change would clear it
+    except OSError as error:
+        send_message(replies, {"error": f"cannot isolate the session: {error}"})
+        return 1
+    go_read, go_write = os.pipe()
+    kernel = os.fork()
+    if kernel == 0:
+        os.close(go_write)
+        os.read(go_read, 1)  # wait until the daemon has the pid, so it is the first message
+        os.close(go_read)
+        replies.close()
+        run_kernel(spec, session_fd)
+        os._exit(0)
+    os.close(go_read)
+    os.close(session_fd)
+    send_message(replies, {"pid": kernel})
+    os.close(go_write)
+    _, status = os.waitpid(kernel, 0)
+    try:
+        send_message(replies, {"exit": os.waitstatus_to_exitcode(status)})
+    except OSError:
+        pass  # the daemon already closed the session
+    return 0
+
+
+def run_kernel(spec: dict, session_fd: int) -> None:
+    """In the kernel: load the images, wall off, then serve cells until the daemon hangs up."""
+    os.setsid()  # its own process group: without namespaces, that is what the daemon kills
+    requests = os.fdopen(session_fd, "rb")
+    replies = os.fdopen(os.dup(session_fd), "wb")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # output below Python's sys.stdout is not the model's business
+        os.dup2(devnull, fd)
+    try:
+        notebook = Notebook(spec["images"], "/scratch" if spec["isolated"] else spec["scratch"])
+        keep = {0, 1, 2, requests.fileno(), replies.fileno(), *notebook.open_files()}
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # the directory listing's own descriptor
+        if spec["isolated"]:
+            _isolation.build_root(spec["read_only"], spec["scratch"], spec["limits"]["memory_mb"])
+        else:
+            os.chdir(spec["scratch"])
+        if spec["isolated"] or spec["uid"] is not None:
+            _isolation.drop_privileges(spec["uid"])
+        _isolation.die_with_parent()
+        os.environ.clear()
+        os.environ.update(KERNEL_ENV if spec["isolated"] else {**KERNEL_ENV, "HOME": spec["scratch"]})
+        install_inline_backend(notebook)
+        apply_limits(spec["limits"])
+    except Exception as error:  # noqa: BLE001 — reported to the daemon, which raises it
+        send_message(replies, {"error": "".join(traceback.format_exception_only(error)).strip()})
+        return
+    send_message(replies, {"ready": True})
+    notebook.serve(requests, replies)
+
+
+def main() -> None:
+    control = socket.socket(fileno=int(sys.argv[1]))
+    _isolation.die_with_parent()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # keepers are reaped by the kernel, not by us
+    preload()
+    send_message(control.makefile("wb"), {"ready": True})
+    serve(control)
+
+
+if __name__ == "__main__":
+    main()
