@@ -20,7 +20,8 @@ from deepeyes.config import RewardConfig, RolloutConfig, ToolsConfig
 from deepeyes.data.schema import Record
 from deepeyes.reward import Grader, accuracy, compute_reward
 from deepeyes.rollout.hf_engine import GenerateRequest, GenerateResult, HFRolloutEngine
-from deepeyes.tools import CodeLimits, LocalImageSearch, LocalTextSearch
+from deepeyes.tools import CodeLimits
+from deepeyes.tools.search_service import LocalSearch, Search
 
 
 class RolloutEngine(Protocol):
@@ -36,11 +37,13 @@ def build_engine(policy, cfg: RolloutConfig) -> HFRolloutEngine:
     return HFRolloutEngine(policy.model, policy.tokenizer, policy.pixels, cfg.max_batch, cfg.batch_wait_ms)
 
 
-def build_toolbox(cfg: ToolsConfig, corpus: Path, image_index: Path | None, scratch_root: Path) -> Toolbox:
+def build_toolbox(
+    cfg: ToolsConfig, corpus: Path, image_index: Path | None, scratch_root: Path, search: Search | None = None
+) -> Toolbox:
+    """`search`: a client of a running search service; None = the local indexes in this process."""
     code = cfg.code
     return Toolbox(
-        text_search=LocalTextSearch.from_jsonl(corpus),
-        image_search=LocalImageSearch.from_jsonl(image_index) if image_index else None,
+        search=search or LocalSearch.from_files(corpus, image_index),
         code_limits=CodeLimits(
             timeout_s=code.timeout_s, memory_mb=code.memory_mb, max_processes=code.max_processes,
             cpu_s=code.cpu_s, isolation=code.isolation,

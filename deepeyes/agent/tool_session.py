@@ -11,19 +11,19 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from deepeyes.agent import protocol
 from deepeyes.agent.trajectory import ToolCall
-from deepeyes.tools import CodeLimits, CodeWorker, LocalImageSearch, LocalTextSearch
+from deepeyes.tools import CodeLimits, CodeWorker
+from deepeyes.tools.search_service import Search, SearchError
 
 
 @dataclass
 class Toolbox:
-    """What every session of a run shares: the search indexes, code limits and scratch root."""
+    """What every session of a run shares: search (in process or a search-service client), code
+    limits and scratch root."""
 
-    text_search: LocalTextSearch
-    image_search: Optional[LocalImageSearch]
+    search: Search
     code_limits: CodeLimits
     scratch_root: Path
     top_k: int = 5
@@ -52,10 +52,9 @@ class ToolSession:
         if isinstance(action, protocol.CodeCall):
             text, images, tool, ok = await self._run_code(action.code)
         elif isinstance(action, protocol.SearchCall):
-            hits = self._toolbox.text_search.search(action.query, k=self._toolbox.top_k)
-            text, images, tool, ok = protocol.render_text_search(action.query, hits), [], protocol.TEXT_SEARCH, True
+            text, images, tool, ok = await self._text_search(action.query)
         elif isinstance(action, protocol.ImageSearchCall):
-            text, images, tool, ok = self._image_search()
+            text, images, tool, ok = await self._image_search()
         elif isinstance(action, protocol.InvalidCall):
             text, images, tool, ok = action.observation, [], action.tool, False
         else:
@@ -71,14 +70,23 @@ class ToolSession:
         text = protocol.render_code_observation(result.stdout, result.stderr, len(images))
         return text, images, protocol.CODE, not result.timed_out
 
-    def _image_search(self):
-        search = self._toolbox.image_search
-        if search is None or not self._images:
+    async def _text_search(self, query: str):
+        try:
+            hits = await self._toolbox.search.search(query, self._toolbox.top_k)
+        except SearchError:
+            return protocol.SEARCH_ERROR, [], protocol.TEXT_SEARCH, False
+        return protocol.render_text_search(query, hits), [], protocol.TEXT_SEARCH, True
+
+    async def _image_search(self):
+        if not self._images:
             return protocol.SEARCH_ERROR, [], protocol.IMAGE_SEARCH, False
         if self._image_search_used:
             return protocol.IMAGE_SEARCH_REPEATED, [], protocol.IMAGE_SEARCH, False
+        try:
+            hits = await self._toolbox.search.image_search(self._images[0], self._toolbox.top_k)
+        except SearchError:  # a failed search does not use up the one allowed
+            return protocol.SEARCH_ERROR, [], protocol.IMAGE_SEARCH, False
         self._image_search_used = True
-        hits = search.search(self._images[0], k=self._toolbox.top_k)
         text = protocol.render_image_search([title for title, _ in hits])
         return text, [path for _, path in hits], protocol.IMAGE_SEARCH, True
 

@@ -18,7 +18,8 @@ from deepeyes.data import read_records, read_sft_records
 from deepeyes.model.pixels import PixelCache
 from deepeyes.model import load_processor
 from deepeyes.rollout.hf_engine import GenerateResult
-from deepeyes.tools import CodeLimits, LocalImageSearch, LocalTextSearch
+from deepeyes.tools import CodeLimits
+from deepeyes.tools.search_service import LocalSearch
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +49,7 @@ def setup(tiny_dir, sample_data, tmp_path_factory):
     pixels = PixelCache(processor.image_processor, 3136, 50176)
     encoder = ChatEncoder(processor.tokenizer, pixels.tokens)
     toolbox = Toolbox(
-        LocalTextSearch.from_jsonl(sample_data.corpus),
-        LocalImageSearch.from_jsonl(sample_data.image_index),
+        LocalSearch.from_files(sample_data.corpus, sample_data.image_index),
         CodeLimits(timeout_s=20),
         tmp_path_factory.mktemp("scratch"),
     )
