@@ -159,11 +159,96 @@ class SFTJobConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@dataclass
+class BenchmarkConfig:
+    name: str = "sample"
+    # Layout of the file (deepeyes.eval.benchmarks): records | realx | vstar | hrbench |
+    # mme_realworld | mathverse | mmsearch.
+    format: str = "records"
+    path: Optional[str] = None  # None = the bundled sample test split (format=records only)
+    image_root: Optional[str] = None  # relative image paths resolve here; None = the file's directory
+    tools: bool = True  # False: the model gets one turn and must answer without tool calls
+    limit: int = 0  # the first N questions; 0 = all
+    on_bad_record: str = "raise"  # "raise" | "skip" (counted and logged)
+
+
+@dataclass
+class EvalConfig:
+    n: int = 1  # samples per question; accuracy is the mean over all of them
+    grader: str = "rule"  # "rule" = deepeyes.reward.accuracy (normalized match + math-verify)
+    table_rows: int = 16  # sample trajectories logged to the wandb table
+    # An RL run directory: its metrics.jsonl is plotted as plots/training_curves.png (response
+    # length, reward and tool calls per trajectory over steps).
+    training_run: Optional[str] = None
+
+
+@dataclass
+class EvalJobConfig:
+    nodes: int = 1  # shorthand for cluster.nodes
+    ckpt: Optional[str] = None  # a checkpoint directory to evaluate; None = model.path / the tiny model
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # search corpus and image index
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class FilterConfig:
+    input: Optional[str] = None  # Record file to filter; None = data.train
+    k: int = 8  # rollouts per question
+    max_passes: int = 2  # keep questions solved in at most this many of the k rollouts
+    prompts_per_batch: int = 16  # questions whose k rollouts run together
+    limit: int = 0  # the first N questions; 0 = all
+
+
+@dataclass
+class FilterJobConfig:
+    nodes: int = 1  # shorthand for cluster.nodes
+    ckpt: Optional[str] = None  # the base model to filter with; None = model.path / the tiny model
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class PrepareDataConfig:
+    out_dir: Optional[str] = None  # where the converted files go; None = the run directory
+    sft: list[str] = field(default_factory=list)  # LLaMA-Factory sharegpt JSON files
+    sft_image_root: Optional[str] = None  # the folder their `images` paths are relative to
+    rl: list[str] = field(default_factory=list)  # verl parquet files, concatenated
+    rl_image_root: Optional[str] = None  # for image paths in the parquet; None = each file's folder
+    search_cache: Optional[str] = None  # MMSearch-R1 image-search cache JSON (needs rl)
+    search_cache_images: Optional[str] = None  # the folder its cached_images_path are relative to
+    sft_family: str = "deepeyesv2"
+    on_bad_record: str = "raise"  # "raise" | "skip" (counted and logged)
+
+
+@dataclass
+class PrepareDataJobConfig:
+    prepare: PrepareDataConfig = field(default_factory=PrepareDataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
 def register_configs() -> None:
-    """Make the schemas available to conf/*.yaml as `rl_schema` and `sft_schema`."""
+    """Make the schemas available to conf/*.yaml as `rl_schema`, `sft_schema`, `eval_schema`,
+    `filter_schema` and `prepare_data_schema`."""
     store = ConfigStore.instance()
     store.store(name="rl_schema", node=RLJobConfig)
     store.store(name="sft_schema", node=SFTJobConfig)
+    store.store(name="eval_schema", node=EvalJobConfig)
+    store.store(name="filter_schema", node=FilterJobConfig)
+    store.store(name="prepare_data_schema", node=PrepareDataJobConfig)
 
 
 _CHOICES = {
@@ -173,6 +258,10 @@ _CHOICES = {
     "tools.code.isolation": ("auto", "bwrap", "none"),
     "tools.search_backend": ("local",),
     "logger.mode": ("online", "offline", "disabled"),
+    "benchmark.format": ("records", "realx", "vstar", "hrbench", "mme_realworld", "mathverse", "mmsearch"),
+    "benchmark.on_bad_record": ("raise", "skip"),
+    "eval.grader": ("rule",),
+    "prepare.on_bad_record": ("raise", "skip"),
     "cluster.name": ("local",),
 }
 
@@ -198,6 +287,7 @@ def _check_positive(cfg: DictConfig) -> None:
         "rollout.n", "rollout.max_turn_tokens", "rollout.max_response_tokens", "rollout.max_turns",
         "rollout.max_batch", "grpo.prompts_per_step", "grpo.steps", "grpo.micro_batch_size",
         "sft.epochs", "sft.batch_size", "sft.micro_batch_size", "sft.cutoff_len", "optim.lr",
+        "eval.n", "filter.k", "filter.prompts_per_batch",
     ):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value <= 0:

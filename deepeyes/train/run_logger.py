@@ -45,6 +45,22 @@ class RunLogger:
         self._mirror.write(json.dumps({"step": step, **metrics}) + "\n")
         self._mirror.flush()
 
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A wandb table (not mirrored to metrics.jsonl); a cell that is a Path to an image file is
+        logged as that image."""
+        import wandb
+
+        def cell(value: Any) -> Any:
+            return wandb.Image(str(value)) if isinstance(value, Path) else value
+
+        self._run.log({name: wandb.Table(columns=columns, data=[[cell(v) for v in row] for row in rows])}, step=step)
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        """Image files (plots) to wandb (not mirrored to metrics.jsonl)."""
+        import wandb
+
+        self._run.log({name: wandb.Image(str(path)) for name, path in images.items()}, step=step)
+
     def finish(self) -> None:
         self._run.finish()
         self._mirror.close()

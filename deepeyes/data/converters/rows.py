@@ -67,3 +67,17 @@ def parse_rows(
         yield parsed
     if conversion.skipped[key]:
         log.warning("%s: skipped %d of %d rows", source, conversion.skipped[key], conversion.read[key])
+
+
+def parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid/OSError for non-parquet files
+        raise RecordError(path, 0, f"not a readable parquet file: {err}") from None
+    row = 0
+    for batch in parquet.iter_batches(batch_size=64):  # image bytes: never the whole file at once
+        for value in batch.to_pylist():
+            row += 1
+            yield row, value

@@ -20,15 +20,15 @@ the file's name without a trailing part number and `_all` ("perception_all_3" â†
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from deepeyes.agent.protocol import USER_PROMPT
 from deepeyes.data.converters.images import ImageStore, write_hash_manifest
-from deepeyes.data.converters.rows import Conversion, OnError, RowProblem, parse_rows
+from deepeyes.data.converters.rows import Conversion, OnError, RowProblem, parquet_rows, parse_rows
 from deepeyes.data.readers import _parse_record
-from deepeyes.data.schema import IMAGE_PLACEHOLDER, Record, RecordError
+from deepeyes.data.schema import IMAGE_PLACEHOLDER, Record
 from deepeyes.data.writers import write_records
 from deepeyes.tools.search import sha256_file
 
@@ -67,24 +67,10 @@ def convert_verl_parquet(
             seen[record.id] = f"{source}:{row}"
             return record
 
-        records += parse_rows(source, _parquet_rows(source), parse, on_error, conversion)
+        records += parse_rows(source, parquet_rows(source), parse, on_error, conversion)
     write_records(output, records)
     write_hash_manifest(output, (image for record in records for image in record.images))
     return conversion
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises ArrowInvalid/OSError for non-parquet files
-        raise RecordError(path, 0, f"not a readable parquet file: {err}") from None
-    row = 0
-    for batch in parquet.iter_batches(batch_size=64):  # image bytes: never the whole file at once
-        for value in batch.to_pylist():
-            row += 1
-            yield row, value
 
 
 def _record(value: dict[str, Any], source: Path, row: int, store: ImageStore, image_root: Path) -> Record:
