@@ -279,6 +279,9 @@ def to_object(cfg: DictConfig) -> Any:
         if value is not None and value not in allowed:
             raise ValueError(f"config {key}={value!r}: expected one of {', '.join(allowed)}")
     _check_positive(cfg)
+    benchmark = getattr(job, "benchmark", None)
+    if benchmark is not None and benchmark.path is None and benchmark.format != "records":
+        raise ValueError(f"benchmark={benchmark.name} needs benchmark.path=<its {benchmark.format} file>")
     return job
 
 

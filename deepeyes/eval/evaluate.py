@@ -109,8 +109,6 @@ def run_eval(cfg: EvalJobConfig) -> dict[str, Any]:
     seed_everything(cfg.run.seed)
     paths = data_paths(cfg.data)
     bench_cfg = cfg.benchmark
-    if bench_cfg.path is None and bench_cfg.format != "records":
-        raise ValueError(f"benchmark={bench_cfg.name} needs benchmark.path=<its {bench_cfg.format} file>")
     benchmark = load_benchmark(
         bench_cfg.name, bench_cfg.format, Path(bench_cfg.path or paths.test),
         Path(bench_cfg.image_root) if bench_cfg.image_root else None,

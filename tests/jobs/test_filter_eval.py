@@ -177,3 +177,40 @@ def test_prepare_data_job_converts_rl_parquet_and_search_cache(tmp_path):
     assert len(LocalImageSearch.from_jsonl(out / "image_index.jsonl")) == 1
     report = json.loads((out / "conversion.json").read_text())
     assert report["rl"]["written"] == {str(tmp_path / "search.parquet"): 2}
+
+
+def composed(job, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from deepeyes.config import register_configs
+    from tests.paths import CONF_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(job, overrides=["run.out_dir=unused", *overrides])
+
+
+@pytest.mark.parametrize("name", ["realx", "vstar", "hrbench", "mme_realworld", "mathverse", "mmsearch"])
+def test_every_benchmark_config_composes_and_needs_its_file(name):
+    from deepeyes.config import EvalJobConfig, to_object
+
+    with pytest.raises(ValueError, match="benchmark.path"):
+        to_object(composed("eval", f"benchmark={name}"))
+    cfg = to_object(composed("eval", f"benchmark={name}", "benchmark.path=/data/x", "benchmark.tools=false"))
+    assert isinstance(cfg, EvalJobConfig) and (cfg.benchmark.format, cfg.benchmark.tools) == (name, False)
+
+
+def test_filter_and_prepare_data_configs_reject_typos_and_bad_values():
+    from hydra.errors import ConfigCompositionException
+
+    from deepeyes.config import FilterJobConfig, PrepareDataJobConfig, to_object
+
+    cfg = to_object(composed("filter"))
+    assert isinstance(cfg, FilterJobConfig) and (cfg.filter.k, cfg.filter.max_passes) == (8, 2)
+    assert isinstance(to_object(composed("prepare_data")), PrepareDataJobConfig)
+    with pytest.raises(ConfigCompositionException, match="filter.kk"):
+        composed("filter", "filter.kk=4")
+    with pytest.raises(ValueError, match="filter.k=0"):
+        to_object(composed("filter", "filter.k=0"))
+    with pytest.raises(ValueError, match="eval.grader"):
+        to_object(composed("eval", "eval.grader=gpt"))
