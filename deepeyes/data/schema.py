@@ -14,6 +14,11 @@ Cold-start trajectory (`SFTRecord`), in the LLaMA-Factory "sharegpt" shape DeepE
 
 Each `<image>` placeholder in `messages` (in order) consumes the next entry of `images`.
 Relative image paths are resolved against the directory of the file that holds the record.
+
+Content hashes (optional, written by `deepeyes.data.converters`): a Record's
+`metadata["image_sha256"]` lists the sha256 of each entry of `images`, in order; and a converted
+file `X.jsonl` comes with `X.jsonl.sha256.json`, {image path as written in X.jsonl: sha256}, for
+Records and SFTRecords alike. Readers do not re-hash images on load.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,14 +59,17 @@ def judge(
     rollout_cfg: RolloutConfig,
     reward_cfg: RewardConfig,
     seed: int = 0,
+    after_batch: Callable[[], None] = lambda: None,
 ) -> list[Verdict]:
-    """k scored rollouts per question, `prompts_per_batch` questions at a time; a verdict each."""
+    """k scored rollouts per question, `prompts_per_batch` questions at a time; a verdict each.
+    `after_batch` runs after each batch (the job frees the batch's cached pixels there)."""
     limits = episode_limits(rollout_cfg)
     verdicts = []
     for batch, start in enumerate(range(0, len(records), cfg.prompts_per_batch)):
         chunk = records[start : start + cfg.prompts_per_batch]
         trajectories = run_scored(runtime, chunk, cfg.k, limits, seed, reward_cfg, step=batch)
         clear_scratch(runtime.toolbox.scratch_root)
+        after_batch()
         for group, record in enumerate(chunk):
             mine = [t for t in trajectories if t.group == group]
             passed = [t for t in mine if t.accuracy >= 1.0]
@@ -137,7 +140,7 @@ def run_filter(cfg: FilterJobConfig) -> dict[str, Any]:
         ChatEncoder(policy.tokenizer, policy.pixels.tokens),
         build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch"),
     )
-    verdicts = judge(runtime, records, cfg.filter, cfg.rollout, cfg.reward, cfg.run.seed)
+    verdicts = judge(runtime, records, cfg.filter, cfg.rollout, cfg.reward, cfg.run.seed, policy.pixels.release)
     summary = write_outputs(out_dir, verdicts, cfg.filter.k, cfg.filter.max_passes)
     total = summary["total"]
     log.info("filter %s: %d questions → rl %d, cold_start %d, too_easy %d (out: %s)", source, total["questions"],
