@@ -11,7 +11,7 @@ Layouts (rows numbered from 1; TSV rows after the header line):
 - `records`: our own schema (`deepeyes.data.schema`), e.g. the bundled sample test split.
 - `vstar`, `hrbench`, `mme_realworld` (.tsv): the VLMEvalKit TSVs DeepEyesV2 evaluates with:
   `index, image (base64, or the index of a row holding it), question, A, B, C, D[, E], answer,
-  category[, l2-category, cycle_category]`. V*: category direct_attributes / relative_position;
+  category[, hint, l2-category, cycle_category]`. V*: category direct_attributes / relative_position;
   HRBench: FSP / FCP; MME-RealWorld: category (+ l2-category).
 - `mme_realworld` (.json): the published annotation list `{"Question_id", "Image", "Text",
   "Answer choices": ["(A) ..", ...], "Ground truth", "Category", "Subtask", "Task"}`; category
@@ -96,9 +96,10 @@ def load_benchmark(
     return Benchmark(name, records, conversion.total_skipped)
 
 
-def multiple_choice(question: str, options: dict[str, str]) -> str:
+def multiple_choice(question: str, options: dict[str, str], hint: str = "") -> str:
     """The question with its lettered options, as VLMEvalKit's MCQ prompt lays them out."""
-    lines = [question.strip(), "Options:"] + [f"{letter}. {text}" for letter, text in options.items()]
+    lines = [f"Hint: {hint.strip()}"] if hint.strip() else []
+    lines += [question.strip(), "Options:"] + [f"{letter}. {text}" for letter, text in options.items()]
     return "\n".join(lines) + "\nPlease select the correct answer from the options above."
 
 
@@ -160,7 +161,8 @@ class _Context:
         if answer not in options:
             raise RowProblem(f"key 'answer': {value.get('answer')!r} is not one of the options {', '.join(options)}")
         extra = {key: value[key] for key in ("l2-category", "cycle_category") if value.get(key)}
-        return self.record(index, multiple_choice(value.get("question") or "", options), images, answer,
+        question = multiple_choice(value.get("question") or "", options, value.get("hint") or "")
+        return self.record(index, question, images, answer,
                            value.get("category", ""), **extra)
 
     def mme_realworld_json(self, row: int, value: Any) -> Record:

@@ -101,3 +101,10 @@ def test_unknown_format_and_missing_file(tmp_path):
         load_benchmark("x", "coco", tmp_path / "x.tsv", None, tmp_path)
     with pytest.raises(FileNotFoundError, match="benchmark.path"):
         load_benchmark("x", "vstar", tmp_path / "x.tsv", None, tmp_path)
+
+
+def test_vlmeval_hint_goes_before_the_question(tmp_path):
+    formats.write_tsv(tmp_path / "v.tsv", [{"index": 0, "image": formats.b64("red"), "question": "Which?",
+                                            "hint": "Look at the top left.", "A": "x", "B": "y", "answer": "B"}])
+    [record] = load(tmp_path, "vstar", tmp_path / "v.tsv").records
+    assert record.question.startswith("Hint: Look at the top left.\nWhich?\nOptions:\nA. x\nB. y")
