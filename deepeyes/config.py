@@ -63,6 +63,13 @@ class RolloutConfig:
     max_turns: int = 3
     max_batch: int = 16  # requests one batched generate serves
     batch_wait_ms: float = 5.0  # how long the batcher waits for more requests to join
+    # Rollout server processes a local run starts (deepeyes.rollout.server); 0 = generate in the
+    # trainer's process (the reference path). Under Slurm the launch plan places the servers.
+    servers: int = 1
+    server_threads: int = 1  # torch threads per server process
+    # Rollouts may come from weights this many optimizer steps old; 0 = strictly on-policy.
+    max_staleness: int = 0
+    request_timeout_s: float = 600.0
 
 
 @dataclass
@@ -77,14 +84,35 @@ class CodeToolConfig:
 @dataclass
 class ToolsConfig:
     code: CodeToolConfig = field(default_factory=CodeToolConfig)
-    search_backend: str = "local"
+    search_backend: str = "local"  # text search: local (BM25 over data.corpus) | serpapi
+    image_search_backend: str = "local"  # local (data.image_index) | serpapi | mmsearch_cache
     search_top_k: int = 5
+    search_timeout_s: float = 20.0
+    search_max_concurrency: int = 16
+    # mmsearch_cache: the MMSearch-R1 cache JSON, the folder of its images and the RL records
+    # whose extra_info.index its sample ids are (None = data.train).
+    search_cache: Optional[str] = None
+    search_cache_images: Optional[str] = None
+    search_cache_records: Optional[str] = None
+    serpapi_image_url_base: Optional[str] = None  # serpapi image search: public URL prefix of query images
+
+
+@dataclass
+class JudgeConfig:
+    """An LLM judge grading answers (a rollout server serving the judge model), with the
+    rule-based accuracy as the counted fallback when it is slow or down."""
+
+    enabled: bool = False
+    model: Optional[str] = None  # a Hugging Face checkpoint directory; None = the tiny model
+    timeout_s: float = 30.0
+    max_new_tokens: int = 16
 
 
 @dataclass
 class RewardConfig:
     accuracy_weight: float = 0.8
     format_weight: float = 0.2
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
@@ -254,9 +282,10 @@ def register_configs() -> None:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.on_bad_record": ("raise", "skip"),
-    "rollout.backend": ("hf",),
+    "rollout.backend": ("hf", "vllm"),
     "tools.code.isolation": ("auto", "bwrap", "none"),
-    "tools.search_backend": ("local",),
+    "tools.search_backend": ("local", "serpapi"),
+    "tools.image_search_backend": ("local", "serpapi", "mmsearch_cache"),
     "logger.mode": ("online", "offline", "disabled"),
     "benchmark.format": ("records", "realx", "vstar", "hrbench", "mme_realworld", "mathverse", "mmsearch"),
     "benchmark.on_bad_record": ("raise", "skip"),

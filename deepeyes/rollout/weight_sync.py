@@ -12,7 +12,10 @@ version bookkeeping (responses carry the version, the trainer bounds staleness) 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +39,14 @@ def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def publish_weights(model: torch.nn.Module, root: Path, version: int, keep: int = 2) -> PublishedWeights:
     """Write `model`'s trained parameters as `version`; keep the newest `keep` versions on disk
     (a server may still be reading the previous one)."""
+    return _write(trained_state(model), root, version, keep)
+
+
+def _write(tensors: dict[str, torch.Tensor], root: Path, version: int, keep: int = 2) -> PublishedWeights:
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"weights_v{version:06d}.safetensors"
     partial = path.with_suffix(".partial")
-    save_file(trained_state(model), str(partial), metadata={"version": str(version)})
+    save_file(tensors, str(partial), metadata={"version": str(version)})
     os.replace(partial, path)
     for old in sorted(root.glob("weights_v*.safetensors"))[:-keep]:
         old.unlink(missing_ok=True)
@@ -61,3 +68,58 @@ def load_weights(model: torch.nn.Module, path: Path) -> int:
             params[name].copy_(tensor)
             size += tensor.numel() * tensor.element_size()
     return size
+
+
+class WeightSync:
+    """The trainer's side: after each optimizer step, publish version k+1 and have every rollout
+    server load it, within a staleness bound.
+
+    With `max_staleness=0` `publish` returns once every server serves the new version (strictly
+    on-policy). With a bound b > 0 the file write and the servers' loads run in a background
+    thread while the next rollout starts; `wait_for(step - b)` before a rollout makes sure no
+    sample comes from weights more than b versions old (the servers also refuse such requests).
+    """
+
+    def __init__(self, client_factory, root: Path, max_staleness: int = 0):
+        self._client_factory = client_factory  # a fresh RolloutClient per push: it runs on its own event loop
+        self.root = root
+        self.max_staleness = max_staleness
+        self._pending: list[tuple[int, Future]] = []
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
+        self.last_seconds = 0.0
+        self.last_bytes = 0
+
+    def publish(self, model: torch.nn.Module, version: int) -> None:
+        snapshot = trained_state(model)
+        if self.max_staleness:  # written while the next update may already change the parameters
+            snapshot = {name: tensor.clone() for name, tensor in snapshot.items()}
+        self._pending.append((version, self._worker.submit(self._publish, snapshot, version)))
+        if self.max_staleness == 0:
+            self.wait_for(version)
+
+    def wait_for(self, version: int) -> None:
+        """Return once every publish up to `version` has been loaded by the servers."""
+        while self._pending and self._pending[0][0] <= version:
+            _, future = self._pending.pop(0)
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait_for(float("inf"))
+        finally:
+            self._worker.shutdown()
+
+    def _publish(self, snapshot: dict[str, torch.Tensor], version: int) -> None:
+        started = time.perf_counter()
+        published = _write(snapshot, self.root, version)
+        client = self._client_factory()
+
+        async def push() -> None:
+            try:
+                await client.update_weights(published.version, published.path)
+            finally:
+                await client.close()
+
+        asyncio.run(push())
+        self.last_seconds = time.perf_counter() - started
+        self.last_bytes = published.bytes

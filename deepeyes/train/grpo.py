@@ -7,6 +7,7 @@ plain PyTorch on the Hugging Face model: it is the reference other trainers are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -24,8 +25,15 @@ from deepeyes.agent.tool_session import Toolbox, clear_scratch
 from deepeyes.agent.trajectory import Trajectory
 from deepeyes.config import RLJobConfig
 from deepeyes.data import read_records
-from deepeyes.reward import compute_reward
+from deepeyes.model import ensure_tiny_model, load_processor
+from deepeyes.reward import Grader, accuracy, compute_reward
+from deepeyes.reward.format import MAX_ANSWER_CHARS, final_answer, model_text
+from deepeyes.rollout.client import RolloutClient
 from deepeyes.rollout.hf_engine import HFRolloutEngine
+from deepeyes.rollout.judge import JudgeClient
+from deepeyes.rollout.services import JUDGE, ROLLOUT, SEARCH, ServiceEndpoints, rl_services
+from deepeyes.rollout.weight_sync import WeightSync
+from deepeyes.tools.search_service import SearchClient
 from deepeyes.train.checkpoint import (
     TrainerState, latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state,
 )
@@ -45,11 +53,14 @@ log = logging.getLogger(__name__)
 class GRPOTrainer:
     cfg: RLJobConfig
     policy: Policy
-    engine: HFRolloutEngine
+    engine: HFRolloutEngine | RolloutClient
     encoder: ChatEncoder
     toolbox: Toolbox
     optimizer: torch.optim.Optimizer
     sampler: EpochSampler
+    weight_sync: WeightSync | None = None  # None: the engine generates with the trainer's own model
+    judge: JudgeClient | None = None
+    services: contextlib.ExitStack | None = None  # local service processes, stopped by close()
 
     def step(self, step: int) -> tuple[dict[str, float], list[Trajectory]]:
         """One GRPO step; returns its metrics and its scored trajectories."""
@@ -59,7 +70,7 @@ class GRPOTrainer:
         advantages = grpo_advantages([t.reward for t in trajectories], [t.group for t in trajectories])
         update_started = time.perf_counter()
         update_metrics = self.update(trajectories, advantages)
-        self.engine.weight_version += 1
+        self.publish_weights(step + 1)
         self.policy.pixels.release()
         clear_scratch(self.toolbox.scratch_root)
 
@@ -68,7 +79,33 @@ class GRPOTrainer:
         metrics["timing/rollout_s"] = rollout_s
         metrics["timing/update_s"] = time.perf_counter() - update_started
         metrics["timing/step_s"] = time.perf_counter() - started
+        metrics.update(self.service_metrics())
         return metrics, trajectories
+
+    def publish_weights(self, version: int) -> None:
+        """Make `version` (the weights after this many optimizer steps) what rollouts use."""
+        if self.weight_sync is None:
+            self.engine.weight_version = version  # in process: the engine samples from the trained model itself
+        else:
+            self.weight_sync.publish(self.policy.model, version)
+
+    def service_metrics(self) -> dict[str, float]:
+        """Cumulative counts: rollout-server failures (each retried elsewhere), judge fallbacks."""
+        metrics = {}
+        if isinstance(self.engine, RolloutClient):
+            metrics["rollout/server_failures"] = float(sum(self.engine.failures.values()))
+        if self.weight_sync is not None:
+            metrics["timing/weight_sync_s"] = self.weight_sync.last_seconds
+        if self.judge is not None:
+            for key, count in self.judge.stats.items():
+                metrics[f"reward/judge_{key}"] = float(count)
+        return metrics
+
+    def close(self) -> None:
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+        if self.services is not None:
+            self.services.close()
 
     def collect(self, step: int) -> list[Trajectory]:
         """The step's prompts, n rollouts each, scored by the reward."""
@@ -78,22 +115,42 @@ class GRPOTrainer:
             cfg.rollout.max_turns, cfg.rollout.max_turn_tokens, cfg.rollout.max_response_tokens,
             cfg.rollout.temperature, cfg.rollout.top_p,
         )
-        trajectories = asyncio.run(self._rollout(records, step, limits))
-        for trajectory in trajectories:
+        if self.weight_sync is not None:  # no sample from weights older than the staleness bound
+            oldest = step - cfg.rollout.max_staleness
+            self.weight_sync.wait_for(oldest)
+            self.engine.min_weight_version = max(oldest, 0)
+        trajectories, graders = asyncio.run(self._rollout(records, step, limits))
+        for trajectory, grader in zip(trajectories, graders):
             result = compute_reward(
-                trajectory.model_turns, trajectory.record.answer, cfg.reward.accuracy_weight, cfg.reward.format_weight
+                trajectory.model_turns, trajectory.record.answer, cfg.reward.accuracy_weight, cfg.reward.format_weight,
+                grader=grader,
             )
             trajectory.reward, trajectory.accuracy = result.score, result.accuracy
             trajectory.format, trajectory.answer = result.format, result.answer
         return trajectories
 
-    async def _rollout(self, records, step: int, limits: EpisodeLimits) -> list[Trajectory]:
+    async def _rollout(self, records, step: int, limits: EpisodeLimits) -> tuple[list[Trajectory], list[Grader]]:
+        """The trajectories, and the grader of each: the rule-based accuracy, or the judge's verdict."""
         try:
-            return await rollout(
+            trajectories = await rollout(
                 records, self.cfg.rollout.n, step, self.cfg.run.seed, self.engine, self.encoder, self.toolbox, limits
             )
+            if self.judge is None:
+                return trajectories, [accuracy] * len(trajectories)
+            return trajectories, list(await asyncio.gather(*(self._judged(t) for t in trajectories)))
         finally:
             await self.engine.close()
+            if self.judge is not None:
+                await self.judge.close()
+            if isinstance(self.toolbox.search, SearchClient):
+                await self.toolbox.search.close()
+
+    async def _judged(self, trajectory: Trajectory) -> Grader:
+        answer = final_answer(model_text(trajectory.model_turns))
+        if answer is None or len(answer) >= MAX_ANSWER_CHARS:
+            return accuracy  # compute_reward grades no such answer
+        score = await self.judge.grade(trajectory.record.question, answer, trajectory.record.answer)
+        return lambda prediction, ground_truth: score
 
     def update(self, trajectories: list[Trajectory], advantages: list[float]) -> dict[str, float]:
         """Clipped policy-gradient steps over the batch, in mini-batches of trajectories."""
@@ -173,14 +230,50 @@ def rollout_metrics(trajectories: list[Trajectory], step: int) -> dict[str, floa
 
 
 def build_trainer(cfg: RLJobConfig, out_dir: Path, init_from: str | None) -> GRPOTrainer:
-    """Policy, data, optimizer, rollout engine and tools, wired together."""
+    """Policy, data, optimizer, rollout engine and tools, wired together; with `rollout.servers`
+    > 0 (or under the launcher) the engine, search and judge are services (see `rl_services`)."""
     policy = load_policy(cfg.model, init_from)
     paths = data_paths(cfg.data)
     sampler = EpochSampler(read_validated(read_records, paths.train, cfg.data.on_bad_record), cfg.run.seed)
-    engine = build_engine(policy, cfg.rollout)
-    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch")
+    services = contextlib.ExitStack()
+    endpoints = services.enter_context(
+        rl_services(cfg, out_dir, policy.path, 0, paths.corpus, paths.image_index, paths.train)
+    )
+    engine, weight_sync, search, judge = _service_clients(cfg, endpoints, out_dir)
+    engine = engine or build_engine(policy, cfg.rollout)
+    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", search)
     encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
-    return GRPOTrainer(cfg, policy, engine, encoder, toolbox, build_optimizer(policy.model, cfg.optim), sampler)
+    return GRPOTrainer(
+        cfg, policy, engine, encoder, toolbox, build_optimizer(policy.model, cfg.optim), sampler,
+        weight_sync, judge, services,
+    )
+
+
+def _service_clients(cfg: RLJobConfig, endpoints: ServiceEndpoints | None, out_dir: Path):
+    """(rollout client, weight sync, search client, judge client) for the services that run;
+    None for each that does not."""
+    if endpoints is None:
+        if cfg.reward.judge.enabled:
+            raise ValueError("config reward.judge.enabled needs a judge server: set rollout.servers > 0")
+        return None, None, None, None
+    engine = weight_sync = search = judge = None
+    timeout = cfg.rollout.request_timeout_s
+    if endpoints.get(ROLLOUT):
+        urls = endpoints.get(ROLLOUT)
+        engine = RolloutClient(urls, endpoints.token, timeout)
+        weight_sync = WeightSync(lambda: RolloutClient(urls, endpoints.token, timeout), out_dir / "weights",
+                                 cfg.rollout.max_staleness)
+    if endpoints.get(SEARCH):
+        search = SearchClient(endpoints.get(SEARCH)[0], endpoints.token, cfg.tools.search_timeout_s + 10)
+    if cfg.reward.judge.enabled:
+        if not endpoints.get(JUDGE):
+            raise ValueError("config reward.judge.enabled, but the job runs no judge server")
+        judge_model = cfg.reward.judge.model or str(ensure_tiny_model())
+        judge = JudgeClient(
+            RolloutClient(endpoints.get(JUDGE), endpoints.token, cfg.reward.judge.timeout_s),
+            load_processor(judge_model).tokenizer, cfg.reward.judge.timeout_s, cfg.reward.judge.max_new_tokens,
+        )
+    return engine, weight_sync, search, judge
 
 
 def train_grpo(cfg: RLJobConfig) -> Path:
@@ -201,7 +294,8 @@ def train_grpo(cfg: RLJobConfig) -> Path:
         set_rng_state(state.rng)
         start, run_id = state.step, state.run_id
         log.info("resuming from %s at step %d", resume, start)
-    trainer.engine.weight_version = start
+    if start:
+        trainer.publish_weights(start)  # servers started from this checkpoint; now they know its version
     logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id)
     console = Console()
     checkpoint = resume
@@ -227,6 +321,7 @@ def train_grpo(cfg: RLJobConfig) -> Path:
                 log.info("saved %s", checkpoint)
     finally:
         logger.finish()
+        trainer.close()  # publishes in flight, then the service processes this run started
     return checkpoint
 
 

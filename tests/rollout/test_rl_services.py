@@ -1,0 +1,69 @@
+"""The RL job with its services as separate local processes: the same run as in process, and
+no process left behind however it ends."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from deepeyes.train.grpo import train_grpo
+from tests.paths import REPO
+from tests.train.test_grpo import SMALL, rl_config
+
+pytestmark = pytest.mark.slow
+
+SERVICE_MODULES = ("deepeyes.rollout.server", "deepeyes.tools.search_service")
+
+
+def service_processes(parent):
+    return [p for p in parent.children(recursive=True) if any(m in " ".join(p.cmdline()) for m in SERVICE_MODULES)]
+
+
+def rollouts(run_dir, step):
+    lines = (run_dir / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
+    return [(r["model_turns"], r["reward"]) for r in map(json.loads, lines)]
+
+
+def test_an_rl_run_through_services_is_the_in_process_run(tmp_path):
+    in_process = train_grpo(rl_config(tmp_path / "a", "grpo.steps=2"))
+    served = train_grpo(rl_config(tmp_path / "b", "grpo.steps=2", "rollout.servers=2"))
+    for step in (1, 2):
+        assert rollouts(tmp_path / "a", step) == rollouts(tmp_path / "b", step)
+    a, b = load_file(in_process / "model.safetensors"), load_file(served / "model.safetensors")
+    assert all(a[name].equal(b[name]) for name in a)
+    metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["rollout/staleness"] for m in metrics] == [0.0, 0.0]
+    assert [m["rollout/server_failures"] for m in metrics] == [0.0, 0.0]
+    assert all(m["policy/rollout_logprob_abs_diff"] < 1e-4 for m in metrics)  # the servers had the trained weights
+    assert sorted(p.name for p in (tmp_path / "b" / "weights").iterdir()) == [
+        "weights_v000001.safetensors", "weights_v000002.safetensors"]
+    assert service_processes(psutil.Process()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_the_job_stops_its_services(tmp_path, sig):
+    overrides = [o for o in SMALL if not o.startswith("rollout.servers")]
+    job = subprocess.Popen(
+        [sys.executable, "jobs/rl.py", *overrides, "grpo.steps=1000", "logger.mode=disabled",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "rollouts").exists():  # services up, training under way
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended or never started training"
+            time.sleep(0.2)
+        services = service_processes(psutil.Process(job.pid))
+        assert len(services) == 2
+        job.send_signal(sig)
+        job.wait(60)
+        gone, alive = psutil.wait_procs(services, timeout=30)
+        assert alive == []
+    finally:
+        if job.poll() is None:
+            job.kill()
