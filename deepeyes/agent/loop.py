@@ -19,7 +19,7 @@ from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.tool_session import Toolbox
 from deepeyes.agent.trajectory import Trajectory
 from deepeyes.data.schema import Record
-from deepeyes.rollout.hf_engine import GenerateRequest, HFRolloutEngine, SamplingParams
+from deepeyes.rollout.api import GenerateRequest, RolloutEngine, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ async def run_episode(
     sample: int,
     step: int,
     seed: int,
-    engine: HFRolloutEngine,
+    engine: RolloutEngine,
     encoder: ChatEncoder,
     toolbox: Toolbox,
     limits: EpisodeLimits,
@@ -100,7 +100,7 @@ async def rollout(
     n: int,
     step: int,
     seed: int,
-    engine: HFRolloutEngine,
+    engine: RolloutEngine,
     encoder: ChatEncoder,
     toolbox: Toolbox,
     limits: EpisodeLimits,

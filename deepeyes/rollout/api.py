@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from deepeyes.agent.protocol import STOP_STRINGS
 
@@ -96,3 +96,11 @@ def result_from_json(body: dict[str, Any]) -> GenerateResult:
         token_ids=list(body["token_ids"]), logprobs=[float(v) for v in body["logprobs"]],
         finish_reason=body["finish_reason"], weight_version=int(body["weight_version"]),
     )
+
+
+class RolloutEngine(Protocol):
+    """What the agent loop needs: the in-process `HFRolloutEngine` or a `RolloutClient`."""
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult: ...
+
+    async def close(self) -> None: ...
