@@ -203,6 +203,7 @@ class BenchmarkConfig:
 @dataclass
 class EvalConfig:
     n: int = 1  # samples per question; accuracy is the mean over all of them
+    temperature: float = 0.0  # 0 = greedy (then n > 1 repeats the same answer)
     grader: str = "rule"  # "rule" = deepeyes.reward.accuracy (normalized match + math-verify)
     table_rows: int = 16  # sample trajectories logged to the wandb table
     # An RL run directory: its metrics.jsonl is plotted as plots/training_curves.png (response

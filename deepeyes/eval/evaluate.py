@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,13 @@ def evaluate(
     n: int = 1,
     seed: int = 0,
     grader: Grader = accuracy,
+    temperature: float | None = None,
 ) -> tuple[dict[str, Any], list[Trajectory]]:
-    """Run and score every question of the benchmark n times; (metrics, trajectories)."""
+    """Run and score every question of the benchmark n times; (metrics, trajectories).
+    `temperature` overrides the rollout config's (0 = greedy)."""
     limits = episode_limits(rollout_cfg, max_turns=None if tools else 1)
+    if temperature is not None:
+        limits = replace(limits, temperature=temperature)
     trajectories = run_scored(runtime, benchmark.records, n, limits, seed, reward_cfg, grader)
     for t in trajectories:
         # A question with several accepted answers (MMSearch) is right when any of them matches.
@@ -123,7 +128,8 @@ def run_eval(cfg: EvalJobConfig) -> dict[str, Any]:
     toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch")
     runtime = AgentRuntime(build_engine(policy, cfg.rollout), encoder, toolbox)
     metrics, trajectories = evaluate(
-        runtime, benchmark, bench_cfg.tools, cfg.rollout, cfg.reward, cfg.eval.n, cfg.run.seed, GRADERS[cfg.eval.grader]
+        runtime, benchmark, bench_cfg.tools, cfg.rollout, cfg.reward, cfg.eval.n, cfg.run.seed, GRADERS[cfg.eval.grader],
+        cfg.eval.temperature,
     )
     write_predictions(out_dir / "predictions.jsonl", trajectories)
     report = write_report(out_dir, [metrics])
