@@ -53,7 +53,8 @@ def build_hf_engine(args: argparse.Namespace):
 def build_vllm_engine(args: argparse.Namespace):
     from deepeyes.rollout.vllm_engine import VLLMRolloutEngine
 
-    return VLLMRolloutEngine(args.model, dtype=args.dtype, max_batch=args.max_batch)
+    return VLLMRolloutEngine(args.model, dtype=args.dtype, max_batch=args.max_batch, min_pixels=args.min_pixels,
+                             max_pixels=args.max_pixels)
 
 
 BACKENDS = {"hf": build_hf_engine, "vllm": build_vllm_engine}
