@@ -16,10 +16,38 @@ from omegaconf.errors import MissingMandatoryValue
 
 
 @dataclass
+class RoleConfig:
+    """A service the launch plan starts next to the built-in roles (see deepeyes.launch.plan)."""
+
+    name: str = ""
+    command: list[str] = field(default_factory=list)  # "{host}", "{port}", "{token_file}" are filled in on the node
+    every_node: bool = True  # False: only on the first node
+    ready: bool = True  # wait for GET /ready = 200 before the trainer starts
+
+
+@dataclass
 class ClusterConfig:
-    name: str = "local"  # where the job's roles run: "local" (this machine)
-    nodes: int = 1
+    name: str = "local"  # where the job's roles run: "local" (this machine) | "slurm"
+    nodes: int = 1  # the top-level `nodes=N` sets this
     gpus_per_node: int = 0
+    cpus_per_node: int = 0  # 0 = Slurm's default
+    mem_gb: int = 0  # per node; 0 = all of the node's memory
+    # Nodes that run rollout servers instead of trainer ranks; -1 = half of them (none with one node).
+    rollout_nodes: int = -1
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time_min: int = 60
+    sbatch_extra: dict[str, str] = field(default_factory=dict)  # more #SBATCH options, e.g. {exclusive: ""}
+    container_image: Optional[str] = None  # an Apptainer image every role runs in
+    port_base: int = 29500  # each job uses 100 ports from port_base + 100 * (job id % 200)
+    ready_timeout_s: float = 300.0  # a role not ready by then fails the job
+    signal_delay_s: int = 90  # Slurm warns (SIGUSR2) this long before the time limit
+    max_requeues: int = 3  # preemptions / time-outs after which the job is not requeued again
+    wait: bool = False  # stay attached until the Slurm job ends and report its result
+    dry_run: bool = False  # print the plan and the sbatch script, submit nothing
+    extra_roles: list[RoleConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -164,6 +192,7 @@ class RunConfig:
 
 @dataclass
 class RLJobConfig:
+    nodes: int = 1  # shorthand for cluster.nodes
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,6 +207,7 @@ class RLJobConfig:
 
 @dataclass
 class SFTJobConfig:
+    nodes: int = 1  # shorthand for cluster.nodes
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -292,7 +322,7 @@ _CHOICES = {
     "benchmark.on_bad_record": ("raise", "skip"),
     "eval.grader": ("rule",),
     "prepare.on_bad_record": ("raise", "skip"),
-    "cluster.name": ("local",),
+    "cluster.name": ("local", "slurm"),
 }
 
 

@@ -3,21 +3,23 @@
     python jobs/rl.py                                  # embedded default: tiny model, one CPU box
     python jobs/rl.py model=qwen2_5_vl_7b model.path=/models/Qwen2.5-VL-7B-Instruct
     python jobs/rl.py --cfg job                        # print the resolved config
+    python jobs/rl.py cluster=slurm nodes=2            # submit to Slurm (submitit): one job, the launch plan on 2 nodes
+    python jobs/rl.py cluster=slurm cluster.dry_run=true   # print the launch plan and sbatch script, submit nothing
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from deepeyes.config import register_configs, to_object
+from deepeyes.config import register_configs
 
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="rl", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from deepeyes.train.grpo import train_grpo
+    from deepeyes.launch import launch
 
-    train_grpo(to_object(cfg))
+    launch("rl", cfg)
 
 
 if __name__ == "__main__":

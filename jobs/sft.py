@@ -3,21 +3,23 @@
     python jobs/sft.py                                 # embedded default: tiny model, one CPU box
     python jobs/sft.py model=qwen2_5_vl_7b model.path=/models/Qwen2.5-VL-7B-Instruct
     python jobs/sft.py --cfg job                        # print the resolved config
+    python jobs/sft.py cluster=slurm nodes=2            # submit to Slurm (submitit): one job, the launch plan on 2 nodes
+    python jobs/sft.py cluster=slurm cluster.dry_run=true   # print the launch plan and sbatch script, submit nothing
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from deepeyes.config import register_configs, to_object
+from deepeyes.config import register_configs
 
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="sft", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from deepeyes.train.sft import train_sft
+    from deepeyes.launch import launch
 
-    train_sft(to_object(cfg))
+    launch("sft", cfg)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from deepeyes.agent.tool_session import Toolbox, clear_scratch
 from deepeyes.agent.trajectory import Trajectory
 from deepeyes.config import RLJobConfig
 from deepeyes.data import read_records
+from deepeyes.launch.preemption import Preempted, StopSignal
 from deepeyes.model import ensure_tiny_model, load_processor
 from deepeyes.reward import Grader, accuracy, compute_reward
 from deepeyes.reward.format import MAX_ANSWER_CHARS, final_answer, model_text
@@ -299,6 +300,7 @@ def train_grpo(cfg: RLJobConfig) -> Path:
     logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id)
     console = Console()
     checkpoint = resume
+    stop = StopSignal.install()  # Slurm's SIGUSR2: checkpoint at the end of this step, then stop for a requeue
     try:
         for step in range(start, cfg.grpo.steps):
             set_learning_rate(trainer.optimizer, cfg.optim, step)
@@ -313,13 +315,16 @@ def train_grpo(cfg: RLJobConfig) -> Path:
                 f"({metrics['timing/step_s']:.1f}s)"
             )
             last = step + 1 == cfg.grpo.steps
-            if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+            if last or stop.requested or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                 state = TrainerState(
                     step + 1, trainer.optimizer.state_dict(), trainer.sampler.state_dict(), logger.run_id, rng_state()
                 )
                 checkpoint = save_checkpoint(out_dir, trainer.policy.model, trainer.policy.processor, state)
                 log.info("saved %s", checkpoint)
+            if stop.requested and not last:
+                raise Preempted(f"stopped after step {step + 1} on the stop signal; resume from {checkpoint}")
     finally:
+        stop.restore()
         logger.finish()
         trainer.close()  # publishes in flight, then the service processes this run started
     return checkpoint

@@ -1,0 +1,107 @@
+"""What `jobs/rl.py` and `jobs/sft.py` call: validate the config, build the launch plan, then run
+the job here (`cluster=local`) or submit it to Slurm (`cluster=slurm`).
+
+Everything that can be checked is checked before anything is queued: the typed config (a typo
+in a key fails at composition), the plan (nodes, GPUs, memory estimate) and the sbatch script
+(`sbatch --test-only`: partition, account, QOS, resources).
+
+    LAUNCH_DIR = <run.out_dir>/launch/
+        plan.json, config.yaml (resolved), service_token (0600), job.sbatch, slurm_job_id
+        submitit/<job id>/          submitit's pickles and the node agents' stdout/stderr
+        run_<job id>_<restart>/     per-node markers and summaries, one log per role
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from deepeyes.config import to_object
+from deepeyes.launch.plan import LaunchPlan, build_plan
+from deepeyes.launch.service import new_token_file
+
+log = logging.getLogger(__name__)
+
+
+def launch(job: str, cfg: DictConfig) -> None:
+    _group_sweep_runs(cfg)
+    typed = to_object(cfg)
+    if typed.cluster.name == "local" and not typed.cluster.dry_run:
+        _train_here(job, typed)
+        return
+    launch_dir = Path(typed.run.out_dir).resolve() / "launch"
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        # Already inside an allocation: a sweep's array task, submitted by the Hydra launcher.
+        _run_on_this_allocation(job, cfg, typed, launch_dir)
+        return
+    plan = write_launch_dir(job, cfg, typed, launch_dir)
+    print(plan.describe())
+    if typed.cluster.name == "local":  # a dry run of the local plan
+        return
+
+    from deepeyes.launch.slurm import check_with_slurm, render_sbatch, slurm_executor, submit, wait
+
+    script = launch_dir / "job.sbatch"
+    script.write_text(render_sbatch(slurm_executor(plan, typed.cluster, launch_dir), launch_dir))
+    if typed.cluster.dry_run:
+        print(f"\n# sbatch script ({script}; submit by hand with `sbatch {script}`):\n{script.read_text()}")
+        return
+    check_with_slurm(script)
+    job_handle = submit(plan, typed.cluster, launch_dir)
+    (launch_dir / "slurm_job_id").write_text(job_handle.job_id)
+    print(f"submitted Slurm job {job_handle.job_id}; logs in {launch_dir}")
+    if typed.cluster.wait:
+        for summary in wait(job_handle, launch_dir):
+            print(f"node {summary['node']} ({summary['slurmd_nodename']}): {', '.join(summary['roles']) or '-'}")
+
+
+def write_launch_dir(job: str, cfg: DictConfig, typed, launch_dir: Path) -> LaunchPlan:
+    """The plan, the resolved config and a fresh token, where every node can read them."""
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    plan = build_plan(job, typed, launch_dir)
+    (launch_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    new_token_file(launch_dir)
+    (launch_dir / "plan.json").write_text(plan.to_json())
+    return plan
+
+
+def _train_here(job: str, typed) -> None:
+    if job == "rl":
+        from deepeyes.train.grpo import train_grpo
+
+        train_grpo(typed)
+    else:
+        from deepeyes.train.sft import train_sft
+
+        train_sft(typed)
+
+
+def _run_on_this_allocation(job: str, cfg: DictConfig, typed, launch_dir: Path) -> None:
+    import submitit
+
+    from deepeyes.launch.agent import NodeAgent
+
+    if submitit.JobEnvironment().global_rank == 0:
+        write_launch_dir(job, cfg, typed, launch_dir)
+    else:  # the first node writes the plan and token; the others read them from the shared filesystem
+        deadline = time.monotonic() + typed.cluster.ready_timeout_s
+        while not (launch_dir / "plan.json").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no launch plan appeared in {launch_dir}")
+            time.sleep(0.2)
+    NodeAgent.from_launch_dir(launch_dir).run()
+
+
+def _group_sweep_runs(cfg: DictConfig) -> None:
+    """The runs of one sweep share a wandb group (unless the config names one)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if OmegaConf.select(cfg, "logger.group") is None:
+        with open_dict(cfg):
+            cfg.logger.group = "sweep-" + Path(HydraConfig.get().sweep.dir).name

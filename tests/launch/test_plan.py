@@ -1,0 +1,108 @@
+"""The launch plan: placement, ports, memory check, sbatch rendering — no cluster needed."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from deepeyes.config import register_configs, to_object
+from deepeyes.launch.plan import SERVICES_MODULE, LaunchPlan, build_plan, module_exists, sandbox_daemon_available
+from tests.paths import CONF_DIR, REPO
+
+
+def job_config(*overrides, job="rl"):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return to_object(compose(job, overrides=["run.out_dir=unused", *overrides]))
+
+
+# The services are placed once their commands exist (they are built alongside the launcher).
+services = pytest.mark.skipif(not module_exists(SERVICES_MODULE), reason=f"{SERVICES_MODULE} not in this checkout")
+sandbox = pytest.mark.skipif(not sandbox_daemon_available(), reason="the sandbox daemon is not in this checkout")
+
+
+@services
+@sandbox
+def test_two_nodes_put_the_trainer_on_the_first_and_a_rollout_server_on_the_second(tmp_path):
+    plan = build_plan("rl", job_config("cluster=slurm", "nodes=2"), tmp_path)
+    assert [r.name for r in plan.roles_on(0)] == ["trainer", "search", "sandbox"]
+    assert [r.name for r in plan.roles_on(1)] == ["rollout", "sandbox"]
+    trainer, rollout = plan.roles_on(0)[0], plan.roles_on(1)[0]
+    assert trainer.main and trainer.gpus == list(range(8)) and not trainer.serves
+    assert rollout.ready and rollout.gpus == list(range(8)) and "{port}" in rollout.command
+    assert all(r.node_local for r in plan.roles if r.name == "sandbox")
+
+
+@services
+@sandbox
+def test_one_node_shares_it_with_the_configured_rollout_servers_and_the_judge(tmp_path):
+    plan = build_plan("rl", job_config("cluster=slurm", "rollout.servers=2", "reward.judge.enabled=true"), tmp_path)
+    assert [r.name for r in plan.roles] == ["trainer", "rollout", "rollout", "search", "judge", "sandbox"]
+    assert {r.node for r in plan.roles} == {0}
+
+
+def test_ports_never_collide_within_a_job_nor_between_neighbouring_jobs(tmp_path):
+    cfg = job_config(
+        "cluster=slurm", "nodes=4",
+        "cluster.extra_roles=[{name: extra, command: [x]}, {name: once, command: [y], every_node: false}]",
+    )
+    plan = build_plan("rl", cfg, tmp_path)
+    for job_id in (7, 8, 207):
+        ports = [plan.port(r, job_id) for r in plan.roles if r.serves] + [plan.rendezvous_port(job_id)]
+        assert len(ports) == len(set(ports))
+    assert {r.node for r in plan.roles if r.name == "extra"} == {0, 1, 2, 3}
+    assert [r.node for r in plan.roles if r.name == "once"] == [0]
+
+
+def test_memory_below_the_estimate_is_refused_with_the_key_to_change(tmp_path):
+    cfg = job_config("cluster=slurm", "cluster.gpus_per_node=0", "model=qwen2_5_vl_7b", "model.path=/m", "cluster.mem_gb=64")
+    with pytest.raises(ValueError, match=r"cluster.mem_gb=64 is below the estimated \d+ GB that node 0 needs"):
+        build_plan("rl", cfg, tmp_path)
+    assert build_plan("rl", job_config("cluster=slurm", "cluster.mem_gb=64"), tmp_path).mem_gb == 64
+
+
+def test_impossible_plans_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="rollout_nodes=2 leaves no node for the trainer"):
+        build_plan("rl", job_config("cluster=slurm", "nodes=2", "cluster.rollout_nodes=2"), tmp_path)
+    with pytest.raises(ValueError, match="extra_roles: every role needs a name and a command"):
+        build_plan("rl", job_config("cluster=slurm", "cluster.extra_roles=[{name: x}]"), tmp_path)
+
+
+def test_the_plan_survives_its_json_form(tmp_path):
+    plan = build_plan("rl", job_config("cluster=slurm", "nodes=3"), tmp_path)
+    assert LaunchPlan.from_json(plan.to_json()) == plan
+
+
+def test_sft_has_no_rollout_servers(tmp_path):
+    plan = build_plan("sft", job_config("cluster=slurm", "nodes=2", job="sft"), tmp_path)
+    assert [r.name for r in plan.roles] == ["trainer"]
+
+
+def test_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "jobs/rl.py", "cluster=slurm", "nodes=2", "cluster.dry_run=true", "cluster.partition=gpu",
+         "cluster.account=vision", "+cluster.sbatch_extra.exclusive=''", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "launch plan: rl on 2 node(s)" in out and "trainer" in out and "rollout" in out
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --exclusive",
+                 "#SBATCH --requeue", "#SBATCH --signal=USR2@90", "-m deepeyes.launch.agent"):
+        assert line in out
+    launch_dir = Path(tmp_path) / "launch"
+    assert (launch_dir / "job.sbatch").read_text() in out
+    assert not (launch_dir / "submitit").exists()
+    assert (launch_dir / "service_token").stat().st_mode & 0o077 == 0
+
+
+def test_a_typo_fails_at_composition_before_anything_is_planned(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "jobs/rl.py", "cluster=slurm", "grpo.stepz=3", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "stepz" in result.stderr
+    assert not (Path(tmp_path) / "launch").exists()

@@ -1,0 +1,144 @@
+"""Jobs on the real local Slurm cluster: two nodes, preemption and exact resume, a sweep as an
+array, a failing health check, and configs refused before anything is queued."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from deepeyes.launch.plan import SERVICES_MODULE, module_exists, sandbox_daemon_available
+from tests.paths import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+
+SMALL_RL = [
+    "grpo.steps=3", "grpo.prompts_per_step=2", "rollout.n=2", "rollout.max_turn_tokens=32", "model.threads=1",
+    "cluster.gpus_per_node=2", "cluster.cpus_per_node=2",
+]
+
+
+def rl_command(out_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "jobs/rl.py", "cluster=slurm", "cluster.wait=true", *SMALL_RL, *overrides,
+            f"hydra.run.dir={out_dir}"]
+
+
+def run_rl(out_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(rl_command(out_dir, *overrides), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def node_summaries(out_dir: Path) -> dict[int, dict]:
+    return {s["node"]: s for s in map(json.loads, map(Path.read_text, (out_dir / "launch").glob("run_*/node_*.json")))}
+
+
+def learning_metrics(out_dir: Path) -> dict[int, dict]:
+    """Per step (the last record of each, as a resumed run appends), everything but wall times."""
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: {k: v for k, v in row.items() if not k.startswith("timing/")} for row in rows}
+
+
+def queued_jobs() -> list[str]:
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """`python jobs/rl.py cluster=slurm nodes=2`, run to the end: the reference for resumption."""
+    out_dir = tmp_path_factory.mktemp("rl_2_nodes")
+    result = run_rl(out_dir, "nodes=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out_dir, result
+
+
+def test_rl_on_two_nodes_places_roles_on_both(uninterrupted):
+    out_dir, result = uninterrupted
+    nodes = node_summaries(out_dir)
+    assert sorted(nodes) == [0, 1]
+    assert [nodes[0]["slurmd_nodename"], nodes[1]["slurmd_nodename"]] == ["n1", "n2"]
+    assert "trainer" in nodes[0]["roles"] and nodes[0]["trainer_exit_code"] == 0
+    # Each service is placed once its command exists in this checkout (built alongside the launcher).
+    services, sandbox = module_exists(SERVICES_MODULE), sandbox_daemon_available()
+    assert nodes[0]["roles"] == ["trainer"] + ["search"] * services + ["sandbox"] * sandbox
+    assert nodes[1]["roles"] == ["rollout"] * services + ["sandbox"] * sandbox
+    if services:
+        assert nodes[1]["services"]["rollout"].startswith("http://127.0.0.1:")
+    if sandbox:
+        assert nodes[0]["services"]["sandbox"] != nodes[1]["services"]["sandbox"]
+    assert sorted(learning_metrics(out_dir)) == [1, 2, 3]
+    assert (out_dir / "checkpoints" / "latest").read_text() == "step_000003"
+    assert "node 1 (n2): " in result.stdout
+
+
+def test_preempted_job_requeues_and_resumes_exactly(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    job = subprocess.Popen(rl_command(tmp_path, "nodes=2"), cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    job_id_file = tmp_path / "launch" / "slurm_job_id"
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+            if job.poll() is not None or time.monotonic() > deadline:
+                job.kill()
+                pytest.fail(f"the job ended or stalled before step 1:\n{job.communicate()[0][-4000:]}")
+            time.sleep(0.5)
+        job_id = job_id_file.read_text()
+        # Slurm's warning before a time limit / preemption (what `--signal=USR2@90` sends).
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        output, _ = job.communicate(timeout=300)
+    finally:
+        job.kill()
+        if job_id_file.exists():
+            subprocess.run(["scancel", job_id_file.read_text()])
+    assert job.returncode == 0, output[-4000:]
+    runs = sorted(p.name for p in (tmp_path / "launch").glob("run_*"))
+    assert runs == [f"run_{job_id}_0", f"run_{job_id}_1"], "the job was not requeued once"
+    first_log = (tmp_path / "launch" / runs[0] / "trainer_node0.log").read_text()
+    assert "preempted: stopped after step" in first_log
+    saved = int(first_log.split("preempted: stopped after step ")[1].split(" ")[0])
+    assert saved < 3, "the signal arrived too late to test resumption"
+    assert f"resuming from {tmp_path}/checkpoints/step_{saved:06d}" in (tmp_path / "launch" / runs[1] / "trainer_node0.log").read_text()
+    resumed, expected = learning_metrics(tmp_path), learning_metrics(reference)
+    assert sorted(resumed) == [1, 2, 3]
+    for step in range(saved + 1, 4):
+        assert resumed[step] == expected[step], f"step {step} differs after resumption"
+
+
+def test_a_sweep_is_one_slurm_array_and_every_result_is_collected(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "jobs/rl.py", "-m", "cluster=slurm", *SMALL_RL, "grpo.steps=1", "optim.lr=1e-5,3e-5",
+         f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    array_tasks = sorted(p.name for p in (tmp_path / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    assert len(array_tasks) == 2 and array_tasks[0].endswith("_0") and array_tasks[1].endswith("_1")
+    assert array_tasks[0].split("_")[0] == array_tasks[1].split("_")[0], "not one array job"
+    for index, lr in enumerate((1e-5, 3e-5)):
+        run = tmp_path / str(index)
+        config = OmegaConf.load(run / "launch" / "config.yaml")
+        assert config.optim.lr == lr and config.logger.group == f"sweep-{tmp_path.name}"
+        assert sorted(learning_metrics(run)) == [1]
+
+
+def test_a_role_failing_its_health_check_fails_the_job_fast_and_says_why(tmp_path):
+    never_ready = "{name: stuck, command: [python3, -c, 'import time; time.sleep(600)']}"
+    started = time.monotonic()
+    result = run_rl(tmp_path, "nodes=2", "cluster.ready_timeout_s=3", f"cluster.extra_roles=[{never_ready}]")
+    assert result.returncode != 0
+    assert time.monotonic() - started < 90, "the job hung instead of failing"
+    assert "role stuck failed its health check" in result.stderr and "not ready" in result.stderr
+    assert (tmp_path / "launch" / "slurm_job_id").read_text() not in queued_jobs()
+
+
+def test_bad_configs_fail_before_anything_is_queued(tmp_path):
+    before = queued_jobs()
+    typo = run_rl(tmp_path / "typo", "grpo.stepz=3")
+    assert typo.returncode != 0 and "stepz" in typo.stderr
+    partition = run_rl(tmp_path / "partition", "cluster.partition=nosuchpartition")
+    assert partition.returncode != 0 and "Slurm refuses this job" in partition.stderr
+    assert not (tmp_path / "partition" / "launch" / "submitit").exists()
+    assert queued_jobs() == before
