@@ -82,7 +82,6 @@ def load_benchmark(
     else:
         rows, parse = _json_rows(path), context.realx
     conversion = Conversion(path)
-    records: list[Record] = []
     seen: set[str] = set()
 
     def unique(row: int, value: Any) -> Record:

@@ -81,12 +81,14 @@ def judge(
 
 
 def summarize(verdicts: Sequence[Verdict], k: int, max_passes: int) -> dict[str, Any]:
-    """Counts per split overall, per data source and per family, with the mean pass rate."""
+    """Counts per split overall, per data source and per family, with the mean pass rate and
+    pass@k (the share of questions solved at least once)."""
 
     def counts(group: Sequence[Verdict]) -> dict[str, Any]:
         row: dict[str, Any] = {"questions": len(group)}
         row.update({split: sum(1 for v in group if v.split == split) for split in SPLITS})
         row["mean_pass_rate"] = sum(v.pass_count for v in group) / (k * len(group)) if group else 0.0
+        row["pass_at_k"] = sum(1 for v in group if v.pass_count) / len(group) if group else 0.0
         return row
 
     by_source, by_family = defaultdict(list), defaultdict(list)

@@ -82,7 +82,7 @@ def test_filter_pass_counts_and_split(tools, sample_data, tmp_path):
 
     summary = write_outputs(tmp_path, verdicts, cfg.k, cfg.max_passes)
     assert summary["total"] == {"questions": 5, "rl": 1, "cold_start": 2, "too_easy": 2,
-                                "mean_pass_rate": pytest.approx(14 / 40)}
+                                "mean_pass_rate": pytest.approx(14 / 40), "pass_at_k": 0.8}
     assert summary["pass_count_histogram"]["8"] == 1 and summary["by_data_source"]["sample"]["questions"] == 5
     assert sum(f["questions"] for f in summary["by_family"].values()) == 5
     [rl] = read_records(tmp_path / "rl.jsonl")
