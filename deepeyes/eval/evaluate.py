@@ -19,6 +19,7 @@ from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.runtime import AgentRuntime, build_engine, build_toolbox, episode_limits, run_scored
 from deepeyes.agent.tool_session import clear_scratch
 from deepeyes.agent.trajectory import Trajectory
+from deepeyes.cache import cache_root
 from deepeyes.config import EvalJobConfig, RewardConfig, RolloutConfig
 from deepeyes.eval.benchmarks import Benchmark, load_benchmark
 from deepeyes.eval.metrics import benchmark_metrics, flat_metrics, markdown_table
@@ -117,7 +118,7 @@ def run_eval(cfg: EvalJobConfig) -> dict[str, Any]:
     benchmark = load_benchmark(
         bench_cfg.name, bench_cfg.format, Path(bench_cfg.path or paths.test),
         Path(bench_cfg.image_root) if bench_cfg.image_root else None,
-        out_dir / "benchmark_images", bench_cfg.on_bad_record,
+        cache_root() / "benchmark_images", bench_cfg.on_bad_record,  # content-addressed: shared by runs
     )
     if bench_cfg.limit:
         benchmark.records = benchmark.records[: bench_cfg.limit]
