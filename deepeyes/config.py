@@ -102,11 +102,21 @@ class RolloutConfig:
 
 @dataclass
 class CodeToolConfig:
+    """The code sandbox (deepeyes.tools.sandbox_daemon): limits per session, and where it runs."""
+
     timeout_s: float = 20.0
     memory_mb: int = 1024
     max_processes: int = 64
     cpu_s: int = 30
-    isolation: str = "auto"  # "bwrap" | "none" | "auto" (bwrap when available, else a loud warning)
+    # "namespaces": each session in its own user/mount/network/pid namespaces (the daemon refuses
+    # to start where they are unavailable); "none": no isolation, for trusted code only.
+    isolation: str = "namespaces"
+    max_sessions: int = 64  # per node; more trajectories wait for a free session
+    idle_timeout_s: float = 600.0  # a session unused this long is closed
+    # A daemon already running on this node (the launcher starts one per node); None = the job
+    # starts its own.
+    url: Optional[str] = None
+    token_file: Optional[str] = None
 
 
 @dataclass
@@ -314,7 +324,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.on_bad_record": ("raise", "skip"),
     "rollout.backend": ("hf", "vllm"),
-    "tools.code.isolation": ("auto", "bwrap", "none"),
+    "tools.code.isolation": ("namespaces", "none"),
     "tools.search_backend": ("local", "serpapi"),
     "tools.image_search_backend": ("local", "serpapi", "mmsearch_cache"),
     "logger.mode": ("online", "offline", "disabled"),

@@ -20,7 +20,7 @@ from deepeyes.config import RewardConfig, RolloutConfig, ToolsConfig
 from deepeyes.data.schema import Record
 from deepeyes.reward import Grader, accuracy, compute_reward
 from deepeyes.rollout.hf_engine import GenerateRequest, GenerateResult, HFRolloutEngine
-from deepeyes.tools import CodeLimits
+from deepeyes.tools import connect_sandbox
 from deepeyes.tools.search_service import LocalSearch, Search
 
 
@@ -40,14 +40,12 @@ def build_engine(policy, cfg: RolloutConfig) -> HFRolloutEngine:
 def build_toolbox(
     cfg: ToolsConfig, corpus: Path, image_index: Path | None, scratch_root: Path, search: Search | None = None
 ) -> Toolbox:
-    """`search`: a client of a running search service; None = the local indexes in this process."""
-    code = cfg.code
+    """`search`: a client of a running search service; None = the local indexes in this process.
+    The code sandbox is the node's daemon (`cfg.code.url`) or one started here, next to
+    `scratch_root`: `toolbox.close()` stops it."""
     return Toolbox(
         search=search or LocalSearch.from_files(corpus, image_index),
-        code_limits=CodeLimits(
-            timeout_s=code.timeout_s, memory_mb=code.memory_mb, max_processes=code.max_processes,
-            cpu_s=code.cpu_s, isolation=code.isolation,
-        ),
+        sandbox=connect_sandbox(cfg.code, scratch_root.with_name("sandbox")),
         scratch_root=scratch_root,
         top_k=cfg.search_top_k,
     )

@@ -1,12 +1,13 @@
 """Carries out one trajectory's tool calls and renders what the model sees back.
 
-A session belongs to one trajectory: its code worker (started on the first code call, so
-trajectories that never run code never pay for one), its scratch directory and its one
-allowed image search.
+A session belongs to one trajectory: its code sandbox session (started on the first code call,
+so trajectories that never run code never pay for one), its scratch directory (where returned
+images land) and its one allowed image search.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,22 +15,28 @@ from pathlib import Path
 
 from deepeyes.agent import protocol
 from deepeyes.agent.trajectory import ToolCall
-from deepeyes.tools import CodeLimits, CodeWorker
+from deepeyes.tools import SandboxClient, SandboxError, SandboxSession
 from deepeyes.tools.search_service import Search, SearchError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Toolbox:
-    """What every session of a run shares: search (in process or a search-service client), code
-    limits and scratch root."""
+    """What every session of a run shares: search (in process or a search-service client), the
+    code sandbox and the scratch root."""
 
     search: Search
-    code_limits: CodeLimits
+    sandbox: SandboxClient
     scratch_root: Path
     top_k: int = 5
 
     def session(self, name: str, images: list[Path]) -> "ToolSession":
         return ToolSession(self, self.scratch_root / name, images)
+
+    def close(self) -> None:
+        """Stop the code sandbox if this toolbox started it."""
+        self.sandbox.close()
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class ToolSession:
         self._toolbox = toolbox
         self._scratch = scratch
         self._images = images  # the record's images: image_1 … image_n, and the image-search query
-        self._worker: CodeWorker | None = None
+        self._code: SandboxSession | None = None
         self._image_search_used = False
 
     async def execute(self, action: protocol.Action) -> Observation:
@@ -62,13 +69,16 @@ class ToolSession:
         return Observation(text, images, ToolCall(tool, ok, time.perf_counter() - started))
 
     async def _run_code(self, code: str):
-        if self._worker is None:
-            self._scratch.mkdir(parents=True, exist_ok=True)
-            self._worker = await CodeWorker.start(self._images, self._scratch, self._toolbox.code_limits)
-        result = await self._worker.run(code)
+        if self._code is None:
+            self._code = self._toolbox.sandbox.session(self._images, self._scratch)
+        try:
+            result = await self._code.run(code)
+        except SandboxError as error:  # the service failed, not the cell: the model sees an error
+            log.warning("code call failed: %s", error)
+            return protocol.render_code_observation("", f"SandboxError: {error}", 0), [], protocol.CODE, False
         images = list(result.images[: protocol.MAX_RETURNED_IMAGES])
         text = protocol.render_code_observation(result.stdout, result.stderr, len(images))
-        return text, images, protocol.CODE, not result.timed_out
+        return text, images, protocol.CODE, not result.failed
 
     async def _text_search(self, query: str):
         try:
@@ -91,10 +101,10 @@ class ToolSession:
         return text, [path for _, path in hits], protocol.IMAGE_SEARCH, True
 
     async def close(self) -> None:
-        """Stop the worker. The scratch stays until the step ends: returned images live there."""
-        if self._worker is not None:
-            await self._worker.close()
-            self._worker = None
+        """End the sandbox session. The scratch stays until the step ends: returned images live there."""
+        if self._code is not None:
+            await self._code.close()
+            self._code = None
 
 
 def clear_scratch(root: Path) -> None:

@@ -14,6 +14,7 @@ import ast
 import io
 import json
 import linecache
+import math
 import os
 import resource
 import struct
@@ -23,6 +24,8 @@ import types
 
 MAX_OUTPUT_CHARS = 10_000  # per stream and cell; the model's context is the scarce resource
 MAX_IMAGES = 10  # returned per cell, as DeepEyesV2 does
+MIN_SIDE = 28  # returned images are at least this many pixels on each side ...
+MAX_ASPECT = 200  # ... and at most this elongated (see model_size)
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 
 
@@ -150,8 +153,37 @@ class Notebook:
             self._not_returned += 1
             return
         name = f"cell{self._cell:03d}_{len(self._saved) + 1:02d}.png"
-        save(os.path.join(self._out_dir, name), format="png")
+        path = os.path.join(self._out_dir, name)
+        save(path, format="png")
+        _fit_for_model(path)
         self._saved.append(name)
+
+
+def model_size(width: int, height: int) -> tuple[int, int]:
+    """The nearest size the released model's image processor accepts: the short side stretched
+    until the aspect ratio is at most MAX_ASPECT (Qwen2.5-VL refuses more), then both sides
+    scaled up until the short one is MIN_SIDE (one merged patch)."""
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        if width > height:
+            height = math.ceil(width / MAX_ASPECT)
+        else:
+            width = math.ceil(height / MAX_ASPECT)
+    if min(width, height) < MIN_SIDE:
+        scale = MIN_SIDE / min(width, height)
+        width, height = max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale))
+    return width, height
+
+
+def _fit_for_model(path: str) -> None:
+    """Resize a returned PNG in place if the model could not take it as it is (rare: a tiny crop, a 1-pixel line)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        size = model_size(*image.size)
+        if size == image.size:
+            return
+        fitted = image.resize(size)
+    fitted.save(path, format="png")
 
 
 def _cell_frames(tb, filename: str):
@@ -184,16 +216,6 @@ def install_inline_backend(notebook: Notebook) -> None:
     pyplot.switch_backend("module://deepeyes_inline")
 
 
-def drop_privileges(uid: int) -> None:
-    """Become an unprivileged user (the sandbox was started by root): only then does RLIMIT_NPROC hold.
-
-    The images are already open, so they need not be readable by that user.
-    """
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-
-
 def apply_limits(limits: dict) -> None:
     """rlimits for this process and everything it starts; set after start-up so they bind only user code."""
     mb = 1024 * 1024
@@ -221,36 +243,3 @@ def send_message(channel, message: dict) -> None:
     data = json.dumps(message).encode()
     channel.write(struct.pack(">I", len(data)) + data)
     channel.flush()
-
-
-def main() -> None:
-    # The channel moves off fds 0/1, so user code and its subprocesses writing to fd 1 cannot
-    # corrupt it. Python-level output is captured per cell; fd-level output is discarded, as a
-    # notebook shows only what goes through sys.stdout/sys.stderr.
-    requests = os.fdopen(os.dup(0), "rb")
-    replies = os.fdopen(os.dup(1), "wb")
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-
-    hello = read_message(requests)
-    if hello is None:
-        return
-    try:
-        notebook = Notebook(hello["images"], hello["out_dir"])
-        install_inline_backend(notebook)
-        if hello["uid"] is not None:
-            drop_privileges(hello["uid"])
-        apply_limits(hello["limits"])
-    except Exception as error:  # noqa: BLE001 — reported to the parent, which raises it
-        send_message(replies, {"error": "".join(traceback.format_exception_only(error)).strip()})
-        return
-    # fd 2 stayed open for start-up failures; from here on nobody drains it, so nothing may block on it.
-    os.dup2(devnull, 2)
-    send_message(replies, {"ready": True})
-    while (request := read_message(requests)) is not None:
-        send_message(replies, notebook.run(request["code"], request["cell"]))
-
-
-if __name__ == "__main__":
-    main()

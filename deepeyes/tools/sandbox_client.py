@@ -1,6 +1,6 @@
 """The client side of the code sandbox: what a rollout uses to run a trajectory's cells.
 
-    with local_sandbox(scratch_root) as sandbox:          # or SandboxClient(url, token) for a
+    with LocalSandbox(directory) as sandbox:              # or SandboxClient(url, token) for a
         session = sandbox.session([image], out_dir)       # daemon the launcher started
         result = await session.run("image_1.crop((0, 0, 64, 64))")
         await session.close()
@@ -12,14 +12,16 @@ daemon unreachable, the wrong token, the session reaped) raise SandboxError.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import aiohttp
 
-from deepeyes.launch.service import LocalService, auth_headers, free_port, local_services, new_token_file, python_module
+from deepeyes.config import CodeToolConfig
+from deepeyes.launch.service import LocalService, auth_headers, free_port, new_token_file, python_module, read_token
 
 ISOLATIONS = ("namespaces", "none")
 
@@ -62,6 +64,9 @@ class SandboxClient:
     def session(self, images: Sequence[Path], out_dir: Path) -> SandboxSession:
         """A notebook with image_1..image_n opened from `images`; returned images land in out_dir."""
         return SandboxSession(self, [str(Path(image).resolve()) for image in images], Path(out_dir).resolve())
+
+    def close(self) -> None:
+        """Nothing to release: the daemon belongs to whoever started it (see LocalSandbox)."""
 
 
 class SandboxSession:
@@ -107,23 +112,54 @@ class SandboxSession:
         return reply
 
 
-@contextlib.contextmanager
-def local_sandbox(
-    scratch_root: Path,
-    limits: SandboxLimits = SandboxLimits(),
-    max_sessions: int = 64,
-    idle_timeout_s: float = 600.0,
-    isolation: str = "namespaces",
-) -> Iterator[SandboxClient]:
-    """A sandbox daemon on this machine for the length of the block (what a job without a
-    launcher runs; on Slurm the launcher starts one per node with `daemon_command`)."""
-    scratch_root = Path(scratch_root)
-    port = free_port()
-    token_file = new_token_file(scratch_root)
-    command = daemon_command(port, token_file, scratch_root / "sessions", limits, max_sessions, idle_timeout_s, isolation)
-    service = LocalService("sandbox", command, port, token_file.read_text(), scratch_root / "sandbox.log")
-    with local_services([service], ready_timeout_s=120):
-        yield SandboxClient(service.url, service.token)
+class LocalSandbox(SandboxClient):
+    """A sandbox daemon this process starts and stops: what a job without a launcher uses.
+
+    Stop it with `close()` or a `with` block; should this process die first, the daemon gets
+    SIGTERM with it (see `deepeyes.launch.service.LocalService`).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        limits: SandboxLimits = SandboxLimits(),
+        max_sessions: int = 64,
+        idle_timeout_s: float = 600.0,
+        isolation: str = "namespaces",
+    ):
+        directory = Path(directory)
+        port = free_port()
+        token_file = new_token_file(directory)
+        command = daemon_command(port, token_file, directory / "sessions", limits, max_sessions, idle_timeout_s, isolation)
+        self._service = LocalService("sandbox", command, port, read_token(token_file), directory / "sandbox.log")
+        self._service.start()
+        try:
+            self._service.wait_ready(120)
+        except BaseException:
+            self._service.stop()
+            raise
+        super().__init__(self._service.url, self._service.token)
+        atexit.register(self.close)  # for owners that never call close()
+
+    def close(self) -> None:
+        self._service.stop()
+
+    def __enter__(self) -> LocalSandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect_sandbox(cfg: CodeToolConfig, directory: Path) -> SandboxClient:
+    """The sandbox a job's config names: the node's daemon at `cfg.url` (started by the
+    launcher), or else a daemon of this process's own in `directory`."""
+    if cfg.url:
+        if not cfg.token_file:
+            raise ValueError("tools.code.url is set but tools.code.token_file is not: the daemon needs the job's token")
+        return SandboxClient(cfg.url, read_token(cfg.token_file))
+    limits = SandboxLimits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb, max_processes=cfg.max_processes, cpu_s=cfg.cpu_s)
+    return LocalSandbox(directory, limits, cfg.max_sessions, cfg.idle_timeout_s, cfg.isolation)
 
 
 def daemon_command(

@@ -243,6 +243,7 @@ def build_trainer(cfg: RLJobConfig, out_dir: Path, init_from: str | None) -> GRP
     engine, weight_sync, search, judge = _service_clients(cfg, endpoints, out_dir)
     engine = engine or build_engine(policy, cfg.rollout)
     toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", search)
+    services.callback(toolbox.close)  # the code sandbox daemon, if the job started one
     encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
     return GRPOTrainer(
         cfg, policy, engine, encoder, toolbox, build_optimizer(policy.model, cfg.optim), sampler,

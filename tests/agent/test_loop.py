@@ -18,7 +18,7 @@ from deepeyes.data import read_records, read_sft_records
 from deepeyes.model.pixels import PixelCache
 from deepeyes.model import load_processor
 from deepeyes.rollout.hf_engine import GenerateResult
-from deepeyes.tools import CodeLimits
+from deepeyes.tools import LocalSandbox, SandboxLimits
 from deepeyes.tools.search_service import LocalSearch
 
 pytestmark = pytest.mark.slow
@@ -50,12 +50,13 @@ def setup(tiny_dir, sample_data, tmp_path_factory):
     encoder = ChatEncoder(processor.tokenizer, pixels.tokens)
     toolbox = Toolbox(
         LocalSearch.from_files(sample_data.corpus, sample_data.image_index),
-        CodeLimits(timeout_s=20),
+        LocalSandbox(tmp_path_factory.mktemp("sandbox"), SandboxLimits(timeout_s=20)),
         tmp_path_factory.mktemp("scratch"),
     )
     tasks = {r.id: r for r in read_records(sample_data.rl_train)}
     conversations = read_sft_records(sample_data.sft_train)
-    return encoder, toolbox, tasks, conversations
+    yield encoder, toolbox, tasks, conversations
+    toolbox.close()
 
 
 def pick(conversations, tasks, family, variant=None):

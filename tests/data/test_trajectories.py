@@ -19,7 +19,7 @@ from deepeyes.agent.protocol import (
     user_prompt,
 )
 from deepeyes.data import IMAGE_PLACEHOLDER, Record, cold_start_trajectory, read_records, read_sft_records
-from deepeyes.tools.code_worker import CodeLimits, CodeWorker
+from deepeyes.tools import LocalSandbox
 from deepeyes.tools.search import LocalImageSearch, LocalTextSearch
 
 
@@ -117,20 +117,21 @@ def test_unknown_family_has_no_trajectory(sample, tmp_path):
 
 
 def test_code_observations_match_the_real_sandbox(pairs, tmp_path):
-    """The trajectories' code cells, run by the notebook workers RL rollouts use, give the same
+    """The trajectories' code cells, run by the sandbox RL rollouts use, give the same
     observation text and byte-identical images."""
-    async def run(task, code, scratch):
-        worker = await CodeWorker.start(task.images, scratch, CodeLimits(isolation="none"))
+    async def run(sandbox, task, code, out_dir):
+        session = sandbox.session(task.images, out_dir)
         try:
-            return await worker.run(code)
+            return await session.run(code)
         finally:
-            await worker.close()
+            await session.close()
 
-    for task, trajectory in pairs:
-        if task.family not in ("perception", "arithmetic"):
-            continue
-        scratch = tmp_path / task.id
-        scratch.mkdir()
-        result = asyncio.run(run(task, parse_action(assistant_turns(trajectory)[0]).code, scratch))
+    with LocalSandbox(tmp_path / "sandbox") as sandbox:
+        results = [
+            (task, trajectory, asyncio.run(run(sandbox, task, parse_action(assistant_turns(trajectory)[0]).code, tmp_path / task.id)))
+            for task, trajectory in pairs
+            if task.family in ("perception", "arithmetic")
+        ]
+    for task, trajectory, result in results:
         assert render_code_observation(result.stdout, result.stderr, len(result.images)) == trajectory.messages[3].content
         assert [path.read_bytes() for path in result.images] == [path.read_bytes() for path in trajectory.images[1:]]

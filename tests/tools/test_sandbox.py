@@ -21,14 +21,14 @@ import pytest
 from PIL import Image
 
 from deepeyes.launch.service import auth_headers, free_port, new_token_file
-from deepeyes.tools import SandboxClient, SandboxError, SandboxLimits, daemon_command, local_sandbox
+from deepeyes.tools import LocalSandbox, SandboxClient, SandboxError, SandboxLimits, daemon_command
 
 LIMITS = SandboxLimits(timeout_s=2.0, memory_mb=1024, max_processes=32, cpu_s=30)
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
-    with local_sandbox(tmp_path_factory.mktemp("sandbox"), LIMITS, max_sessions=16) as client:
+    with LocalSandbox(tmp_path_factory.mktemp("sandbox"), LIMITS, max_sessions=16) as client:
         yield client
 
 
@@ -108,7 +108,7 @@ def test_shown_and_displayed_images_come_back_as_png_files_in_out_dir(sandbox, i
     plot = "import matplotlib.pyplot as plt\nplt.figure(figsize=(2, 1), dpi=50)\nplt.plot([1, 2])\nplt.show()"
     shown, cropped, displayed, many = run_cells(
         sandbox, [image], out_dir,
-        [plot, "image_1.crop((0, 0, 10, 20))", "display(image_1.resize((8, 8)), 'text')", "for _ in range(12):\n    display(image_1)"],
+        [plot, "image_1.crop((0, 0, 30, 40))", "display(image_1.resize((32, 32)), 'text')", "for _ in range(12):\n    display(image_1)"],
     )
     sizes = []
     for result in (shown, cropped, displayed):
@@ -116,9 +116,18 @@ def test_shown_and_displayed_images_come_back_as_png_files_in_out_dir(sandbox, i
         with Image.open(result.images[0]) as png:
             assert png.format == "PNG"
             sizes.append(png.size)
-    assert sizes == [(100, 50), (10, 20), (8, 8)]
+    assert sizes == [(100, 50), (30, 40), (32, 32)]
     assert displayed.stdout == "'text'\n"
     assert len(many.images) == 10 and "2 more images not returned" in many.stderr
+
+
+def test_tiny_and_extreme_aspect_images_come_back_as_the_model_accepts_them(sandbox, image, out_dir):
+    (result,) = run_cells(
+        sandbox, [image], out_dir,
+        ["from PIL import Image\ndisplay(Image.new('L', (3, 3)), Image.new('RGB', (1000, 2)), Image.new('RGB', (6000, 40)), image_1)"],
+    )
+    sizes = [Image.open(path).size for path in result.images]
+    assert sizes == [(28, 28), (5600, 28), (6000, 40), (64, 48)]  # 1000x2: stretched to 1:200, then scaled up
 
 
 def test_exceptions_are_tracebacks_and_the_session_survives(sandbox, image, out_dir):

@@ -14,7 +14,7 @@ from deepeyes.agent.tool_session import Toolbox
 from deepeyes.launch.service import (
     LocalService, free_port, local_services, new_token_file, python_module, read_token,
 )
-from deepeyes.tools import CodeLimits, LocalImageSearch, LocalTextSearch
+from deepeyes.tools import LocalImageSearch, LocalTextSearch, SandboxClient
 from deepeyes.tools.search_service import (
     LocalSearch, SearchClient, SearchError, SearchServer, SerpAPISearch, mmsearch_cache_search,
 )
@@ -83,9 +83,10 @@ def test_repeated_queries_are_answered_from_the_cache(service):
 
 @pytest.mark.slow
 def test_a_tool_session_searches_through_the_client(service, sample_data, tmp_path):
-    remote = Toolbox(SearchClient(service.url, service.token), CodeLimits(), tmp_path)
-    local = Toolbox(LocalSearch.from_files(sample_data.corpus, sample_data.image_index), CodeLimits(), tmp_path)
-    down = Toolbox(SearchClient(f"http://127.0.0.1:{free_port()}", service.token), CodeLimits(), tmp_path)
+    no_code = SandboxClient(f"http://127.0.0.1:{free_port()}", "unused")  # these sessions only search
+    remote = Toolbox(SearchClient(service.url, service.token), no_code, tmp_path)
+    local = Toolbox(LocalSearch.from_files(sample_data.corpus, sample_data.image_index), no_code, tmp_path)
+    down = Toolbox(SearchClient(f"http://127.0.0.1:{free_port()}", service.token), no_code, tmp_path)
 
     async def observe(toolbox):
         session = toolbox.session("s", [])
