@@ -20,12 +20,12 @@ def plot_tool_use_share(all_metrics: list[dict[str, Any]], path: Path) -> Path:
     with_tools = [100 * m["answers_with_tools"] for m in all_metrics]
     without = [100 * m["answers_without_tools"] for m in all_metrics]
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 3.5))
-    ax.bar(names, with_tools, label="with tools", color="#3b75af")
-    ax.bar(names, without, bottom=with_tools, label="without tools", color="#cfcfcf")
+    ax.bar(names, with_tools, 0.5, label="with tools", color="#3b75af")
+    ax.bar(names, without, 0.5, bottom=with_tools, label="without tools", color="#cfcfcf")
     ax.set_ylabel("answers (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Answers with and without tool use")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
     return _save(fig, path)
 
 
