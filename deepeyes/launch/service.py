@@ -100,8 +100,13 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
 
 
 def serve(app: web.Application, args: argparse.Namespace) -> None:
-    """Run until SIGTERM/SIGINT (aiohttp turns both into a clean shutdown)."""
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    """Run until SIGTERM/SIGINT (aiohttp turns both into a clean shutdown), then exit at once:
+    the interpreter's own teardown of a loaded model takes seconds and guards nothing."""
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=5)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -175,23 +180,38 @@ class LocalService:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM the service's process group, SIGKILL what is left after `grace_s`."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
-            try:
-                self.process.wait(wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                log.warning("service %s did not stop on %s", self.name, sig.name)
-        log.info("stopped %s (exit code %s)", self.name, self.process.returncode)
+        stop_services([self], grace_s)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+def stop_services(services: Sequence[LocalService], grace_s: float = 5.0) -> None:
+    """Stop several services at once: SIGTERM to all, then SIGKILL to any still running after
+    `grace_s` (so shutdown takes the slowest service's time, not the sum)."""
+    running = [s for s in services if s.process is not None and s.process.poll() is None]
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for service in running:
+            service._signal(sig)
+        deadline = time.monotonic() + wait_s
+        for service in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                service.process.wait(max(deadline - time.monotonic(), 0.01))
+        running = [s for s in running if s.process.poll() is None]
+        for service in running:
+            log.warning("service %s did not stop on %s", service.name, sig.name)
+        if not running:
+            break
+    for service in services:
+        if service.process is not None:
+            log.info("stopped %s (exit code %s)", service.name, service.process.returncode)
 
 
 @contextlib.contextmanager
@@ -214,8 +234,7 @@ def local_services(services: Sequence[LocalService], ready_timeout_s: float = 30
             service.wait_ready(ready_timeout_s)
         yield list(services)
     finally:
-        for service in reversed(started):
-            service.stop()
+        stop_services(started)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 
