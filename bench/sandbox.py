@@ -303,7 +303,7 @@ def main() -> None:
             jupyter.close()
             calls_per_s = throughput(client, image, root, args.concurrent_calls)
             start = session_start(client, image, root, args.sessions)
-            memory = idle_pss(client, image, root, min(args.sessions, 8))
+            memory = idle_pss(client, image, root, args.sessions)
         handoff_base64 = statistics.median(base64_handoff(image) for _ in range(5))
 
     handoff = start["sandbox_with_image_p50_ms"] - start["sandbox_p50_ms"]

@@ -22,6 +22,7 @@ from PIL import Image
 
 from deepeyes.launch.service import auth_headers, free_port, new_token_file
 from deepeyes.tools import LocalSandbox, SandboxClient, SandboxError, SandboxLimits, daemon_command
+from deepeyes.tools.sandbox_daemon import SandboxDaemon
 
 LIMITS = SandboxLimits(timeout_s=2.0, memory_mb=1024, max_processes=32, cpu_s=30)
 
@@ -323,6 +324,45 @@ def test_a_cancelled_cell_closes_its_session_and_the_next_cell_starts_fresh(sand
             await session.close()
 
     assert asyncio.run(main()).stdout == "next False\n"
+
+
+def test_sessions_over_the_cap_wait_for_one_reaped_when_idle(image, tmp_path):
+    async def main():
+        daemon = SandboxDaemon(tmp_path / "sessions", LIMITS, max_sessions=1, idle_timeout_s=1.0)
+        await daemon.start()
+        try:
+            first = await daemon.open_session([str(image)], tmp_path / "out")
+            assert (await daemon.run(first.id, "x = 1"))["stderr"] == ""
+            started = time.monotonic()
+            second = await daemon.open_session([], tmp_path / "out")  # the only slot frees when `first` is reaped
+            waited = time.monotonic() - started
+            with pytest.raises(KeyError, match="idle"):
+                await daemon.run(first.id, "x")
+            return waited, await daemon.run(second.id, "print(2)")
+        finally:
+            await daemon.stop()
+
+    waited, second = asyncio.run(main())
+    assert 0.5 < waited < 10 and second["stdout"] == "2\n"
+
+
+def test_without_isolation_sessions_still_get_limits_and_their_own_directory(image, tmp_path):
+    """isolation=none (trusted code only) keeps the rlimits, the deadline and, as root, a uid per session."""
+
+    async def main():
+        daemon = SandboxDaemon(tmp_path / "sessions", LIMITS, isolation="none")
+        await daemon.start()
+        try:
+            session = await daemon.open_session([str(image)], tmp_path / "out")
+            cells = ["import os, resource\nprint(os.getcwd() == %r, resource.getrlimit(resource.RLIMIT_NPROC)[0], os.getuid() != 0)" % str(session.scratch),
+                     "print(image_1.size)", "while True:\n    pass"]
+            return [await daemon.run(session.id, cell) for cell in cells]
+        finally:
+            await daemon.stop()
+
+    where, size, loop = asyncio.run(main())
+    assert where["stdout"] == f"True {LIMITS.max_processes} True\n"
+    assert size["stdout"] == "(64, 48)\n" and loop["timed_out"]
 
 
 @pytest.mark.slow
