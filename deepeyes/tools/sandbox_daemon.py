@@ -193,6 +193,7 @@ class SandboxDaemon:
         """Run one cell; see the module docstring for what a timeout or a dead kernel returns."""
         session = self._session(session_id)
         async with session.lock:
+            self._session(session_id)  # closed while this call waited for the previous cell?
             session.last_used = time.monotonic()
             try:
                 kernel = await self._ensure_kernel(session)
@@ -327,6 +328,9 @@ class SandboxDaemon:
                     log.info("closing sandbox session %s: idle for %.0f s", session.id, now - session.last_used)
                     await self.close_session(session.id)
 
+    def forkserver_alive(self) -> bool:
+        return self._forkserver is not None and self._forkserver.poll() is None
+
     def stats(self) -> dict:
         return {
             "sessions": len(self._sessions), "max_sessions": self.max_sessions, "isolation": self.isolation,
@@ -372,7 +376,7 @@ def _describe_exit(code: int | None) -> str:
 
 
 def sandbox_app(daemon: SandboxDaemon, token: str) -> web.Application:
-    app = service_app(token, ready=lambda: daemon.ready)
+    app = service_app(token, ready=lambda: daemon.ready and daemon.forkserver_alive())
 
     async def open_session(request: web.Request) -> web.Response:
         body = await request.json()

@@ -326,7 +326,7 @@ def test_a_cancelled_cell_closes_its_session_and_the_next_cell_starts_fresh(sand
     assert asyncio.run(main()).stdout == "next False\n"
 
 
-def test_sessions_over_the_cap_wait_for_one_reaped_when_idle(image, tmp_path):
+def test_sessions_over_the_cap_wait_for_one_reaped_when_idle_and_a_dead_forkserver_fails_cleanly(image, tmp_path):
     async def main():
         daemon = SandboxDaemon(tmp_path / "sessions", LIMITS, max_sessions=1, idle_timeout_s=1.0)
         await daemon.start()
@@ -338,12 +338,18 @@ def test_sessions_over_the_cap_wait_for_one_reaped_when_idle(image, tmp_path):
             waited = time.monotonic() - started
             with pytest.raises(KeyError, match="idle"):
                 await daemon.run(first.id, "x")
-            return waited, await daemon.run(second.id, "print(2)")
+            second_result = await daemon.run(second.id, "print(2)")
+            await daemon.close_session(second.id)
+            os.kill(daemon.stats()["forkserver_pid"], 9)  # a dead fork-server: not ready, cells fail cleanly
+            await asyncio.sleep(0.2)
+            third = await daemon.open_session([], tmp_path / "out")
+            return waited, second_result, daemon.forkserver_alive(), await daemon.run(third.id, "1")
         finally:
             await daemon.stop()
 
-    waited, second = asyncio.run(main())
+    waited, second, alive, third = asyncio.run(main())
     assert 0.5 < waited < 10 and second["stdout"] == "2\n"
+    assert not alive and third["failed"] and "fork-server is gone" in third["stderr"]
 
 
 def test_without_isolation_sessions_still_get_limits_and_their_own_directory(image, tmp_path):
