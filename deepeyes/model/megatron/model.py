@@ -1,0 +1,156 @@
+"""Qwen2.5-VL on megatron-core: the HF vision tower feeding a megatron-core GPT language model.
+
+megatron-core has no Qwen2.5-VL vision tower, so the tower (ViT + merger) stays the Hugging Face
+module, frozen by default. On the first pipeline stage its output replaces the word embeddings
+at `<|image_pad|>` positions, exactly where the HF model puts it; later stages only see hidden
+states. The GPT model is used as the container of embedding, decoder, output layer and mrope
+(its parameter names are what dist-checkpointing and the conversion know); the forward here
+runs them itself so that the output layer projects only the positions a loss needs — with a
+150k vocabulary those logits, not the layers, dominate time and memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+from transformers import Qwen2_5_VLConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+from deepeyes.model.megatron.spec import decoder_block_spec
+
+IMAGE_TOKEN_ID = 151655
+
+
+@dataclass
+class PackedBatch:
+    """Several token sequences packed into one row (padding-free), as every stage sees it.
+
+    `attention_mask[0, 0, q, k]` is True where query q may NOT attend key k: causal inside each
+    sequence, nothing across sequences. `positions` are the (3, 1, T) mrope positions, restarting
+    per sequence. `logit_positions[i]` predicts `targets[i]` (the next token).
+    """
+
+    input_ids: torch.Tensor  # (1, T)
+    positions: torch.Tensor  # (3, 1, T)
+    attention_mask: torch.Tensor  # (1, 1, T, T) bool
+    logit_positions: torch.Tensor  # (K,)
+    targets: torch.Tensor  # (K,)
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+
+class Qwen2_5_VLMegatronModel(MegatronModule):
+    """One pipeline stage (or virtual chunk) of Qwen2.5-VL: vision tower on the first, output layer on the last."""
+
+    def __init__(self, config, hf_config: Qwen2_5_VLConfig, visual: torch.nn.Module | None,
+                 pre_process: bool, post_process: bool, vp_stage: int | None = None):
+        super().__init__(config=config)
+        text = hf_config.text_config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.model_type = ModelType.encoder_or_decoder  # what pipeline schedules ask of a model
+        self.image_token_id = hf_config.image_token_id
+        self.language = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(config, vp_stage),
+            vocab_size=text.vocab_size,
+            max_sequence_length=text.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+            position_embedding_type="mrope",
+            rotary_base=int(text.rope_parameters["rope_theta"]),
+            # The image embeddings are spliced in first; this module scatters the sequence itself.
+            scatter_embedding_sequence_parallel=False,
+            vp_stage=vp_stage,
+        )
+        self.visual = visual if pre_process else None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand a later stage its input here."""
+        self.language.set_input_tensor(input_tensor)
+
+    # finalize_model_grads asks the model these two, to sync tied embeddings across stages.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language.shared_embedding_or_output_weight()
+
+    def forward(self, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+        """Last stage: log p(targets) at `logit_positions`, shape (K,). Other stages: hidden states."""
+        language = self.language
+        decoder_input = self._embed(batch) if self.pre_process else None
+        rotary = language.rotary_pos_emb(batch.positions, language.mrope_section)
+        hidden = language.decoder(hidden_states=decoder_input, attention_mask=batch.attention_mask, rotary_pos_emb=rotary)
+        if not self.post_process:
+            return hidden
+        if self.config.sequence_parallel:
+            # The gradient arriving here is already whole on every rank (the all-reduce in
+            # copy_to_tensor_model_parallel_region below), so its backward only splits it.
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        selected = hidden[batch.logit_positions, 0]  # (K, hidden)
+        weight = language.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
+            else language.output_layer.weight
+        logits = torch.nn.functional.linear(tensor_parallel.copy_to_tensor_model_parallel_region(selected), weight)
+        logits = logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        return -tensor_parallel.vocab_parallel_cross_entropy(logits, batch.targets)
+
+    def _embed(self, batch: PackedBatch) -> torch.Tensor:
+        """Word embeddings with the vision tower's output at image positions, as (T, 1, hidden)."""
+        embeddings = self.language.embedding(input_ids=batch.input_ids, position_ids=None)  # (T, 1, h)
+        if batch.pixel_values is not None:
+            visual = self.visual
+            image_embeds = visual(batch.pixel_values.to(visual.dtype), grid_thw=batch.image_grid_thw).pooler_output
+            image_positions = (batch.input_ids[0] == self.image_token_id).nonzero().squeeze(1)
+            if image_positions.numel() != image_embeds.shape[0]:
+                raise ValueError(
+                    f"{image_positions.numel()} <|image_pad|> tokens but the images give {image_embeds.shape[0]} embeddings"
+                )
+            embeddings = embeddings.index_put((image_positions, torch.zeros_like(image_positions)),
+                                              image_embeds.to(embeddings.dtype))
+        if self.config.sequence_parallel:
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
+
+
+class _RopeIndex:
+    """Qwen2.5-VL's own mrope position rule (`Qwen2_5_VLModel.get_rope_index`), without its weights."""
+
+    def __init__(self, config: Qwen2_5_VLConfig):
+        self.config = config
+
+    get_rope_index = Qwen2_5_VLModel.get_rope_index
+    get_vision_position_ids = Qwen2_5_VLModel.get_vision_position_ids
+
+
+def mrope_positions(config: Qwen2_5_VLConfig, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+    """(3, len) mrope positions of one unpadded sequence whose images have grids `image_grid_thw`."""
+    ids = input_ids.unsqueeze(0)
+    types = (ids == config.image_token_id).to(torch.int32)
+    positions, _ = _RopeIndex(config).get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=image_grid_thw)
+    return positions[:, 0]
+
+
+def build_model_chunks(config, hf_config: Qwen2_5_VLConfig, visual: torch.nn.Module | None) -> list[Qwen2_5_VLMegatronModel]:
+    """This rank's model chunks (one, or one per virtual pipeline stage when interleaved)."""
+    from megatron.core import parallel_state
+
+    chunks = []
+    virtual = config.virtual_pipeline_model_parallel_size
+    for vp_stage in range(virtual or 1):
+        stage = vp_stage if virtual else None
+        chunks.append(Qwen2_5_VLMegatronModel(
+            config, hf_config, visual,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage,
+        ))
+    return chunks

@@ -1,0 +1,174 @@
+"""The Megatron training engine: model chunks under DDP, the optimizer, and one forward/backward.
+
+It computes what the reference trainer (deepeyes.train.forward.token_logprobs + the losses in
+deepeyes.train.losses) computes — per-token logprobs of masked positions, a token-mean loss
+over the whole mini-batch — with the work split over tensor, pipeline and data parallel ranks:
+
+- micro-batches are packed rows (deepeyes.train.megatron.batch); data-parallel rank r takes
+  every r-th sequence of the mini-batch, so ranks see disjoint sequences;
+- a loss function returns (sum of token losses, number of trained tokens); megatron-core adds
+  the counts over micro-batches and data-parallel ranks and divides the summed gradients by
+  the total (`calculate_per_token_loss`), which is the reference's token mean exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from deepeyes.model.megatron.convert import export_hf_state, load_hf_weights
+from deepeyes.model.megatron.model import build_model_chunks
+from deepeyes.model.megatron.spec import ParallelLayout, transformer_config
+from deepeyes.model.pixels import PixelCache
+from deepeyes.train.forward import TokenSequence
+from deepeyes.train.megatron.batch import pack, split_by_sequence
+
+# loss_fn(logprobs of each sequence's masked tokens, indices of those sequences in the mini-batch)
+#   -> (sum of token losses, number of trained tokens, {metric: summed value})
+LossFn = Callable[[list[torch.Tensor], list[int]], tuple[torch.Tensor, int, dict[str, float]]]
+
+
+@dataclass
+class OptimSettings:
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+    distributed: bool  # megatron's distributed optimizer (optimizer state sharded over DP ranks)
+
+
+class MegatronEngine:
+    """Model chunks of one rank, wrapped for data parallelism, with their optimizer."""
+
+    def __init__(self, hf_model, pixels: PixelCache, layout: ParallelLayout, optim: OptimSettings,
+                 dtype: torch.dtype = torch.float32):
+        self.hf_config = hf_model.config
+        self.pixels = pixels
+        self.layout = layout
+        self.config = transformer_config(hf_model.config.text_config, layout, dtype)
+        # Per-token loss: gradients are summed over ranks and micro-batches, then divided by
+        # the trained-token count of the whole mini-batch (see the module docstring).
+        self.config.calculate_per_token_loss = True
+        visual = hf_model.model.visual
+        chunks = build_model_chunks(self.config, hf_model.config, visual)
+        load_hf_weights(chunks, hf_model.state_dict(), hf_model.config)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=optim.distributed, overlap_grad_reduce=False,
+        )
+        self.chunks = [
+            DistributedDataParallel(self.config, ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        self.config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
+                adam_beta2=optim.betas[1], adam_eps=1e-8, clip_grad=optim.grad_clip,
+                use_distributed_optimizer=optim.distributed, params_dtype=dtype,
+                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+            ),
+            self.chunks,
+            config_overrides={},  # weight decay on every parameter, as the reference's AdamW
+        )
+
+    @property
+    def data_rank(self) -> tuple[int, int]:
+        return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+    def micro_batches(self, count: int, micro_batch_size: int) -> list[list[int]]:
+        """This rank's share of a mini-batch of `count` sequences, as lists of indices per micro-batch."""
+        rank, size = self.data_rank
+        mine = list(range(rank, count, size))
+        if not mine:
+            raise ValueError(f"a mini-batch of {count} sequences cannot feed {size} data-parallel ranks")
+        return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+    def forward_backward(self, sequences: Sequence[TokenSequence], micro_batch_size: int, loss_fn: LossFn,
+                         temperature: float = 1.0, forward_only: bool = False) -> dict[str, float]:
+        """Run this rank's micro-batches of `sequences` (the whole mini-batch, same on every rank).
+
+        Returns the loss function's metrics summed over the mini-batch (identical on every rank);
+        with `forward_only=False` the gradients are ready for `step()`.
+        """
+        micro = self.micro_batches(len(sequences), micro_batch_size)
+        pad_to = self.layout.tensor if self.config.sequence_parallel else 1
+        batches = [(pack([sequences[i] for i in indices], self.pixels, self.hf_config, pad_to), indices) for indices in micro]
+
+        def loss_func(indices: list[int], logprobs: torch.Tensor):
+            per_sequence = split_by_sequence(logprobs, [sequences[i] for i in indices])
+            loss, tokens, metrics = loss_fn(per_sequence, indices)
+            return loss, torch.tensor(tokens, dtype=torch.int), metrics
+
+        def forward_step(iterator, model):
+            batch, indices = next(iterator)
+            return model(batch, temperature), partial(loss_func, indices)
+
+        iterators = [iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches)
+        if not forward_only:
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators,
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(batches),
+            seq_length=max(b.input_ids.shape[1] for b, _ in batches),
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+        return self._sum_metrics(outputs)
+
+    def _sum_metrics(self, outputs: list[dict[str, float]]) -> dict[str, float]:
+        """Metrics summed over micro-batches and data-parallel ranks, sent from the last stage to all."""
+        totals: dict[str, float] = {}
+        for output in outputs if parallel_state.is_pipeline_last_stage() else []:
+            for key, value in output.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, totals if parallel_state.get_tensor_model_parallel_rank() == 0 else {})
+        summed: dict[str, float] = {}
+        for part in gathered:
+            for key, value in part.items():
+                summed[key] = summed.get(key, 0.0) + value
+        return summed
+
+    def step(self, lr: float) -> float:
+        """Clip and apply the accumulated gradients at learning rate `lr`; returns the norm before clipping."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError("optimizer step skipped (non-finite gradients)")
+        return float(grad_norm)
+
+    def logprobs(self, sequences: Sequence[TokenSequence], micro_batch_size: int,
+                 temperature: float = 1.0) -> list[torch.Tensor | None]:
+        """Logprobs of every sequence's masked tokens, without gradients (e.g. the old policy's).
+
+        Each sequence's entry is set on the last pipeline stage of the data-parallel rank that
+        computed it (the only place the loss needs it); None elsewhere.
+        """
+        results: list[torch.Tensor | None] = [None] * len(sequences)
+
+        def keep(per_sequence, indices):
+            for i, lp in zip(indices, per_sequence):
+                results[i] = lp.detach()
+            return per_sequence[0].sum() * 0, 0, {}
+
+        with torch.no_grad():
+            self.forward_backward(sequences, micro_batch_size, keep, temperature, forward_only=True)
+        return results
+
+    def hf_state(self, select=None) -> dict[str, torch.Tensor] | None:
+        """Current weights (or `select(param)` of each) as an HF state dict on global rank 0 (collective)."""
+        return export_hf_state([c.module for c in self.chunks], self.hf_config, select)

@@ -1,0 +1,160 @@
+"""What each rank of the multi-process tests runs (real torch.distributed over gloo).
+
+Every rank also computes the reference — the plain-PyTorch HF trainer's forward
+(`token_logprobs`), loss and AdamW steps — on the same mini-batches, and compares locally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from deepeyes.agent.chat import ChatEncoder
+from deepeyes.data import ensure_sample_data, read_sft_records
+from deepeyes.model import IMAGE_TOKEN_ID, ensure_tiny_model, load_model, load_processor
+from deepeyes.model.pixels import PixelCache
+from deepeyes.model.megatron.convert import save_hf_checkpoint
+from deepeyes.model.megatron.spec import ParallelLayout
+from deepeyes.train.forward import TokenSequence, token_logprobs
+from deepeyes.train.megatron.engine import MegatronEngine, OptimSettings
+from deepeyes.train.megatron.parallel import init_parallel
+from deepeyes.train.setup import build_optimizer, clip_and_step
+from deepeyes.config import OptimConfig
+from deepeyes.train.sft import encode_sft_dataset
+
+LR = 1e-5
+STEPS = 3
+MICRO = 2
+
+
+@dataclass
+class Case:
+    layout: ParallelLayout
+    distributed_optimizer: bool = False
+
+
+def join(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+def shorten(sequence: TokenSequence, keep_head: int = 16) -> TokenSequence:
+    """The sequence without most of its long system prompt (a CPU-sized, still valid sequence):
+    tokens between the first `keep_head` and a few before the first image are dropped."""
+    first_image = sequence.ids.index(IMAGE_TOKEN_ID) if IMAGE_TOKEN_ID in sequence.ids else len(sequence.ids)
+    cut = slice(keep_head, max(keep_head, first_image - 8))
+    ids, mask = list(sequence.ids), list(sequence.mask)
+    del ids[cut], mask[cut]
+    return TokenSequence(ids, sequence.images, mask)
+
+
+def sft_batches(tokenizer, pixels, count: int, steps: int):
+    """`steps` mini-batches of `count` shortened cold-start SFT sequences."""
+    sample = ensure_sample_data(n_per_family=4, seed=0)
+    sequences, _ = encode_sft_dataset(read_sft_records(sample.sft_train), ChatEncoder(tokenizer, pixels.tokens), 2048)
+    sequences = [shorten(s) for s in sequences][: count * steps]
+    return [sequences[i * count : (i + 1) * count] for i in range(steps)]
+
+
+def sft_loss(batch):
+    def loss_fn(per_sequence, indices):
+        loss = -sum(lp.sum() for lp in per_sequence)
+        tokens = sum(lp.numel() for lp in per_sequence)
+        return loss, tokens, {"loss_sum": float(loss.detach()), "tokens": tokens}
+    return loss_fn
+
+
+def reference_run(model, pixels, pad_id, batches):
+    """The reference trainer's SFT steps: losses, first-step gradients, final parameters."""
+    optimizer = build_optimizer(model, OptimConfig(lr=LR, grad_clip=1.0))
+    losses, first_grads = [], None
+    model.train()
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        tokens = sum(sum(s.mask) for s in batch)
+        total = 0.0
+        for start in range(0, len(batch), MICRO):
+            logprobs = token_logprobs(model, pixels, batch[start : start + MICRO], pad_id)
+            loss = -sum(lp.sum() for lp in logprobs) / tokens
+            loss.backward()
+            total += float(loss)
+        losses.append(total)
+        if first_grads is None:
+            first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        clip_and_step(model, optimizer, 1.0)
+    return losses, first_grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def parity(rank: int, world: int, port: int, cases: list[Case], results) -> None:
+    """For each case: losses of 3 SFT steps, step-1 gradients and final weights vs the reference."""
+    join(rank, world, port)
+    path = ensure_tiny_model()
+    processor = load_processor(path)
+    pixels = PixelCache(processor.image_processor, 3136, 50176)
+    pad_id = processor.tokenizer.pad_token_id
+    batches = sft_batches(processor.tokenizer, pixels, 4, STEPS)
+    if rank == 0:  # the only rank the gathered Megatron weights arrive on
+        ref_losses, ref_grads, ref_params = reference_run(load_model(path), pixels, pad_id, batches)
+    report = {}
+    for case in cases:
+        init_parallel(case.layout, seed=0)
+        engine = MegatronEngine(
+            load_model(path), pixels, case.layout,
+            OptimSettings(LR, 0.0, (0.9, 0.999), 1.0, case.distributed_optimizer),
+        )
+        losses, grad_diff = [], None
+        for step, batch in enumerate(batches):
+            metrics = engine.forward_backward(batch, MICRO, sft_loss(batch))
+            losses.append(metrics["loss_sum"] / metrics["tokens"])
+            if step == 0 and not case.distributed_optimizer:
+                grads = engine.hf_state(lambda p: p.main_grad)
+                if grads is not None:
+                    grad_diff = max((grads[n] - g).abs().max().item() for n, g in ref_grads.items())
+            engine.step(LR)
+        params = engine.hf_state()
+        if params is not None:
+            report[repr(case)] = {
+                "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+                "grad_diff": grad_diff,
+                "param_diff": max((params[n] - p).abs().max().item() for n, p in ref_params.items()),
+                "losses": losses,
+            }
+    if rank == 0:
+        results.put(report)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def conversion(rank: int, world: int, port: int, layouts: list[ParallelLayout], out_dir: str, results) -> None:
+    """Per layout: HF → Megatron → HF directory `<out_dir>/<i>`, and Megatron logprobs vs the HF model's."""
+    join(rank, world, port)
+    path = ensure_tiny_model()
+    processor = load_processor(path)
+    pixels = PixelCache(processor.image_processor, 3136, 50176)
+    batch = sft_batches(processor.tokenizer, pixels, 4, 1)[0]
+    hf = load_model(path)
+    with torch.no_grad():
+        want = token_logprobs(hf, pixels, batch, processor.tokenizer.pad_token_id)
+    report = []
+    for i, layout in enumerate(layouts):
+        init_parallel(layout, seed=0)
+        engine = MegatronEngine(hf, pixels, layout, OptimSettings(LR, 0.0, (0.9, 0.999), 1.0, False))
+        got = engine.logprobs(batch, MICRO)
+        diffs = [(got[j] - want[j]).abs().max().item() for j, lp in enumerate(got) if lp is not None]
+        if parallel_state.get_tensor_model_parallel_rank() != 0:
+            diffs = []  # the same sequences as tensor rank 0
+        gathered = [None] * world
+        dist.all_gather_object(gathered, diffs)
+        state = engine.hf_state()
+        if rank == 0:
+            save_hf_checkpoint(state, hf.config, f"{out_dir}/{i}")
+            scored = [d for part in gathered for d in part]
+            report.append({"logprob_diff": max(scored), "scored_sequences": len(scored)})
+    if rank == 0:
+        results.put(report)
+    dist.barrier()
+    dist.destroy_process_group()
