@@ -3,7 +3,7 @@ filter, metrics, the tool-use analysis and its plots."""
 
 from deepeyes.eval.benchmarks import Benchmark, load_benchmark
 from deepeyes.eval.difficulty import run_filter
-from deepeyes.eval.evaluate import GRADERS, evaluate, run_eval
+from deepeyes.eval.evaluate import GRADERS, run_eval
 from deepeyes.eval.metrics import benchmark_metrics
 from deepeyes.eval.tool_use import TOOL_KINDS, classify_code, tool_kinds
 
@@ -13,7 +13,6 @@ __all__ = [
     "Benchmark",
     "benchmark_metrics",
     "classify_code",
-    "evaluate",
     "load_benchmark",
     "run_eval",
     "run_filter",

@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.runtime import AgentRuntime, build_engine, build_toolbox, episode_limits, run_scored
 from deepeyes.agent.tool_session import clear_scratch
@@ -70,6 +72,25 @@ def write_report(out_dir: Path, all_metrics: list[dict[str, Any]]) -> dict[str, 
     paths["tool_use_share"] = plot_tool_use_share(all_metrics, out_dir / "plots" / "tool_use_share.png")
     paths["tool_distribution"] = plot_tool_distribution(all_metrics, out_dir / "plots" / "tool_distribution.png")
     return paths
+
+
+def combine_reports(sweep_dir: Path) -> dict[str, Path]:
+    """One report and one set of plots over every run under `sweep_dir` (a multirun over
+    benchmarks), next to them; runs are ordered by directory name."""
+    sweep_dir = Path(sweep_dir)
+    runs = sorted(path for path in sweep_dir.glob("*/report.json"))
+    if not runs:
+        raise FileNotFoundError(f"no */report.json under {sweep_dir}")
+    return write_report(sweep_dir, [m for run in runs for m in json.loads(run.read_text())])
+
+
+class CombineReports(Callback):
+    """Hydra callback (conf/eval.yaml): after `python jobs/eval.py -m benchmark=a,b,...`, the
+    benchmarks' reports are combined in the sweep directory."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        paths = combine_reports(Path(config.hydra.sweep.dir))
+        log.info("combined report: %s", paths["report_md"])
 
 
 def write_predictions(path: Path, trajectories: list[Trajectory]) -> None:

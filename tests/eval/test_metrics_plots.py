@@ -8,7 +8,7 @@ from PIL import Image
 
 from deepeyes.agent.trajectory import ToolCall, Trajectory
 from deepeyes.data import Record
-from deepeyes.eval.evaluate import write_report
+from deepeyes.eval.evaluate import combine_reports, write_report
 from deepeyes.eval.metrics import benchmark_metrics, flat_metrics
 from deepeyes.eval.plots import plot_training_curves
 
@@ -71,3 +71,13 @@ def test_training_curves_from_metrics_jsonl(tmp_path):
 def assert_drawn(path):
     pixels = np.asarray(Image.open(path).convert("L"))
     assert pixels.shape[0] > 100 and (pixels < 200).mean() > 0.01  # axes, bars and text drawn
+
+
+def test_a_multirun_over_benchmarks_gets_one_combined_report(tmp_path, realx_run):
+    for run, name in (("0", "realx"), ("1", "vstar")):
+        write_report(tmp_path / "sweep" / run, [benchmark_metrics(name, realx_run, tools=True)])
+    paths = combine_reports(tmp_path / "sweep")
+    assert [m["benchmark"] for m in json.loads(paths["report_json"].read_text())] == ["realx", "vstar"]
+    assert paths["tool_use_share"].parent == tmp_path / "sweep" / "plots"
+    with pytest.raises(FileNotFoundError, match="no \\*/report.json"):
+        combine_reports(tmp_path / "empty")
