@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,8 @@ from deepeyes.model.pixels import PixelCache
 from deepeyes.model.megatron.convert import save_hf_checkpoint
 from deepeyes.model.megatron.spec import ParallelLayout
 from deepeyes.train.forward import TokenSequence, token_logprobs
+from deepeyes.train.checkpoint import TrainerState, rng_state
+from deepeyes.train.megatron.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
 from deepeyes.train.megatron.engine import MegatronEngine, OptimSettings
 from deepeyes.train.megatron.parallel import init_parallel
 from deepeyes.train.setup import build_optimizer, clip_and_step
@@ -156,5 +159,41 @@ def conversion(rank: int, world: int, port: int, layouts: list[ParallelLayout], 
             report.append({"logprob_diff": max(scored), "scored_sequences": len(scored)})
     if rank == 0:
         results.put(report)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def resume(rank: int, world: int, port: int, save_layout: ParallelLayout, load_layout: ParallelLayout,
+           out_dir: str, results) -> None:
+    """Train 1 step at `save_layout`, save, take step 2; reload at `load_layout`, take step 2 again."""
+    join(rank, world, port)
+    path = ensure_tiny_model()
+    processor = load_processor(path)
+    pixels = PixelCache(processor.image_processor, 3136, 50176)
+    first, second = sft_batches(processor.tokenizer, pixels, 4, 2)
+    settings = OptimSettings(LR, 0.0, (0.9, 0.999), 1.0, False)
+
+    def next_loss(engine):
+        metrics = engine.forward_backward(second, MICRO, sft_loss(second))
+        engine.step(LR)
+        return metrics["loss_sum"] / metrics["tokens"], engine.hf_state()
+
+    init_parallel(save_layout, seed=0)
+    engine = MegatronEngine(load_model(path), pixels, save_layout, settings)
+    engine.forward_backward(first, MICRO, sft_loss(first))
+    engine.step(LR)
+    state = TrainerState(1, None, {"epoch": 0, "position": 4}, None, rng_state())
+    checkpoint = save_megatron_checkpoint(Path(out_dir), engine, processor, state)
+    expected, expected_params = next_loss(engine)
+
+    init_parallel(load_layout, seed=0)
+    engine = MegatronEngine(load_model(path), pixels, load_layout, settings)  # fresh weights, then the checkpoint
+    restored = load_megatron_checkpoint(checkpoint, engine)
+    got, got_params = next_loss(engine)
+    if rank == 0:
+        results.put({
+            "loss_diff": abs(got - expected), "step": restored.step, "data": restored.data,
+            "param_diff": max((got_params[k] - v).abs().max().item() for k, v in expected_params.items()),
+        })
     dist.barrier()
     dist.destroy_process_group()
