@@ -217,3 +217,12 @@ def test_image_search_cache_bad_entries(tmp_path, entry, problem):
     with pytest.raises(RecordError, match=problem) as err:
         convert_image_search_cache(cache, tmp_path, rl, tmp_path / "index.jsonl")
     assert (err.value.source, err.value.row) == (str(cache), 1)
+
+
+def test_verl_question_from_content_parts_when_extra_info_has_none(tmp_path):
+    row = verl_row(0)
+    row["extra_info"] = {"index": 3}
+    row["prompt"] = [{"role": "user", "content": [{"type": "image", "text": None},
+                                                  {"type": "text", "text": "\nWhich way is the arrow pointing?"}]}]
+    [record] = read_records(convert_verl_parquet([write_parquet(tmp_path / "p.parquet", [row])], tmp_path / "o.jsonl").output)
+    assert record.question == "Which way is the arrow pointing?"

@@ -121,11 +121,27 @@ def _question(value: dict[str, Any], extra: dict[str, Any]) -> str:
     prompt = value.get("prompt")
     if not isinstance(prompt, list):
         raise RowProblem("key 'prompt': expected a list of messages (and no extra_info.question)")
-    users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-    if not users or not isinstance(users[-1], str):
-        raise RowProblem("key 'prompt': no user message with string content")
+    users = [_text(m.get("content")) for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    if not users or users[-1] is None:
+        raise RowProblem("key 'prompt': no user message with text content")
     question = users[-1].removeprefix(IMAGE_PLACEHOLDER).lstrip("\n")
     return question.removesuffix(_INSTRUCTION).rstrip()
+
+
+def _text(content: Any) -> str | None:
+    """A message's text: a string, or the text parts of an OpenAI-style list of content parts
+    (an image part becomes a placeholder)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    pieces = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        elif isinstance(part, dict) and part.get("type") == "image":
+            pieces.append(IMAGE_PLACEHOLDER)
+    return "".join(pieces) if pieces else None
 
 
 def _image(item: Any, index: int, store: ImageStore, image_root: Path) -> Path:
