@@ -201,6 +201,19 @@ class RunConfig:
 
 
 @dataclass
+class TrainerConfig:
+    """Which trainer runs the updates, and how a Megatron one is split over ranks."""
+
+    backend: str = "hf"  # "hf": plain PyTorch on the HF model (the reference) | "megatron": megatron-core
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
+    sequence_parallel: bool = False
+    recompute: bool = False  # full activation recompute of every layer
+    distributed_optimizer: bool = False  # optimizer state sharded over data-parallel ranks
+
+
+@dataclass
 class RLJobConfig:
     nodes: int = 1  # shorthand for cluster.nodes
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -211,6 +224,7 @@ class RLJobConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -223,6 +237,7 @@ class SFTJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
     sft: SFTConfig = field(default_factory=SFTConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -244,6 +259,7 @@ class BenchmarkConfig:
 class EvalConfig:
     n: int = 1  # samples per question; accuracy is the mean over all of them
     temperature: float = 0.0  # 0 = greedy (then n > 1 repeats the same answer)
+    questions_per_batch: int = 64  # questions whose rollouts run together (bounds memory and sandboxes)
     grader: str = "rule"  # "rule" = deepeyes.reward.accuracy (normalized match + math-verify)
     table_rows: int = 16  # sample trajectories logged to the wandb table
     # An RL run directory: its metrics.jsonl is plotted as plots/training_curves.png (response
@@ -333,6 +349,7 @@ _CHOICES = {
     "eval.grader": ("rule",),
     "prepare.on_bad_record": ("raise", "skip"),
     "cluster.name": ("local", "slurm"),
+    "trainer.backend": ("hf", "megatron"),
 }
 
 
@@ -360,7 +377,7 @@ def _check_positive(cfg: DictConfig) -> None:
         "rollout.n", "rollout.max_turn_tokens", "rollout.max_response_tokens", "rollout.max_turns",
         "rollout.max_batch", "grpo.prompts_per_step", "grpo.steps", "grpo.micro_batch_size",
         "sft.epochs", "sft.batch_size", "sft.micro_batch_size", "sft.cutoff_len", "optim.lr",
-        "eval.n", "filter.k", "filter.prompts_per_batch",
+        "eval.n", "eval.questions_per_batch", "filter.k", "filter.prompts_per_batch",
     ):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value <= 0:
