@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,21 @@ def evaluate(
     seed: int = 0,
     grader: Grader = accuracy,
     temperature: float | None = None,
+    questions_per_batch: int = 64,
+    after_batch: Callable[[], None] = lambda: None,
 ) -> tuple[dict[str, Any], list[Trajectory]]:
-    """Run and score every question of the benchmark n times; (metrics, trajectories).
-    `temperature` overrides the rollout config's (0 = greedy)."""
+    """Run and score every question of the benchmark n times, `questions_per_batch` questions at a
+    time (`after_batch` runs after each); (metrics, trajectories). `temperature` overrides the
+    rollout config's (0 = greedy)."""
     limits = episode_limits(rollout_cfg, max_turns=None if tools else 1)
     if temperature is not None:
         limits = replace(limits, temperature=temperature)
-    trajectories = run_scored(runtime, benchmark.records, n, limits, seed, reward_cfg, grader)
+    trajectories: list[Trajectory] = []
+    records = benchmark.records
+    for batch, start in enumerate(range(0, len(records), questions_per_batch)):
+        chunk = records[start : start + questions_per_batch]
+        trajectories += run_scored(runtime, chunk, n, limits, seed, reward_cfg, grader, step=batch)
+        after_batch()
     for t in trajectories:
         # A question with several accepted answers (MMSearch) is right when any of them matches.
         alternatives = t.record.metadata.get("alternative_answers") or []
@@ -151,7 +160,7 @@ def run_eval(cfg: EvalJobConfig) -> dict[str, Any]:
     runtime = AgentRuntime(build_engine(policy, cfg.rollout), encoder, toolbox)
     metrics, trajectories = evaluate(
         runtime, benchmark, bench_cfg.tools, cfg.rollout, cfg.reward, cfg.eval.n, cfg.run.seed, GRADERS[cfg.eval.grader],
-        cfg.eval.temperature,
+        cfg.eval.temperature, cfg.eval.questions_per_batch, policy.pixels.release,
     )
     write_predictions(out_dir / "predictions.jsonl", trajectories)
     report = write_report(out_dir, [metrics])

@@ -99,15 +99,19 @@ def test_eval_on_every_benchmark_adapter(tools, tmp_path, tools_on):
     for name, layout, path, image_root in formats.all_benchmarks(tmp_path):
         bench = load_benchmark(name, layout, path, image_root, tmp_path / "cache", on_error="skip")
         turns = {}
-        for group, record in enumerate(bench.records):
-            right = record.metadata.get("alternative_answers", [record.answer])[0] if group == 0 else record.answer
-            if group % 2:
-                turns[episode_seed(0, 0, group, 0, 0)] = SEARCH
-                turns[episode_seed(0, 0, group, 0, 1)] = answer(right)
+        for index, record in enumerate(bench.records):
+            step, group = divmod(index, 2)  # two questions per batch
+            right = record.metadata.get("alternative_answers", [record.answer])[0] if index == 0 else record.answer
+            if index % 2:
+                turns[episode_seed(0, step, group, 0, 0)] = SEARCH
+                turns[episode_seed(0, step, group, 0, 1)] = answer(right)
             else:
-                turns[episode_seed(0, 0, group, 0, 0)] = answer(right)
+                turns[episode_seed(0, step, group, 0, 0)] = answer(right)
         runtime = AgentRuntime(ScriptedPolicy(encoder, turns), encoder, toolbox)
-        metrics, trajectories = evaluate(runtime, bench, tools_on, ROLLOUT, RewardConfig())
+        batches = []
+        metrics, trajectories = evaluate(runtime, bench, tools_on, ROLLOUT, RewardConfig(), questions_per_batch=2,
+                                         after_batch=lambda: batches.append(1))
+        assert len(batches) == (len(bench.records) + 1) // 2
         n = len(bench.records)
         solved = n if tools_on else (n + 1) // 2  # without tools the searching half never answers
         assert metrics["accuracy"] == pytest.approx(solved / n), name
