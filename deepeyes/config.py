@@ -201,6 +201,19 @@ class RunConfig:
 
 
 @dataclass
+class TrainerConfig:
+    """Which trainer runs the updates, and how a Megatron one is split over ranks."""
+
+    backend: str = "hf"  # "hf": plain PyTorch on the HF model (the reference) | "megatron": megatron-core
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
+    sequence_parallel: bool = False
+    recompute: bool = False  # full activation recompute of every layer
+    distributed_optimizer: bool = False  # optimizer state sharded over data-parallel ranks
+
+
+@dataclass
 class RLJobConfig:
     nodes: int = 1  # shorthand for cluster.nodes
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -211,6 +224,7 @@ class RLJobConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -223,6 +237,7 @@ class SFTJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
     sft: SFTConfig = field(default_factory=SFTConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -334,6 +349,7 @@ _CHOICES = {
     "eval.grader": ("rule",),
     "prepare.on_bad_record": ("raise", "skip"),
     "cluster.name": ("local", "slurm"),
+    "trainer.backend": ("hf", "megatron"),
 }
 
 
