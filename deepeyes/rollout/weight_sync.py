@@ -31,9 +31,9 @@ class PublishedWeights:
     bytes: int
 
 
-def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters an optimizer can change, by state-dict name."""
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+def trained_state(model: torch.nn.Module, everything: bool = False) -> dict[str, torch.Tensor]:
+    """The parameters an optimizer can change (with `everything`, all of them), by name."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if everything or p.requires_grad}
 
 
 def publish_weights(model: torch.nn.Module, root: Path, version: int, keep: int = 2) -> PublishedWeights:
@@ -89,8 +89,10 @@ class WeightSync:
         self.last_seconds = 0.0
         self.last_bytes = 0
 
-    def publish(self, model: torch.nn.Module, version: int) -> None:
-        snapshot = trained_state(model)
+    def publish(self, model: torch.nn.Module, version: int, everything: bool = False) -> None:
+        """`everything`: frozen parameters too — once at the start, so servers that loaded another
+        checkpoint (the base model rather than the SFT result, say) serve exactly the trainer's."""
+        snapshot = trained_state(model, everything)
         if self.max_staleness:  # written while the next update may already change the parameters
             snapshot = {name: tensor.clone() for name, tensor in snapshot.items()}
         self._pending.append((version, self._worker.submit(self._publish, snapshot, version)))

@@ -83,12 +83,12 @@ class GRPOTrainer:
         metrics.update(self.service_metrics())
         return metrics, trajectories
 
-    def publish_weights(self, version: int) -> None:
+    def publish_weights(self, version: int, everything: bool = False) -> None:
         """Make `version` (the weights after this many optimizer steps) what rollouts use."""
         if self.weight_sync is None:
             self.engine.weight_version = version  # in process: the engine samples from the trained model itself
         else:
-            self.weight_sync.publish(self.policy.model, version)
+            self.weight_sync.publish(self.policy.model, version, everything)
 
     def service_metrics(self) -> dict[str, float]:
         """Cumulative counts: rollout-server failures (each retried elsewhere), judge fallbacks."""
@@ -296,8 +296,9 @@ def train_grpo(cfg: RLJobConfig) -> Path:
         set_rng_state(state.rng)
         start, run_id = state.step, state.run_id
         log.info("resuming from %s at step %d", resume, start)
-    if start:
-        trainer.publish_weights(start)  # servers started from this checkpoint; now they know its version
+    # Servers may have started from another checkpoint (the launcher's model path, or before a
+    # resume): from here on they serve the trainer's weights, labelled with its step.
+    trainer.publish_weights(start, everything=True)
     logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id)
     console = Console()
     checkpoint = resume
