@@ -1,6 +1,7 @@
 """Rollout servers as separate processes on loopback, reached only through RolloutClient."""
 
 import asyncio
+import json
 import os
 import signal
 import urllib.error
@@ -13,11 +14,11 @@ from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.protocol import SYSTEM_PROMPT, user_prompt
 from deepeyes.config import ModelConfig
 from deepeyes.data import read_records
-from deepeyes.launch.service import read_token
+from deepeyes.launch.service import auth_headers, read_token
 from deepeyes.rollout.api import GenerateRequest, SamplingParams
 from deepeyes.rollout.client import RolloutClient, RolloutUnavailable
 from deepeyes.rollout.hf_engine import HFRolloutEngine
-from deepeyes.rollout.weight_sync import publish_weights
+from deepeyes.rollout.weight_sync import WeightSync, publish_weights
 from deepeyes.train.forward import TokenSequence, token_logprobs
 from deepeyes.train.setup import load_policy
 
@@ -119,6 +120,23 @@ async def _update_then_close(client, published):
         return await client.update_weights(published.version, published.path)
     finally:
         await client.close()
+
+
+def test_with_a_staleness_bound_publishing_overlaps_and_is_awaited_only_when_needed(
+    two_servers, token_file, policy, tmp_path
+):
+    sync = WeightSync(lambda: client_for(two_servers, token_file), tmp_path, max_staleness=1)
+    try:
+        sync.publish(policy.model, version=5)  # returns at once: the next rollout may use version 4
+        sync.wait_for(4)
+        assert sync._pending  # version 5 is not required yet
+        sync.wait_for(5)
+        assert not sync._pending
+        info = [json.load(urllib.request.urlopen(urllib.request.Request(
+            s.url + "/info", headers=auth_headers(read_token(token_file))), timeout=10)) for s in two_servers]
+        assert [i["weight_version"] for i in info] == [5, 5]
+    finally:
+        sync.close()
 
 
 def test_a_batch_completes_when_one_of_two_servers_dies_mid_batch(two_servers, token_file, requests):
