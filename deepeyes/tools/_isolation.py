@@ -148,6 +148,9 @@ def drop_privileges(uid: int | None) -> None:
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     else:
+        # No user namespaces inside this one: in one, code would be root again over new mounts
+        # (tmpfs pages outside RLIMIT_AS) and over more of the kernel's surface.
+        Path("/proc/sys/user/max_user_namespaces").write_text("0")
         header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
         _check(_libc.capset(header, bytes(24)), "capset")
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from deepeyes.launch.service import auth_headers, free_port, new_token_file
+from deepeyes.launch.service import LocalService, auth_headers, free_port, local_services, new_token_file, read_token
 from deepeyes.tools import LocalSandbox, SandboxClient, SandboxError, SandboxLimits, daemon_command
 from deepeyes.tools.sandbox_daemon import SandboxDaemon
 
@@ -369,6 +369,29 @@ def test_without_isolation_sessions_still_get_limits_and_their_own_directory(ima
     where, size, loop = asyncio.run(main())
     assert where["stdout"] == f"True {LIMITS.max_processes} True\n"
     assert size["stdout"] == "(64, 48)\n" and loop["timed_out"]
+
+
+@pytest.mark.slow
+def test_as_a_normal_user_sessions_are_isolated_in_their_own_user_namespace(image, tmp_path):
+    """The branch clusters without root take (user namespace + dropped capabilities), run here
+    by starting the daemon as uid 1000 of a user namespace."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare")
+    port, token_file = free_port(), new_token_file(tmp_path)
+    command = ["unshare", "--user", "--map-user=1000", "--map-group=1000", "--"]
+    command += daemon_command(port, token_file, tmp_path / "sessions", LIMITS)
+    service = LocalService("sandbox", command, port, read_token(token_file), tmp_path / "sandbox.log")
+    cells = [
+        "import os, socket\nprint(os.getuid(), os.getpid(), os.listdir('/proc/self/fd') and 'ok')",
+        "open('/etc/passwd')",
+        "socket.create_connection(('127.0.0.1', 9), timeout=2)",
+        "import ctypes\nprint(ctypes.CDLL(None).unshare(0x10000000))",  # a nested user namespace: refused
+    ]
+    with local_services([service], ready_timeout_s=120):
+        who, etc, connect, nested = run_cells(SandboxClient(service.url, service.token), [image], tmp_path, cells)
+    assert who.stdout == "0 1 ok\n"  # root of its own user namespace, pid 1 of its own pid namespace
+    assert "FileNotFoundError" in etc.stderr and "Network is unreachable" in connect.stderr
+    assert nested.stdout == "-1\n"
 
 
 @pytest.mark.slow
