@@ -7,8 +7,9 @@ the command starts to the moment step 1's rollouts are written, in parts:
 
     submit        compose the config, plan, `sbatch --test-only`, submitit's sbatch (job id known)
     queue_wait    job id known → node agent running on its node
-    service_start node agent running → every role ready on every node (the rollout server on node 1)
-    model_load    trainer process started → first step begins (imports, model, data, optimizer)
+    service_start node agent running → every service ready on every node (the rollout server on
+                  node 1, search, sandboxes); the trainer does its imports meanwhile
+    model_load    every service ready → first step begins (model, data, optimizer)
     first_step    the first GRPO step (rollout + update)
 
 Baselines measured in the same run: the same job with `cluster=local` (the trainer in this
@@ -67,7 +68,6 @@ def main() -> None:
         nodes = [json.loads(p.read_text()) for p in launch.glob("run_*/node_*.json")]
         agent_start = min(n["timings"]["agent_start"] for n in nodes)
         services_ready = max(n["timings"]["services_ready"] for n in nodes)
-        trainer_start = next(n["timings"]["trainer_start"] for n in nodes if "trainer" in n["roles"])
         first_metrics = json.loads((slurm_dir / "metrics.jsonl").read_text().splitlines()[0])
         step_end = (slurm_dir / "rollouts" / "step_000001.jsonl").stat().st_mtime
         first_step = first_metrics["timing/step_s"]
@@ -75,7 +75,7 @@ def main() -> None:
             "submit_s": submitted - started,
             "queue_wait_s": agent_start - submitted,
             "service_start_s": services_ready - agent_start,
-            "model_load_s": step_end - first_step - trainer_start,
+            "model_load_s": step_end - first_step - services_ready,
             "first_step_s": first_step,
         }
     for name, seconds in parts.items():

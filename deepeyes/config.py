@@ -32,7 +32,7 @@ class ClusterConfig:
     gpus_per_node: int = 0
     cpus_per_node: int = 0  # 0 = Slurm's default
     mem_gb: int = 0  # per node; 0 = all of the node's memory
-    # Nodes that run rollout servers instead of trainer ranks; -1 = half of them (none with one node).
+    # Nodes that run rollout servers instead of training; -1 = all but the first.
     rollout_nodes: int = -1
     partition: Optional[str] = None
     account: Optional[str] = None

@@ -105,15 +105,17 @@ class NodeAgent:
         # leave quietly, without reporting the roles' deaths as a failure of this run.
         signal.signal(signal.SIGTERM, _exit_on_signal)
         try:
-            self._start_services([r for r in roles if not r.main])
-            self.timings["services_ready"] = time.time()
-            self._mark("ready", "")
+            services = [r for r in roles if not r.main]
+            for role in services:
+                self.services.append(self._start(role))
             trainer = next((r for r in roles if r.main), None)
             if trainer is not None:
-                self._wait_for_all_nodes_ready()
-                self.trainer = self._service(trainer)
-                self.trainer.start()
+                # Started now, it imports while the services load, then waits until every node is ready.
+                self.trainer = self._start(trainer)
                 self.timings["trainer_start"] = time.time()
+            self._wait_until_ready(services)
+            self.timings["services_ready"] = time.time()
+            self._mark("ready", "")
             exit_code = self._watch()
         except LaunchError as error:
             self._mark("failed", str(error))
@@ -172,39 +174,45 @@ class NodeAgent:
             "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",  # one trainer process until trainers shard
             "DEEPEYES_TOKEN_FILE": str(self.token_file),
             "DEEPEYES_SERVICES": json.dumps(services),
-            "DEEPEYES_LAUNCH_DIR": str(self.launch_dir),
+            "DEEPEYES_RUN_DIR": str(self.run_dir),
         }
 
-    def _start_services(self, roles: list[Role]) -> None:
-        # Slurm signals every process of a job step; services must outlive SIGUSR2 until the
-        # trainer has checkpointed. An ignored signal stays ignored across exec.
+    def _start(self, role: Role) -> LocalService:
+        service = self._service(role)
+        # Slurm signals every process of a job step: services must outlive SIGUSR2 until the
+        # trainer has checkpointed, and the trainer must not die of it while it loads (its loop
+        # takes the signal over). An ignored signal stays ignored across exec.
         previous = signal.signal(STOP_SIGNAL, signal.SIG_IGN)
         try:
-            for role in roles:
-                service = self._service(role)
-                try:
-                    service.start()
-                except OSError as error:
-                    raise LaunchError(f"{self.node_name}: role {role.name} could not start {role.command}: {error}")
-                self.services.append(service)
+            service.start()
+        except OSError as error:
+            raise LaunchError(f"{self.node_name}: role {role.name} could not start {role.command}: {error}") from None
         finally:
             signal.signal(STOP_SIGNAL, previous)
-        for role, service in zip(roles, self.services):
-            if not role.ready:
-                continue
-            try:
-                service.wait_ready(self.plan.ready_timeout_s)
-            except (RuntimeError, TimeoutError) as error:
-                raise LaunchError(f"{self.node_name}: role {role.name} failed its health check: {error}") from None
-            self.timings[f"{role.name}_ready"] = time.time()
+        return service
 
-    def _wait_for_all_nodes_ready(self) -> None:
+    def _wait_until_ready(self, roles: list[Role]) -> None:
+        """Until every role with a ready check answers; fails as soon as one exits, time runs out,
+        or another node fails."""
         deadline = time.monotonic() + self.plan.ready_timeout_s
-        while len(list(self.run_dir.glob("ready_*"))) < self.plan.nodes:
+        pending = [(role, service) for role, service in zip(roles, self.services) if role.ready]
+        while pending:
+            for role, service in list(pending):
+                try:
+                    service.wait_ready(0)  # one look: raises TimeoutError while not ready yet
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise LaunchError(
+                            f"{self.node_name}: role {role.name} failed its health check: not ready on "
+                            f"{service.url} after {self.plan.ready_timeout_s:.0f} s; last log lines "
+                            f"({service.log_path}):\n{service.log_tail()}"
+                        ) from None
+                    continue
+                except RuntimeError as error:  # it exited
+                    raise LaunchError(f"{self.node_name}: role {role.name} failed its health check: {error}") from None
+                pending.remove((role, service))
+                self.timings[f"{role.name}_ready"] = time.time()
             self._raise_if_another_node_failed()
-            if time.monotonic() > deadline:
-                ready = sorted(p.name for p in self.run_dir.glob("ready_*"))
-                raise LaunchError(f"not every node was ready after {self.plan.ready_timeout_s:.0f} s (ready: {ready})")
             time.sleep(POLL_S)
 
     def _watch(self) -> int | None:
@@ -249,6 +257,16 @@ class NodeAgent:
 
 def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
+
+
+def wait_for_all_nodes(run_dir: Path, nodes: int, timeout_s: float) -> None:
+    """Until every node's agent has marked its roles ready (the trainer waits for this)."""
+    deadline = time.monotonic() + timeout_s
+    while len(list(run_dir.glob("ready_*"))) < nodes:
+        if time.monotonic() > deadline:
+            ready = sorted(p.name for p in run_dir.glob("ready_*"))
+            raise LaunchError(f"not every node was ready after {timeout_s:.0f} s (ready: {ready})")
+        time.sleep(POLL_S)
 
 
 def failure_messages(launch_dir: Path) -> list[str]:

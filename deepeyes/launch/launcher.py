@@ -7,6 +7,7 @@ in a key fails at composition), the plan (nodes, GPUs, memory estimate) and the 
 
     LAUNCH_DIR = <run.out_dir>/launch/
         plan.json, config.yaml (resolved), service_token (0600), job.sbatch, slurm_job_id
+        sbatch_logs/                the agents' output when job.sbatch is submitted by hand
         submitit/<job id>/          submitit's pickles and the node agents' stdout/stderr
         run_<job id>_<restart>/     per-node markers and summaries, one log per role
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from deepeyes.config import to_object
 from deepeyes.launch.plan import LaunchPlan, build_plan
+from deepeyes.launch.trainer import run_training
 from deepeyes.launch.service import new_token_file
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,9 @@ def launch(job: str, cfg: DictConfig) -> None:
     _group_sweep_runs(cfg)
     typed = to_object(cfg)
     if typed.cluster.name == "local" and not typed.cluster.dry_run:
-        _train_here(job, typed)
+        exit_code = run_training(job, typed)  # REQUEUE_EXIT_CODE after a SIGUSR2 checkpoint
+        if exit_code:
+            sys.exit(exit_code)
         return
     launch_dir = Path(typed.run.out_dir).resolve() / "launch"
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
@@ -69,17 +74,6 @@ def write_launch_dir(job: str, cfg: DictConfig, typed, launch_dir: Path) -> Laun
     new_token_file(launch_dir)
     (launch_dir / "plan.json").write_text(plan.to_json())
     return plan
-
-
-def _train_here(job: str, typed) -> None:
-    if job == "rl":
-        from deepeyes.train.grpo import train_grpo
-
-        train_grpo(typed)
-    else:
-        from deepeyes.train.sft import train_sft
-
-        train_sft(typed)
 
 
 def _run_on_this_allocation(job: str, cfg: DictConfig, typed, launch_dir: Path) -> None:

@@ -5,11 +5,11 @@ so a new service joins the plan by adding one `Role` (or, without code, `cluster
 The same plan is printed before submission (`cluster.dry_run=true`), rendered into an sbatch
 script, and executed by the node agent on every allocated node.
 
-Placement, for `nodes` nodes of `gpus_per_node` GPUs each (R = rollout_nodes, half by default):
+Placement, for `nodes` nodes of `gpus_per_node` GPUs each (R = rollout_nodes, all but node 0 by default):
 
     node 0                  trainer (all its GPUs), search service
     the last R nodes        one rollout server each (all its GPUs); with R = 0, `rollout.servers`
-                            servers share node 0
+                            servers share node 0 (and the second half of its GPUs)
     the last node           the judge (a rollout server with the judge model), when enabled
     every node              a sandbox daemon (loopback only), each `cluster.extra_roles` entry
 
@@ -88,8 +88,9 @@ class LaunchPlan:
         lines = [f"launch plan: {self.job} on {self.nodes} node(s) x {self.gpus_per_node} GPU(s)"]
         for node in range(self.nodes):
             need = self.memory_needed_gb(node)
-            have = f"{self.mem_gb} GB requested" if self.mem_gb else "whole node requested"
-            lines.append(f"  node {node}: memory need ~{need:.1f} GB ({have})")
+            have = f"{self.mem_gb} GB requested" if self.mem_gb else "the whole node requested"
+            cpus = self.cpus_per_node or "Slurm's default"
+            lines.append(f"  node {node}: {cpus} CPUs; memory need ~{need:.1f} GB ({have})")
             for role in self.roles_on(node):
                 gpus = ",".join(map(str, role.gpus)) if role.gpus else "-"
                 port = f"port_base+{role.port_offset}" if role.serves else "-"
@@ -122,7 +123,8 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
     cluster = cfg.cluster
     if cluster.nodes < 1:
         raise ValueError(f"config nodes={cluster.nodes}: must be >= 1")
-    rollout_nodes = (cluster.nodes // 2) if cluster.rollout_nodes < 0 else cluster.rollout_nodes
+    # One trainer process (on node 0) until the trainers shard: by default every other node serves rollouts.
+    rollout_nodes = (cluster.nodes - 1) if cluster.rollout_nodes < 0 else cluster.rollout_nodes
     if job != "rl":
         rollout_nodes = 0
     if rollout_nodes >= cluster.nodes:
@@ -148,7 +150,11 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
     # The trainer: plain memory estimate, host side. On GPUs the host holds a staging copy of the
     # weights while loading; on CPU it holds fp32 weights, gradients and Adam's two moments.
     trainer_memory = (weight_gb + 4) if cluster.gpus_per_node else ((params or 0) * 16 / 1e9 + 2)
-    trainer = Role("trainer", trainer_command(launch_dir), node=0, gpus=all_gpus, main=True, memory_gb=trainer_memory)
+    servers_beside_trainer = 0 if rollout_nodes or job != "rl" else cfg.rollout.servers
+    trainer_gpus, serving_gpus = all_gpus, all_gpus
+    if servers_beside_trainer and len(all_gpus) > 1:  # one node: the first half trains, the rest serves
+        trainer_gpus, serving_gpus = all_gpus[: len(all_gpus) // 2], all_gpus[len(all_gpus) // 2 :]
+    trainer = Role("trainer", trainer_command(launch_dir), node=0, gpus=trainer_gpus, main=True, memory_gb=trainer_memory)
     add(trainer, serves=False)
     server_memory = (weight_gb + 2) if cluster.gpus_per_node else ((params or 0) * 4 / 1e9 + 1)
     if job == "rl" and module_exists(SERVICES_MODULE):
@@ -159,11 +165,11 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
         threads = cfg.rollout.server_threads
         # Rollout servers: one per rollout node (all its GPUs), or `rollout.servers` beside the
         # trainer when every node trains (0 = generate in the trainer's own process).
-        placements = range(cluster.nodes - rollout_nodes, cluster.nodes) if rollout_nodes else [0] * cfg.rollout.servers
-        for node in placements:
+        placements = range(cluster.nodes - rollout_nodes, cluster.nodes) if rollout_nodes else [0] * servers_beside_trainer
+        shares = [all_gpus] * rollout_nodes if rollout_nodes else _split(serving_gpus, servers_beside_trainer)
+        for node, gpus in zip(placements, shares):
             command = rollout_server_command(cfg, model, PORT, TOKEN_FILE, 0, threads) + ["--host", HOST]
-            add(Role("rollout", command, node=node, gpus=all_gpus if rollout_nodes else [], ready=True,
-                     memory_gb=server_memory))
+            add(Role("rollout", command, node=node, gpus=gpus, ready=True, memory_gb=server_memory))
         paths = data_paths(cfg.data)
         search = search_service_command(
             cfg, paths.corpus, paths.image_index, paths.train, launch_dir / "search_cache", PORT, TOKEN_FILE
@@ -207,6 +213,16 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
                 f"needs ({names}); raise cluster.mem_gb or use 0 for the whole node"
             )
     return plan
+
+
+def _split(gpus: list[int], parts: int) -> list[list[int]]:
+    """`parts` contiguous equal shares of `gpus`; with fewer GPUs than parts, they are shared."""
+    if parts == 0:
+        return []
+    if len(gpus) < parts:
+        return [[gpus[i % len(gpus)]] if gpus else [] for i in range(parts)]
+    size = len(gpus) // parts
+    return [gpus[i * size : (i + 1) * size] for i in range(parts)]
 
 
 def trainer_command(launch_dir: Path) -> list[str]:

@@ -51,7 +51,9 @@ def slurm_executor(plan: LaunchPlan, cluster: ClusterConfig, launch_dir: Path) -
 def render_sbatch(executor: submitit.SlurmExecutor, launch_dir: Path) -> str:
     """A plain sbatch script running the node agent on every node, with submitit's header."""
     command = f"{executor.python} -m deepeyes.launch.agent {shlex.quote(str(launch_dir))}"
-    return _make_sbatch_string(command=command, folder=launch_dir / "sbatch" / "%j", **executor.parameters)
+    logs = launch_dir / "sbatch_logs"  # Slurm does not create the directory of --output
+    logs.mkdir(parents=True, exist_ok=True)
+    return _make_sbatch_string(command=command, folder=logs, **executor.parameters)
 
 
 def check_with_slurm(script: Path) -> None:

@@ -43,6 +43,18 @@ def test_one_node_shares_it_with_the_configured_rollout_servers_and_the_judge(tm
     assert {r.node for r in plan.roles} == {0}
 
 
+@services
+def test_one_node_splits_its_gpus_between_the_trainer_and_the_rollout_servers(tmp_path):
+    plan = build_plan("rl", job_config("cluster=slurm", "rollout.servers=2"), tmp_path)
+    assert [(r.name, r.gpus) for r in plan.roles if r.name in ("trainer", "rollout")] == [
+        ("trainer", [0, 1, 2, 3]), ("rollout", [4, 5]), ("rollout", [6, 7]),
+    ]
+    three = build_plan("rl", job_config("cluster=slurm", "nodes=3"), tmp_path)
+    assert [(r.name, r.node) for r in three.roles if r.name in ("trainer", "rollout")] == [
+        ("trainer", 0), ("rollout", 1), ("rollout", 2),
+    ]
+
+
 def test_ports_never_collide_within_a_job_nor_between_neighbouring_jobs(tmp_path):
     cfg = job_config(
         "cluster=slurm", "nodes=4",

@@ -125,12 +125,13 @@ def test_a_sweep_is_one_slurm_array_and_every_result_is_collected(tmp_path):
 
 
 def test_a_role_failing_its_health_check_fails_the_job_fast_and_says_why(tmp_path):
-    never_ready = "{name: stuck, command: [python3, -c, 'import time; time.sleep(600)']}"
+    crashes = "{name: broken, command: [python3, -c, 'import sys, time; time.sleep(1); sys.exit(\"no GPU 7\")']}"
     started = time.monotonic()
-    result = run_rl(tmp_path, "nodes=2", "cluster.ready_timeout_s=3", f"cluster.extra_roles=[{never_ready}]")
+    result = run_rl(tmp_path, "nodes=2", f"cluster.extra_roles=[{crashes}]")  # ready_timeout_s stays 300
     assert result.returncode != 0
     assert time.monotonic() - started < 90, "the job hung instead of failing"
-    assert "role stuck failed its health check" in result.stderr and "not ready" in result.stderr
+    assert "role broken failed its health check" in result.stderr
+    assert "exited with code 1 before it was ready" in result.stderr and "no GPU 7" in result.stderr
     assert (tmp_path / "launch" / "slurm_job_id").read_text() not in queued_jobs()
 
 
@@ -142,3 +143,18 @@ def test_bad_configs_fail_before_anything_is_queued(tmp_path):
     assert partition.returncode != 0 and "Slurm refuses this job" in partition.stderr
     assert not (tmp_path / "partition" / "launch" / "submitit").exists()
     assert queued_jobs() == before
+
+
+def test_the_rendered_sbatch_script_runs_the_same_job_when_submitted_by_hand(tmp_path):
+    dry = run_rl(tmp_path, "grpo.steps=1", "cluster.dry_run=true")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    submitted = subprocess.run(["sbatch", "--parsable", str(tmp_path / "launch" / "job.sbatch")],
+                               capture_output=True, text=True, check=True)
+    job_id = submitted.stdout.strip()
+    deadline = time.monotonic() + 240
+    while job_id in queued_jobs():
+        assert time.monotonic() < deadline, "the hand-submitted job did not finish"
+        time.sleep(1)
+    (summary,) = node_summaries(tmp_path).values()
+    assert summary["job_id"] == int(job_id) and summary["trainer_exit_code"] == 0
+    assert sorted(learning_metrics(tmp_path)) == [1]
