@@ -245,10 +245,15 @@ def build_trainer(cfg: RLJobConfig, out_dir: Path, init_from: str | None) -> GRP
     toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", search)
     services.callback(toolbox.close)  # the code sandbox daemon, if the job started one
     encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
-    return GRPOTrainer(
+    trainer = GRPOTrainer(
         cfg, policy, engine, encoder, toolbox, build_optimizer(policy.model, cfg.optim), sampler,
         weight_sync, judge, services,
     )
+    if cfg.trainer.backend == "megatron":
+        from deepeyes.train.megatron.grpo import on_megatron  # imports megatron-core only when asked for
+
+        return on_megatron(trainer)
+    return trainer
 
 
 def _service_clients(cfg: RLJobConfig, endpoints: ServiceEndpoints | None, out_dir: Path):

@@ -46,6 +46,10 @@ def encode_sft_dataset(records, encoder: ChatEncoder, cutoff_len: int) -> tuple[
 
 def train_sft(cfg: SFTJobConfig) -> Path:
     """The SFT job on this machine; returns the final checkpoint directory."""
+    if cfg.trainer.backend == "megatron":
+        from deepeyes.train.megatron.sft import train_sft_megatron  # imports megatron-core only when asked for
+
+        return train_sft_megatron(cfg)
     out_dir = Path(cfg.run.out_dir)
     seed_everything(cfg.run.seed)
     policy = load_policy(cfg.model, cfg.run.init_from)

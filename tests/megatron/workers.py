@@ -197,3 +197,27 @@ def resume(rank: int, world: int, port: int, save_layout: ParallelLayout, load_l
         })
     dist.barrier()
     dist.destroy_process_group()
+
+
+def grpo_update(rank: int, world: int, port: int, out_dir: str, overrides: list[str], results) -> None:
+    """The reference GRPO update and the Megatron one on the same scored trajectories."""
+    from tests.train.test_grpo import rl_config
+    from deepeyes.train.grpo import build_trainer
+    from deepeyes.train.losses import grpo_advantages
+
+    join(rank, world, port)
+    reference = build_trainer(rl_config(Path(out_dir) / "hf", *overrides), Path(out_dir) / "hf", None)
+    trajectories = reference.collect(step=0)
+    for index, trajectory in enumerate(trajectories):  # within each group: first good, second bad
+        trajectory.reward = 1.0 if index % 2 == 0 else 0.0
+    advantages = grpo_advantages([t.reward for t in trajectories], [t.group for t in trajectories])
+    megatron = build_trainer(rl_config(Path(out_dir) / "mg", *overrides, "trainer=megatron"), Path(out_dir) / "mg", None)
+    want = reference.update(trajectories, advantages)
+    got = megatron.update(trajectories, advantages)
+    weights = megatron.policy.model.state_dict()  # what the rollout engine samples from next
+    results.put({
+        "metrics": {key: (want[key], got[key]) for key in want},
+        "param_diff": max((p - weights[n]).abs().max().item() for n, p in reference.policy.model.state_dict().items()),
+        "moved": max((p - weights[n]).abs().max().item() for n, p in load_model(ensure_tiny_model()).state_dict().items()),
+    })
+    dist.destroy_process_group()

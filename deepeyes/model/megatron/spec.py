@@ -1,9 +1,10 @@
 """The Qwen2.5-VL language model as a megatron-core configuration and layer spec.
 
 `transformer_config` reads the Hugging Face checkpoint's text config (RMSNorm, SwiGLU, QKV bias,
-grouped-query attention, mrope sections, rope base) and adds the parallel layout. On CPU the
-layer spec is megatron-core's local one with our `RMSNorm`; with TransformerEngine on a GPU it is
-the TE spec (fused norm + linear; the conversion maps its parameter names).
+grouped-query attention, mrope sections, rope base) and adds the parallel layout. The layer spec
+is megatron-core's local (non-TransformerEngine) GPT layer with our `RMSNorm` and SDPA core
+attention; it runs on CPU and GPU alike. (A TransformerEngine spec is not wired up: it would
+need the conversion to map TE's fused norm+linear parameter names.)
 """
 
 from __future__ import annotations
@@ -47,6 +48,28 @@ class RMSNorm(torch.nn.Module):
         hidden = hidden.to(torch.float32)
         hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * hidden.to(dtype)
+
+
+class SDPAttention(torch.nn.Module):
+    """Core attention through torch's `scaled_dot_product_attention` (megatron-core's local
+    DotProductAttention materializes and masks the full score matrix in separate ops; SDPA runs
+    a fused kernel on CPU and GPU). Grouped-query attention without repeating keys/values."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None, **_unused):
+        super().__init__()
+        self.scale = softmax_scale if softmax_scale is not None else config.kv_channels**-0.5
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        """query (sq, b, heads, d), key/value (sk, b, groups, d) → (sq, b, heads * d).
+        `attention_mask` is megatron's: True where attention is NOT allowed; None = causal."""
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if attention_mask is None else ~attention_mask,
+            is_causal=attention_mask is None, scale=self.scale, enable_gqa=True,
+        )
+        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
 
 
 def transformer_config(text_config, layout: ParallelLayout, dtype: torch.dtype = torch.float32) -> TransformerConfig:
@@ -114,5 +137,6 @@ def decoder_block_spec(config: TransformerConfig, vp_stage: int | None) -> Trans
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
+    layer.submodules.self_attention.submodules.core_attention = SDPAttention
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=RMSNorm)

@@ -172,3 +172,18 @@ class MegatronEngine:
     def hf_state(self, select=None) -> dict[str, torch.Tensor] | None:
         """Current weights (or `select(param)` of each) as an HF state dict on global rank 0 (collective)."""
         return export_hf_state([c.module for c in self.chunks], self.hf_config, select)
+
+
+def build_engine(policy, trainer_cfg, optim_cfg, seed: int) -> MegatronEngine:
+    """Join the process groups `trainer_cfg` asks for and build the engine on `policy` (from load_policy)."""
+    from deepeyes.train.megatron.parallel import init_parallel
+
+    layout = ParallelLayout(
+        tensor=trainer_cfg.tensor_parallel, pipeline=trainer_cfg.pipeline_parallel,
+        virtual_pipeline=trainer_cfg.virtual_pipeline, sequence_parallel=trainer_cfg.sequence_parallel,
+        recompute=trainer_cfg.recompute,
+    )
+    init_parallel(layout, seed)
+    settings = OptimSettings(optim_cfg.lr, optim_cfg.weight_decay, tuple(optim_cfg.betas), optim_cfg.grad_clip,
+                             trainer_cfg.distributed_optimizer)
+    return MegatronEngine(policy.model, policy.pixels, layout, settings, policy.model.dtype)
