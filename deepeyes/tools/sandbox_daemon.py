@@ -9,6 +9,7 @@ token; `GET /ready` answers 200 once sessions can start) and speaks JSON:
     POST   /sessions           {"images": [path, ...], "out_dir": path}  → {"session": id}
     POST   /sessions/{id}/run  {"code": "..."}  → {"stdout", "stderr", "images": [path, ...], "timed_out"}
     DELETE /sessions/{id}                       → {}
+    GET    /health, /ready, /stats              (/ready: 503 until sessions can start, or once the fork-server died)
 
 Clients use `deepeyes.tools.SandboxClient`, never this wire format. A session is one
 trajectory's notebook: `image_1`…`image_n` opened from the given paths (the n rollouts of a
