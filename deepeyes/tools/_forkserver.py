@@ -98,18 +98,27 @@ def keep_session(spec: dict, session_fd: int) -> int:
         send_message(replies, {"error": f"cannot isolate the session: {error}"})
         return 1
     go_read, go_write = os.pipe()
+    map_read, map_write = os.pipe()  # root: the kernel asks to be mapped to the session's uid
     kernel = os.fork()
     if kernel == 0:
         os.close(go_write)
+        os.close(map_read)
         os.read(go_read, 1)  # wait until the daemon has the pid, so it is the first message
-        os.close(go_read)
         replies.close()
-        run_kernel(spec, session_fd)
+        run_kernel(spec, session_fd, (map_write, go_read))
         os._exit(0)
-    os.close(go_read)
     os.close(session_fd)
+    os.close(map_write)
     send_message(replies, {"pid": kernel})
+    os.write(go_write, b"g")
+    if os.read(map_read, 1):  # EOF instead: the kernel died before, or needs no mapping
+        try:
+            _isolation.map_root(kernel, spec["uid"], spec["uid"])
+            os.write(go_write, b"m")
+        except OSError:
+            os.write(go_write, b"x")  # the kernel reports it
     os.close(go_write)
+    os.close(map_read)
     _, status = os.waitpid(kernel, 0)
     try:
         send_message(replies, {"exit": os.waitstatus_to_exitcode(status)})
@@ -118,8 +127,9 @@ def keep_session(spec: dict, session_fd: int) -> int:
     return 0
 
 
-def run_kernel(spec: dict, session_fd: int) -> None:
-    """In the kernel: load the images, wall off, then serve cells until the daemon hangs up."""
+def run_kernel(spec: dict, session_fd: int, keeper: tuple[int, int]) -> None:
+    """In the kernel: load the images, wall off, then serve cells until the daemon hangs up.
+    `keeper`: (ask, answer) pipe ends to have the keeper map this kernel's user namespace."""
     os.setsid()  # its own process group: without namespaces, that is what the daemon kills
     requests = os.fdopen(session_fd, "rb")
     replies = os.fdopen(os.dup(session_fd), "wb")
@@ -128,19 +138,30 @@ def run_kernel(spec: dict, session_fd: int) -> None:
         os.dup2(devnull, fd)
     try:
         notebook = Notebook(spec["images"], "/scratch" if spec["isolated"] else spec["scratch"])
-        keep = {0, 1, 2, requests.fileno(), replies.fileno(), *notebook.open_files()}
+        keep = {0, 1, 2, requests.fileno(), replies.fileno(), *keeper, *notebook.open_files()}
         for fd in map(int, os.listdir("/proc/self/fd")):
             if fd not in keep:
                 try:
                     os.close(fd)
                 except OSError:
                     pass  # the directory listing's own descriptor
+        ask, answer = keeper
         if spec["isolated"]:
             _isolation.build_root(spec["read_only"], spec["scratch"], spec["limits"]["memory_mb"])
+            if spec["uid"] is not None:
+                _isolation.enter_user_namespace()
+                os.write(ask, b"m")
+                got = os.read(answer, 1)
+                if got != b"m":
+                    raise _isolation.IsolationError("the keeper could not map the session's uid")
+                _isolation.become_mapped_root()
+            _isolation.drop_privileges()
         else:
             os.chdir(spec["scratch"])
-        if spec["isolated"] or spec["uid"] is not None:
-            _isolation.drop_privileges(spec["uid"])
+            if spec["uid"] is not None:
+                _isolation.become(spec["uid"])
+        os.close(ask)
+        os.close(answer)
         _isolation.die_with_parent()
         os.environ.clear()
         os.environ.update(KERNEL_ENV if spec["isolated"] else {**KERNEL_ENV, "HOME": spec["scratch"]})

@@ -1,8 +1,9 @@
 """How a forked session process walls itself off: its own namespaces, root filesystem and uid.
 
 The fork-server calls `enter_namespaces` in the forked child (the session's keeper) and then
-forks the session's kernel, which becomes pid 1 of a new pid namespace and calls
-`build_root` and `drop_privileges`. What the kernel is left with:
+forks the session's kernel, which becomes pid 1 of a new pid namespace and calls `build_root`
+(in a mount namespace of its own), as root `enter_user_namespace` + `become_mapped_root` once
+the keeper has called `map_root` for it, and `drop_privileges`. What the kernel is left with:
 
 - no network (an empty network namespace: not even the host's loopback), its own IPC and UTS;
 - its own pid namespace: it sees and can signal only its own processes, and when it dies the
@@ -10,9 +11,11 @@ forks the session's kernel, which becomes pid 1 of a new pid namespace and calls
 - an empty root (a tmpfs, read-only) holding only the Python environment and /usr read-only,
   its scratch directory read-write at /scratch, a size-capped /tmp, a fresh /proc and the
   harmless devices (null, zero, full, random, urandom);
-- no privileges: as root, the session runs as its own unprivileged uid (`uid_base + slot`), so
-  RLIMIT_NPROC holds and sessions cannot signal each other; as a normal user, the namespaces
-  sit in a new user namespace and every capability is dropped after the mounts.
+- no privileges: the kernel ends up root of a user namespace of its own, with every capability
+  dropped and no further user namespaces allowed. As a normal user that namespace comes first
+  (it is what permits the mounts); as root the mounts are made as real root and the kernel then
+  enters a user namespace whose root is the session's own unprivileged uid (`uid_base + slot`,
+  mapped by the keeper), so RLIMIT_NPROC holds and sessions cannot signal each other.
 
 Python 3.11 has no os.unshare, so the few syscalls are made through libc.
 """
@@ -70,17 +73,36 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 
 
 def enter_namespaces() -> None:
-    """Unshare mount, network, IPC, UTS and pid namespaces (the pid one takes effect for the
-    next fork). A normal user also gets a user namespace, in which it is root over the mounts
-    only: capabilities there mean nothing to the host."""
-    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
+    """Unshare network, IPC, UTS and pid namespaces (the pid one takes effect for the next
+    fork; the mount one is the kernel's own, see `build_root`). A normal user also gets a user
+    namespace, in which it is root over the kernel's mounts only: capabilities there mean
+    nothing to the host."""
+    flags = CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID
     privileged = os.geteuid() == 0
     uid, gid = os.geteuid(), os.getegid()
     _check(_libc.unshare(flags if privileged else flags | CLONE_NEWUSER), "unshare")
     if not privileged:
         Path("/proc/self/setgroups").write_text("deny")
-        Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
-        Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+        map_root("self", uid, gid)
+
+
+def enter_user_namespace() -> None:
+    """As root, after `build_root`: move into a new user namespace, to be made root of by
+    `map_root` from outside (by a process still privileged there)."""
+    os.setgroups([])
+    _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+
+
+def become_mapped_root() -> None:
+    """Once mapped: become the namespace's root, i.e. the session's own uid outside it."""
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
+def map_root(pid: int | str, uid: int, gid: int) -> None:
+    """Make root of `pid`'s user namespace be uid/gid outside it (and nobody else)."""
+    Path(f"/proc/{pid}/uid_map").write_text(f"0 {uid} 1")
+    Path(f"/proc/{pid}/gid_map").write_text(f"0 {gid} 1")
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -111,6 +133,9 @@ def build_root(read_only: list[str], scratch: str, tmp_mb: int) -> None:
     The tmpfs root is built with the host still visible under /oldroot (that is where the
     binds come from), which is then detached: nothing of the host stays reachable.
     """
+    # A mount namespace of the kernel's own: pivot_root moves the root of every process in the
+    # namespace, and the keeper must keep the host's view (it maps this kernel's uid via /proc).
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks back to the host
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
     os.mkdir("/tmp/oldroot")
@@ -140,17 +165,20 @@ def build_root(read_only: list[str], scratch: str, tmp_mb: int) -> None:
     os.chdir("/scratch")
 
 
-def drop_privileges(uid: int | None) -> None:
-    """Give up every privilege for good: as root, become `uid` (which clears all capabilities);
-    in a user namespace, clear the capabilities. No later execve can gain any back."""
-    if uid is not None:
-        os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)
-    else:
-        # No user namespaces inside this one: in one, code would be root again over new mounts
-        # (tmpfs pages outside RLIMIT_AS) and over more of the kernel's surface.
-        Path("/proc/sys/user/max_user_namespaces").write_text("0")
-        header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-        _check(_libc.capset(header, bytes(24)), "capset")
+def drop_privileges() -> None:
+    """As root of the session's own user namespace: give up every privilege for good. No user
+    namespaces may be made inside it (in one, code would be root again, over new mounts whose
+    tmpfs pages escape RLIMIT_AS, and over more of the kernel); no capability is left; no
+    later execve can gain any back."""
+    Path("/proc/sys/user/max_user_namespaces").write_text("0")
+    header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    _check(_libc.capset(header, bytes(24)), "capset")
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def become(uid: int) -> None:
+    """Without namespaces, as root: run as `uid`, which clears every capability."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")

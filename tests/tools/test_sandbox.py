@@ -288,12 +288,13 @@ def test_sessions_cannot_kill_the_daemon_or_reach_other_sessions(sandbox, image,
         "try:\n    os.kill(-1, signal.SIGKILL)\nexcept ProcessLookupError:\n    pass\nprint('survived', os.getpid(), sorted(p for p in os.listdir('/proc') if p.isdigit()))",
         "print('secret' in globals(), os.listdir('/scratch'), os.path.exists('/scratch/../secret.txt'))",
         f"print(os.path.exists({daemon_scratch!r}))",
+        "import ctypes\nprint(ctypes.CDLL(None).unshare(0x10000000))",  # a nested user namespace: refused
     ]
-    kill, kill_all, look, host = run_cells(sandbox, [image], out_dir, cells)
+    kill, kill_all, look, host, nested = run_cells(sandbox, [image], out_dir, cells)
     assert kill.stdout == f"{stats['pid']} ProcessLookupError\n{stats['forkserver_pid']} ProcessLookupError\n"
     assert kill_all.stdout == "survived 1 ['1']\n"  # pid 1 of its own namespace: nothing else to signal
     assert look.stdout == "False [] False\n"
-    assert host.stdout == "False\n"
+    assert host.stdout == "False\n" and nested.stdout == "-1\n"
     assert psutil.pid_exists(stats["pid"]) and psutil.pid_exists(stats["forkserver_pid"])
 
 
