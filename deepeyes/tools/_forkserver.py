@@ -87,7 +87,8 @@ def serve(control: socket.socket) -> None:
 
 
 def keep_session(spec: dict, session_fd: int) -> int:
-    """In the keeper: enter the namespaces, fork the kernel, report its pid and its end."""
+    """In the keeper: enter the namespaces, fork the kernel, report its pid, map its user
+    namespace to the session's uid (as root, when the kernel asks), and report its end."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the fork-server ignores it; we wait for the kernel
     replies = os.fdopen(os.dup(session_fd), "wb")
     try:
@@ -151,8 +152,7 @@ def run_kernel(spec: dict, session_fd: int, keeper: tuple[int, int]) -> None:
             if spec["uid"] is not None:
                 _isolation.enter_user_namespace()
                 os.write(ask, b"m")
-                got = os.read(answer, 1)
-                if got != b"m":
+                if os.read(answer, 1) != b"m":
                     raise _isolation.IsolationError("the keeper could not map the session's uid")
                 _isolation.become_mapped_root()
             _isolation.drop_privileges()
