@@ -50,6 +50,9 @@ class MegatronEngine:
 
     def __init__(self, hf_model, pixels: PixelCache, layout: ParallelLayout, optim: OptimSettings,
                  dtype: torch.dtype = torch.float32):
+        if layout.virtual_pipeline > 1:
+            # Tried on gloo with packed variable-length micro-batches: the interleaved schedule hung.
+            raise ValueError("virtual_pipeline > 1 (interleaved 1F1B) is not supported by this engine yet")
         self.hf_config = hf_model.config
         self.pixels = pixels
         self.layout = layout
