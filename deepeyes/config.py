@@ -207,7 +207,7 @@ class TrainerConfig:
     backend: str = "hf"  # "hf": plain PyTorch on the HF model (the reference) | "megatron": megatron-core
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    virtual_pipeline: int = 1  # model chunks per pipeline rank; > 1 (interleaved 1F1B) not supported yet
+    virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
     sequence_parallel: bool = False
     recompute: bool = False  # full activation recompute of every layer
     distributed_optimizer: bool = False  # optimizer state sharded over data-parallel ranks

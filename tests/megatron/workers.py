@@ -16,7 +16,10 @@ from megatron.core import parallel_state
 
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.data import ensure_sample_data, read_sft_records
+from transformers import Qwen2_5_VLForConditionalGeneration
+
 from deepeyes.model import IMAGE_TOKEN_ID, ensure_tiny_model, load_model, load_processor
+from deepeyes.model.tiny import tiny_config
 from deepeyes.model.pixels import PixelCache
 from deepeyes.model.megatron.convert import save_hf_checkpoint
 from deepeyes.model.megatron.spec import ParallelLayout
@@ -92,10 +95,22 @@ def reference_run(model, pixels, pad_id, batches):
     return losses, first_grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def parity(rank: int, world: int, port: int, cases: list[Case], results) -> None:
+def deeper_tiny_model(out_dir: str, layers: int) -> Path:
+    """The tiny model with `layers` language layers (an interleaved pipeline needs more than 2)."""
+    path = Path(out_dir) / f"tiny-{layers}-layers"
+    config = tiny_config()
+    config.text_config.num_hidden_layers = layers
+    config.text_config.layer_types = ["full_attention"] * layers
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    load_processor(ensure_tiny_model()).save_pretrained(path)
+    return path
+
+
+def parity(rank: int, world: int, port: int, cases: list[Case], model_dir: str | None, results) -> None:
     """For each case: losses of 3 SFT steps, step-1 gradients and final weights vs the reference."""
     join(rank, world, port)
-    path = ensure_tiny_model()
+    path = Path(model_dir) if model_dir else ensure_tiny_model()
     processor = load_processor(path)
     pixels = PixelCache(processor.image_processor, 3136, 50176)
     pad_id = processor.tokenizer.pad_token_id

@@ -115,8 +115,9 @@ def transformer_config(text_config, layout: ParallelLayout, dtype: torch.dtype =
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        # Packed micro-batches differ in length: pipeline stages exchange shapes first.
-        variable_seq_lengths=True,
+        # Packed micro-batches differ in length: pipeline stages exchange shapes first (the
+        # interleaved schedule instead gets micro-batches padded to one length, see engine).
+        variable_seq_lengths=layout.virtual_pipeline == 1,
         moe_token_dispatcher_type="alltoall",  # no MoE here; the default one rejects variable lengths
         # Interleaved 1F1B with batched send/recv gives wrong results on gloo.
         batch_p2p_comm=cuda,

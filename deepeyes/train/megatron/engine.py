@@ -50,9 +50,6 @@ class MegatronEngine:
 
     def __init__(self, hf_model, pixels: PixelCache, layout: ParallelLayout, optim: OptimSettings,
                  dtype: torch.dtype = torch.float32):
-        if layout.virtual_pipeline > 1:
-            # Tried on gloo with packed variable-length micro-batches: the interleaved schedule hung.
-            raise ValueError("virtual_pipeline > 1 (interleaved 1F1B) is not supported by this engine yet")
         self.hf_config = hf_model.config
         self.pixels = pixels
         self.layout = layout
@@ -104,6 +101,11 @@ class MegatronEngine:
         """
         micro = self.micro_batches(len(sequences), micro_batch_size)
         pad_to = self.layout.tensor if self.config.sequence_parallel else 1
+        if self.config.virtual_pipeline_model_parallel_size:
+            # The interleaved schedule exchanges no shapes (it hung with variable lengths on
+            # gloo): every micro-batch is padded to the mini-batch's longest packed row.
+            longest = max(sum(len(sequences[i].ids) for i in indices) for indices in micro)
+            pad_to = -(-longest // pad_to) * pad_to
         batches = [(pack([sequences[i] for i in indices], self.pixels, self.hf_config, pad_to), indices) for indices in micro]
 
         def loss_func(indices: list[int], logprobs: torch.Tensor):
