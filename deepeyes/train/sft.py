@@ -10,9 +10,9 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from deepeyes.agent.chat import ChatEncoder
@@ -44,15 +44,8 @@ def encode_sft_dataset(records, encoder: ChatEncoder, cutoff_len: int) -> tuple[
     return samples, dropped
 
 
-def train_sft(cfg: SFTJobConfig) -> Path:
-    """The SFT job on this machine; returns the final checkpoint directory."""
-    if cfg.trainer.backend == "megatron":
-        from deepeyes.train.megatron.sft import train_sft_megatron  # imports megatron-core only when asked for
-
-        return train_sft_megatron(cfg)
-    out_dir = Path(cfg.run.out_dir)
-    seed_everything(cfg.run.seed)
-    policy = load_policy(cfg.model, cfg.run.init_from)
+def load_sft_samples(cfg: SFTJobConfig, policy) -> tuple[list[TokenSequence], Counter]:
+    """The configured SFT trajectories, validated and encoded; dropped samples are counted and logged."""
     paths = data_paths(cfg.data)
     if paths.sft is None:
         raise ValueError("data.sft: no SFT trajectory file configured")
@@ -63,47 +56,67 @@ def train_sft(cfg: SFTJobConfig) -> Path:
         log.warning("dropped %s of %d samples (sft.cutoff_len=%d)", dict(dropped), len(records), cfg.sft.cutoff_len)
     if not samples:
         raise ValueError(f"{paths.sft}: no usable sample ({dict(dropped)}; sft.cutoff_len={cfg.sft.cutoff_len})")
+    return samples, dropped
 
-    steps_per_epoch = -(-len(samples) // cfg.sft.batch_size)
-    total_steps = steps_per_epoch * cfg.sft.epochs
-    if cfg.sft.max_steps:
-        total_steps = min(total_steps, cfg.sft.max_steps)
+
+def sft_schedule(samples: list[TokenSequence], cfg: SFTJobConfig) -> Iterator[tuple[int, list[TokenSequence]]]:
+    """(epoch, batch) for every optimizer step: a seeded shuffle per epoch, up to sft.max_steps."""
+    order_rng = random.Random(cfg.run.seed)
+    step = 0
+    for epoch in range(cfg.sft.epochs):
+        order = list(range(len(samples)))
+        order_rng.shuffle(order)
+        for first in range(0, len(order), cfg.sft.batch_size):
+            if step == sft_total_steps(len(samples), cfg):
+                return
+            step += 1
+            yield epoch, [samples[i] for i in order[first : first + cfg.sft.batch_size]]
+
+
+def sft_total_steps(n_samples: int, cfg: SFTJobConfig) -> int:
+    total = -(-n_samples // cfg.sft.batch_size) * cfg.sft.epochs
+    return min(total, cfg.sft.max_steps) if cfg.sft.max_steps else total
+
+
+def train_sft(cfg: SFTJobConfig) -> Path:
+    """The SFT job on this machine; returns the final checkpoint directory."""
+    if cfg.trainer.backend == "megatron":
+        from deepeyes.train.megatron.sft import train_sft_megatron  # imports megatron-core only when asked for
+
+        return train_sft_megatron(cfg)
+    out_dir = Path(cfg.run.out_dir)
+    seed_everything(cfg.run.seed)
+    policy = load_policy(cfg.model, cfg.run.init_from)
+    samples, dropped = load_sft_samples(cfg, policy)
     optimizer = build_optimizer(policy.model, cfg.optim)
     logger = RunLogger(cfg.logger, cfg, out_dir, job="sft")
     logger.log({"data/samples": len(samples)} | {f"data/dropped_{k}": v for k, v in dropped.items()}, step=0)
     model = policy.model
     model.train()
-    order_rng = random.Random(cfg.run.seed)
     step = 0
-    bar = tqdm(total=total_steps, desc="sft", unit="step")
+    bar = tqdm(total=sft_total_steps(len(samples), cfg), desc="sft", unit="step")
     try:
-        for epoch in range(cfg.sft.epochs):
-            order = list(range(len(samples)))
-            order_rng.shuffle(order)
-            for first in range(0, len(order), cfg.sft.batch_size):
-                if step == total_steps:
-                    break
-                started = time.perf_counter()
-                batch = [samples[i] for i in order[first : first + cfg.sft.batch_size]]
-                lr = set_learning_rate(optimizer, cfg.optim, step)
-                optimizer.zero_grad(set_to_none=True)
-                trained_tokens = sum(sum(s.mask) for s in batch)
-                loss_total = 0.0
-                for start in range(0, len(batch), cfg.sft.micro_batch_size):
-                    micro = batch[start : start + cfg.sft.micro_batch_size]
-                    logprobs = token_logprobs(model, policy.pixels, micro, policy.tokenizer.pad_token_id)
-                    loss = -sum(lp.sum() for lp in logprobs) / trained_tokens  # token mean over the batch
-                    loss.backward()
-                    loss_total += float(loss.detach())
-                grad_norm = clip_and_step(model, optimizer, cfg.optim.grad_clip)
-                step += 1
-                logger.log(
-                    {"sft/loss": loss_total, "sft/grad_norm": grad_norm, "sft/lr": lr, "sft/epoch": epoch,
-                     "sft/tokens": trained_tokens, "timing/step_s": time.perf_counter() - started},
-                    step=step,
-                )
-                bar.set_postfix(loss=f"{loss_total:.3f}", epoch=epoch)
-                bar.update()
+        for epoch, batch in sft_schedule(samples, cfg):
+            started = time.perf_counter()
+            lr = set_learning_rate(optimizer, cfg.optim, step)
+            optimizer.zero_grad(set_to_none=True)
+            trained_tokens = sum(sum(s.mask) for s in batch)
+            loss_total = 0.0
+            for start in range(0, len(batch), cfg.sft.micro_batch_size):
+                micro = batch[start : start + cfg.sft.micro_batch_size]
+                logprobs = token_logprobs(model, policy.pixels, micro, policy.tokenizer.pad_token_id)
+                loss = -sum(lp.sum() for lp in logprobs) / trained_tokens  # token mean over the batch
+                loss.backward()
+                loss_total += float(loss.detach())
+            grad_norm = clip_and_step(model, optimizer, cfg.optim.grad_clip)
+            step += 1
+            logger.log(
+                {"sft/loss": loss_total, "sft/grad_norm": grad_norm, "sft/lr": lr, "sft/epoch": epoch,
+                 "sft/tokens": trained_tokens, "timing/step_s": time.perf_counter() - started},
+                step=step,
+            )
+            bar.set_postfix(loss=f"{loss_total:.3f}", epoch=epoch)
+            bar.update()
         policy.pixels.release()
         model.eval()
         state = TrainerState(step, optimizer.state_dict(), {"epoch": cfg.sft.epochs, "position": 0}, logger.run_id, rng_state())

@@ -9,21 +9,18 @@ of every batch.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 
 import torch.distributed as dist
 
-from deepeyes.agent.chat import ChatEncoder
 from deepeyes.config import SFTJobConfig
-from deepeyes.data import read_sft_records
 from deepeyes.train.checkpoint import TrainerState, rng_state
 from deepeyes.train.megatron.checkpoint import save_megatron_checkpoint
 from deepeyes.train.megatron.engine import build_engine
 from deepeyes.train.run_logger import RunLogger
-from deepeyes.train.setup import data_paths, load_policy, read_validated, seed_everything, set_learning_rate
-from deepeyes.train.sft import encode_sft_dataset
+from deepeyes.train.setup import load_policy, seed_everything, set_learning_rate
+from deepeyes.train.sft import load_sft_samples, sft_schedule
 
 log = logging.getLogger(__name__)
 
@@ -41,43 +38,25 @@ def train_sft_megatron(cfg: SFTJobConfig) -> Path:
     seed_everything(cfg.run.seed)
     policy = load_policy(cfg.model, cfg.run.init_from)
     engine = build_engine(policy, cfg.trainer, cfg.optim, cfg.run.seed)
-    paths = data_paths(cfg.data)
-    if paths.sft is None:
-        raise ValueError("data.sft: no SFT trajectory file configured")
-    records = read_validated(read_sft_records, paths.sft, cfg.data.on_bad_record)
-    samples, dropped = encode_sft_dataset(records, ChatEncoder(policy.tokenizer, policy.pixels.tokens), cfg.sft.cutoff_len)
-    if dropped:
-        log.warning("dropped %s of %d samples (sft.cutoff_len=%d)", dict(dropped), len(records), cfg.sft.cutoff_len)
-    if not samples:
-        raise ValueError(f"{paths.sft}: no usable sample ({dict(dropped)}; sft.cutoff_len={cfg.sft.cutoff_len})")
-
-    steps_per_epoch = -(-len(samples) // cfg.sft.batch_size)
-    total_steps = steps_per_epoch * cfg.sft.epochs
-    if cfg.sft.max_steps:
-        total_steps = min(total_steps, cfg.sft.max_steps)
+    samples, dropped = load_sft_samples(cfg, policy)
     leader = dist.get_rank() == 0
     logger = RunLogger(cfg.logger, cfg, out_dir, job="sft") if leader else None
-    order_rng = random.Random(cfg.run.seed)
+    if logger:
+        logger.log({"data/samples": len(samples)} | {f"data/dropped_{k}": v for k, v in dropped.items()}, step=0)
     step = 0
     try:
-        for epoch in range(cfg.sft.epochs):
-            order = list(range(len(samples)))
-            order_rng.shuffle(order)
-            for first in range(0, len(order), cfg.sft.batch_size):
-                if step == total_steps:
-                    break
-                started = time.perf_counter()
-                batch = [samples[i] for i in order[first : first + cfg.sft.batch_size]]
-                lr = set_learning_rate(engine.optimizer, cfg.optim, step)
-                metrics = engine.forward_backward(batch, cfg.sft.micro_batch_size, negative_log_likelihood)
-                grad_norm = engine.step(lr)
-                step += 1
-                if logger:
-                    logger.log(
-                        {"sft/loss": metrics["loss_sum"] / metrics["tokens"], "sft/grad_norm": grad_norm, "sft/lr": lr,
-                         "sft/epoch": epoch, "sft/tokens": metrics["tokens"], "timing/step_s": time.perf_counter() - started},
-                        step=step,
-                    )
+        for epoch, batch in sft_schedule(samples, cfg):
+            started = time.perf_counter()
+            lr = set_learning_rate(engine.optimizer, cfg.optim, step)
+            metrics = engine.forward_backward(batch, cfg.sft.micro_batch_size, negative_log_likelihood)
+            grad_norm = engine.step(lr)
+            step += 1
+            if logger:
+                logger.log(
+                    {"sft/loss": metrics["loss_sum"] / metrics["tokens"], "sft/grad_norm": grad_norm, "sft/lr": lr,
+                     "sft/epoch": epoch, "sft/tokens": metrics["tokens"], "timing/step_s": time.perf_counter() - started},
+                    step=step,
+                )
         policy.pixels.release()
         state = TrainerState(step, None, {"epoch": cfg.sft.epochs, "position": 0}, logger and logger.run_id, rng_state())
         checkpoint = save_megatron_checkpoint(out_dir, engine, policy.processor, state)
