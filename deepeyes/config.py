@@ -214,32 +214,39 @@ class TrainerConfig:
 
 
 @dataclass
-class RLJobConfig:
+class JobConfig:
+    """What every job that loads a model has: where it runs, the model, its data, its run directory."""
+
     nodes: int = 1  # shorthand for cluster.nodes
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    tools: ToolsConfig = field(default_factory=ToolsConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
 @dataclass
-class SFTJobConfig:
-    nodes: int = 1  # shorthand for cluster.nodes
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class AgentJobConfig(JobConfig):
+    """A job that runs the agent loop (RL, the difficulty filter, evaluation)."""
+
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+@dataclass
+class RLJobConfig(AgentJobConfig):
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class SFTJobConfig(JobConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
     sft: SFTConfig = field(default_factory=SFTConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 @dataclass
@@ -268,19 +275,11 @@ class EvalConfig:
 
 
 @dataclass
-class EvalJobConfig:
-    nodes: int = 1  # shorthand for cluster.nodes
+class EvalJobConfig(AgentJobConfig):
     ckpt: Optional[str] = None  # a checkpoint directory to evaluate; None = model.path / the tiny model
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)  # search corpus and image index
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    tools: ToolsConfig = field(default_factory=ToolsConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 @dataclass
@@ -293,17 +292,9 @@ class FilterConfig:
 
 
 @dataclass
-class FilterJobConfig:
-    nodes: int = 1  # shorthand for cluster.nodes
+class FilterJobConfig(AgentJobConfig):
     ckpt: Optional[str] = None  # the base model to filter with; None = model.path / the tiny model
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    tools: ToolsConfig = field(default_factory=ToolsConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 @dataclass
