@@ -23,7 +23,6 @@ nor with another job sharing a node.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -35,8 +34,6 @@ PORTS_PER_JOB = 100
 PORT_SHIFTS = 200
 RENDEZVOUS_PORT_OFFSET = 0  # torch.distributed's MASTER_PORT; role ports start after it
 # Services are placed once their commands exist in this checkout (they are built alongside).
-SERVICES_MODULE = "deepeyes.rollout.services"  # rollout servers, search, judge
-SANDBOX_MODULE = "deepeyes.tools.sandbox_client"  # the per-node sandbox daemon
 # Placeholders in role commands; the node agent fills them in on the node.
 PORT, HOST, TOKEN_FILE = "{port}", "{host}", "{token_file}"
 
@@ -157,7 +154,7 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
     trainer = Role("trainer", trainer_command(launch_dir), node=0, gpus=trainer_gpus, main=True, memory_gb=trainer_memory)
     add(trainer, serves=False)
     server_memory = (weight_gb + 2) if cluster.gpus_per_node else ((params or 0) * 4 / 1e9 + 1)
-    if job == "rl" and module_exists(SERVICES_MODULE):
+    if job == "rl":
         from deepeyes.rollout.services import rollout_server_command, search_service_command
         from deepeyes.train.setup import data_paths
 
@@ -179,7 +176,7 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
             judge_model = Path(cfg.reward.judge.model) if cfg.reward.judge.model else _tiny_model_path()
             command = rollout_server_command(cfg, judge_model, PORT, TOKEN_FILE, 0, threads) + ["--host", HOST]
             add(Role("judge", command, node=cluster.nodes - 1, ready=True, memory_gb=server_memory))
-    if job == "rl" and sandbox_daemon_available():
+    if job == "rl":
         from deepeyes.tools.sandbox_client import SandboxLimits, daemon_command
 
         code = cfg.tools.code
@@ -227,20 +224,6 @@ def _split(gpus: list[int], parts: int) -> list[list[int]]:
 
 def trainer_command(launch_dir: Path) -> list[str]:
     return [sys.executable, "-m", "deepeyes.launch.trainer", str(launch_dir)]
-
-
-def sandbox_daemon_available() -> bool:
-    """The sandbox daemon exists and a job can be pointed at its node's daemon (tools.code.url)."""
-    from deepeyes.config import CodeToolConfig
-
-    return module_exists(SANDBOX_MODULE) and "url" in CodeToolConfig.__dataclass_fields__
-
-
-def module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def _tiny_model_path() -> Path:

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from deepeyes.config import register_configs, to_object
-from deepeyes.launch.plan import SERVICES_MODULE, LaunchPlan, build_plan, module_exists, sandbox_daemon_available
+from deepeyes.launch.plan import LaunchPlan, build_plan
 from tests.paths import CONF_DIR, REPO
 
 
@@ -18,13 +18,6 @@ def job_config(*overrides, job="rl"):
         return to_object(compose(job, overrides=["run.out_dir=unused", *overrides]))
 
 
-# The services are placed once their commands exist (they are built alongside the launcher).
-services = pytest.mark.skipif(not module_exists(SERVICES_MODULE), reason=f"{SERVICES_MODULE} not in this checkout")
-sandbox = pytest.mark.skipif(not sandbox_daemon_available(), reason="the sandbox daemon is not in this checkout")
-
-
-@services
-@sandbox
 def test_two_nodes_put_the_trainer_on_the_first_and_a_rollout_server_on_the_second(tmp_path):
     plan = build_plan("rl", job_config("cluster=slurm", "nodes=2"), tmp_path)
     assert [r.name for r in plan.roles_on(0)] == ["trainer", "search", "sandbox"]
@@ -35,15 +28,12 @@ def test_two_nodes_put_the_trainer_on_the_first_and_a_rollout_server_on_the_seco
     assert all(r.node_local for r in plan.roles if r.name == "sandbox")
 
 
-@services
-@sandbox
 def test_one_node_shares_it_with_the_configured_rollout_servers_and_the_judge(tmp_path):
     plan = build_plan("rl", job_config("cluster=slurm", "rollout.servers=2", "reward.judge.enabled=true"), tmp_path)
     assert [r.name for r in plan.roles] == ["trainer", "rollout", "rollout", "search", "judge", "sandbox"]
     assert {r.node for r in plan.roles} == {0}
 
 
-@services
 def test_one_node_splits_its_gpus_between_the_trainer_and_the_rollout_servers(tmp_path):
     plan = build_plan("rl", job_config("cluster=slurm", "rollout.servers=2"), tmp_path)
     assert [(r.name, r.gpus) for r in plan.roles if r.name in ("trainer", "rollout")] == [
