@@ -137,12 +137,12 @@ def run_filter(cfg: FilterJobConfig) -> dict[str, Any]:
     if cfg.filter.limit:
         records = records[: cfg.filter.limit]
     policy = load_policy(cfg.model, cfg.ckpt)
-    runtime = AgentRuntime(
-        build_engine(policy, cfg.rollout),
-        ChatEncoder(policy.tokenizer, policy.pixels.tokens),
-        build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch"),
-    )
-    verdicts = judge(runtime, records, cfg.filter, cfg.rollout, cfg.reward, cfg.run.seed, policy.pixels.release)
+    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch")
+    runtime = AgentRuntime(build_engine(policy, cfg.rollout), ChatEncoder(policy.tokenizer, policy.pixels.tokens), toolbox)
+    try:
+        verdicts = judge(runtime, records, cfg.filter, cfg.rollout, cfg.reward, cfg.run.seed, policy.pixels.release)
+    finally:
+        toolbox.close()  # stops the sandbox daemon this job started
     summary = write_outputs(out_dir, verdicts, cfg.filter.k, cfg.filter.max_passes)
     total = summary["total"]
     log.info("filter %s: %d questions → rl %d, cold_start %d, too_easy %d (out: %s)", source, total["questions"],

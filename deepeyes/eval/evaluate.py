@@ -158,10 +158,13 @@ def run_eval(cfg: EvalJobConfig) -> dict[str, Any]:
     encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
     toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch")
     runtime = AgentRuntime(build_engine(policy, cfg.rollout), encoder, toolbox)
-    metrics, trajectories = evaluate(
-        runtime, benchmark, bench_cfg.tools, cfg.rollout, cfg.reward, cfg.eval.n, cfg.run.seed, GRADERS[cfg.eval.grader],
-        cfg.eval.temperature, cfg.eval.questions_per_batch, policy.pixels.release,
-    )
+    try:
+        metrics, trajectories = evaluate(
+            runtime, benchmark, bench_cfg.tools, cfg.rollout, cfg.reward, cfg.eval.n, cfg.run.seed,
+            GRADERS[cfg.eval.grader], cfg.eval.temperature, cfg.eval.questions_per_batch, policy.pixels.release,
+        )
+    finally:
+        toolbox.close()  # stops the sandbox daemon this job started
     write_predictions(out_dir / "predictions.jsonl", trajectories)
     report = write_report(out_dir, [metrics])
     if cfg.eval.training_run:
