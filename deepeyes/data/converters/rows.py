@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -81,3 +82,16 @@ def parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for value in batch.to_pylist():
             row += 1
             yield row, value
+
+
+def load_json(path: Path, expected: type, what: str) -> Any:
+    """A whole-file JSON release (an array of samples, an object keyed by sample id), checked to be
+    of the `expected` type; anything else is a RecordError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except ValueError as err:
+        raise RecordError(path, 0, f"not valid JSON: {err}") from None
+    if not isinstance(data, expected):
+        raise RecordError(path, 0, f"expected {what}, got {type(data).__name__}")
+    return data

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from deepeyes.data.converters.images import write_hash_manifest
-from deepeyes.data.converters.rows import Conversion, OnError, RowProblem, parse_rows
+from deepeyes.data.converters.rows import Conversion, OnError, RowProblem, load_json, parse_rows
 from deepeyes.data.readers import read_records
-from deepeyes.data.schema import RecordError
 from deepeyes.tools.search import sha256_file
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ def convert_image_search_cache(
         index = record.metadata.get("index")
         if index is not None and record.images:
             by_sample[str(index)] = record.images[0]
-    entries = _json_object(cache)
+    entries = load_json(cache, dict, "an object keyed by sample id")
     conversion = Conversion(output)
     dropped = 0
     seen: dict[str, str] = {}
@@ -75,17 +74,6 @@ def convert_image_search_cache(
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     write_hash_manifest(output, (base / r["image"] for row in rows for r in row["results"]))
     return conversion
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
-    except ValueError as err:
-        raise RecordError(path, 0, f"not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise RecordError(path, 0, f"expected an object keyed by sample id, got {type(data).__name__}")
-    return data
 
 
 def _results(entry: Any, image_root: Path) -> tuple[list[dict[str, Any]], int]:

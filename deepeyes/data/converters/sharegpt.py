@@ -12,15 +12,14 @@ separate "system" string (LLaMA-Factory's system column); other extra columns ar
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from deepeyes.data.converters.images import write_hash_manifest
-from deepeyes.data.converters.rows import Conversion, OnError, RowProblem, parse_rows
+from deepeyes.data.converters.rows import Conversion, OnError, RowProblem, load_json, parse_rows
 from deepeyes.data.readers import _parse_sft_record
-from deepeyes.data.schema import RecordError, SFTRecord
+from deepeyes.data.schema import SFTRecord
 from deepeyes.data.writers import write_sft_records
 
 
@@ -44,21 +43,11 @@ def convert_sharegpt(
         def parse(row: int, item: Any, source: Path = source) -> SFTRecord:
             return _sft_record(item, f"{source.stem}-{row}", source.stem, family, Path(image_root))
 
-        records += parse_rows(source, enumerate(_json_array(source), start=1), parse, on_error, conversion)
+        samples = load_json(source, list, "a JSON array of samples")
+        records += parse_rows(source, enumerate(samples, start=1), parse, on_error, conversion)
     write_sft_records(output, records)
     write_hash_manifest(output, (image for record in records for image in record.images))
     return conversion
-
-
-def _json_array(path: Path) -> list[Any]:
-    try:
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
-    except ValueError as err:
-        raise RecordError(path, 0, f"not valid JSON: {err}") from None
-    if not isinstance(data, list):
-        raise RecordError(path, 0, f"expected a JSON array of samples, got {type(data).__name__}")
-    return data
 
 
 def _sft_record(item: Any, record_id: str, data_source: str, family: str, image_root: Path) -> SFTRecord:
