@@ -60,6 +60,12 @@ class ModelConfig:
     # Pixel budget per image (the processor resizes into [min_pixels, max_pixels]).
     min_pixels: int = 3136
     max_pixels: int = 50176
+    # Pixel budget per trajectory, all its images together (prompt + tool results, after
+    # resizing): images a tool returns past it are not shown (counted in tools/images_dropped);
+    # a prompt over it is an error. 0 = no limit but the token budget.
+    max_trajectory_pixels: int = 802816
+    # Processed images (vision inputs) a process keeps for reuse, least recently used out first.
+    pixel_cache_mb: int = 256
     # The paper freezes the vision tower and the projector (merger) during training.
     freeze_vision: bool = True
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
@@ -368,10 +374,13 @@ def _check_positive(cfg: DictConfig) -> None:
         "rollout.n", "rollout.max_turn_tokens", "rollout.max_response_tokens", "rollout.max_turns",
         "rollout.max_batch", "grpo.prompts_per_step", "grpo.steps", "grpo.micro_batch_size",
         "sft.epochs", "sft.batch_size", "sft.micro_batch_size", "sft.cutoff_len", "optim.lr",
-        "eval.n", "eval.questions_per_batch", "filter.k", "filter.prompts_per_batch",
+        "eval.n", "eval.questions_per_batch", "filter.k", "filter.prompts_per_batch", "model.pixel_cache_mb",
     ):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value <= 0:
             raise ValueError(f"config {key}={value}: must be > 0")
+    budget = OmegaConf.select(cfg, "model.max_trajectory_pixels", default=0)
+    if budget and budget < OmegaConf.select(cfg, "model.max_pixels"):
+        raise ValueError(f"config model.max_trajectory_pixels={budget}: must be 0 (no limit) or >= model.max_pixels")
     if OmegaConf.select(cfg, "rollout.temperature", default=1.0) <= 0:
         raise ValueError("config rollout.temperature must be > 0 (greedy rollouts give GRPO no signal)")
