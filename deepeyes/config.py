@@ -72,6 +72,15 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a data mixture: a record file and its weight (share of the samples drawn)."""
+
+    name: str = ""  # logged as data/mix/<name>
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     name: str = "sample"
     # JSON-lines files in deepeyes.data.schema form. None = the bundled sample data, generated
@@ -84,6 +93,11 @@ class DataConfig:
     sample_per_family: int = 32
     sample_seed: int = 0
     on_bad_record: str = "raise"  # "raise" | "skip" (counted and logged)
+    # Mixtures (deepeyes.train.sampler.MixtureSampler): each sample comes from a source drawn with
+    # probability weight / total weight; set, they replace `train` (RL) or `sft` (SFT). The
+    # realized mix of every step is logged.
+    train_mix: list[SourceConfig] = field(default_factory=list)
+    sft_mix: list[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -322,15 +336,54 @@ class PrepareDataJobConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@dataclass
+class TeacherConfig:
+    """The policy of `jobs/synthesize.py`: a model behind an OpenAI-compatible chat-completions
+    endpoint (deepeyes.synth.teacher)."""
+
+    name: str = "local"
+    # The endpoint, e.g. http://node12:8000/v1 (a vLLM server) or a commercial API. None = the job
+    # serves `checkpoint` itself with a local rollout server (its /v1/chat/completions).
+    base_url: Optional[str] = None
+    model: str = "teacher"  # the model name the endpoint expects
+    checkpoint: Optional[str] = None  # base_url=None only: the checkpoint to serve; None = the tiny model
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable that holds the key (never the key itself)
+    timeout_s: float = 300.0  # per request
+    max_retries: int = 5  # per request: rate limits (429), server errors, timeouts, lost connections
+    backoff_s: float = 2.0  # wait before the first retry; doubles per retry (jittered, Retry-After honoured)
+    max_backoff_s: float = 60.0
+    requests_per_minute: float = 0.0  # request starts are spaced 60/rpm seconds apart; 0 = no limit
+    max_concurrency: int = 16  # requests in flight
+
+
+@dataclass
+class SynthConfig:
+    input: Optional[str] = None  # Record file of questions; None = data.train
+    k: int = 4  # attempts per question
+    grader: str = "rule"  # "rule" = deepeyes.reward.accuracy | "judge" = the teacher endpoint, rule as fallback
+    require_tool: bool = False  # keep only trajectories with at least one tool call that ran without error
+    concurrency: int = 16  # trajectories in flight (each may hold a sandbox session)
+    limit: int = 0  # the first N questions; 0 = all
+
+
+@dataclass
+class SynthJobConfig(AgentJobConfig):
+    """`model` is the student: its tokenizer and pixel budget measure the turn and response limits."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
 def register_configs() -> None:
     """Make the schemas available to conf/*.yaml as `rl_schema`, `sft_schema`, `eval_schema`,
-    `filter_schema` and `prepare_data_schema`."""
+    `filter_schema`, `prepare_data_schema` and `synthesize_schema`."""
     store = ConfigStore.instance()
     store.store(name="rl_schema", node=RLJobConfig)
     store.store(name="sft_schema", node=SFTJobConfig)
     store.store(name="eval_schema", node=EvalJobConfig)
     store.store(name="filter_schema", node=FilterJobConfig)
     store.store(name="prepare_data_schema", node=PrepareDataJobConfig)
+    store.store(name="synthesize_schema", node=SynthJobConfig)
 
 
 _CHOICES = {
@@ -344,6 +397,7 @@ _CHOICES = {
     "benchmark.format": ("records", "realx", "vstar", "hrbench", "mme_realworld", "mathverse", "mmsearch"),
     "benchmark.on_bad_record": ("raise", "skip"),
     "eval.grader": ("rule",),
+    "synth.grader": ("rule", "judge"),
     "prepare.on_bad_record": ("raise", "skip"),
     "cluster.name": ("local", "slurm"),
     "trainer.backend": ("hf", "megatron"),
@@ -363,10 +417,27 @@ def to_object(cfg: DictConfig) -> Any:
         if value is not None and value not in allowed:
             raise ValueError(f"config {key}={value!r}: expected one of {', '.join(allowed)}")
     _check_positive(cfg)
+    data = getattr(job, "data", None)
+    if data is not None:
+        _check_mixture("data.train_mix", data.train_mix, data.train, "data.train")
+        _check_mixture("data.sft_mix", data.sft_mix, data.sft, "data.sft")
     benchmark = getattr(job, "benchmark", None)
     if benchmark is not None and benchmark.path is None and benchmark.format != "records":
         raise ValueError(f"benchmark={benchmark.name} needs benchmark.path=<its {benchmark.format} file>")
     return job
+
+
+def _check_mixture(key: str, sources: list[SourceConfig], single: Optional[str], single_key: str) -> None:
+    if sources and single:
+        raise ValueError(f"config {key} and {single_key} are both set: a mixture replaces the single file")
+    names = [source.name for source in sources]
+    for index, source in enumerate(sources):
+        if not source.name or not source.path:
+            raise ValueError(f"config {key}[{index}]: needs a name and a path, got {source}")
+        if not source.weight > 0:
+            raise ValueError(f"config {key}[{index}] ({source.name}): weight must be > 0, got {source.weight}")
+        if names.count(source.name) > 1:
+            raise ValueError(f"config {key}: source name {source.name!r} appears more than once")
 
 
 def _check_positive(cfg: DictConfig) -> None:
@@ -374,7 +445,8 @@ def _check_positive(cfg: DictConfig) -> None:
         "rollout.n", "rollout.max_turn_tokens", "rollout.max_response_tokens", "rollout.max_turns",
         "rollout.max_batch", "grpo.prompts_per_step", "grpo.steps", "grpo.micro_batch_size",
         "sft.epochs", "sft.batch_size", "sft.micro_batch_size", "sft.cutoff_len", "optim.lr",
-        "eval.n", "eval.questions_per_batch", "filter.k", "filter.prompts_per_batch", "model.pixel_cache_mb",
+        "eval.n", "eval.questions_per_batch", "filter.k", "filter.prompts_per_batch",
+        "synth.k", "synth.concurrency", "teacher.max_concurrency", "teacher.timeout_s",
     ):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value <= 0:

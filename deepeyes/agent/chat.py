@@ -31,9 +31,10 @@ class ChatEncoder:
         self.vision_start = ids("<|vision_start|>")
         self.vision_end = ids("<|vision_end|>")
         self.image_pad = ids("<|image_pad|>")
-        self.newline = self._text("\n")
+        self.newline = self.text("\n")
 
-    def _text(self, text: str) -> list[int]:
+    def text(self, text: str) -> list[int]:
+        """Plain text, special tokens split: "<|im_end|>" in it stays text."""
         if not text:
             return []
         return self._tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -52,14 +53,16 @@ class ChatEncoder:
             raise ValueError(
                 f"message has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images"
             )
-        ids = self._text(pieces[0])
+        ids = self.text(pieces[0])
         for image, piece in zip(images, pieces[1:]):
-            ids += [self.vision_start] + [self.image_pad] * self._image_tokens(image) + [self.vision_end]
-            ids += self._text(piece)
+            ids += self.image(image) + self.text(piece)
         return ids
 
+    def image(self, image: Path) -> list[int]:
+        return [self.vision_start] + [self.image_pad] * self._image_tokens(image) + [self.vision_end]
+
     def header(self, role: str) -> list[int]:
-        return [self.im_start] + self._text(f"{role}\n")
+        return [self.im_start] + self.text(f"{role}\n")
 
     def message(self, role: str, text: str, images: Sequence[Path] = ()) -> list[int]:
         return self.header(role) + self.content(text, images) + [self.im_end] + self.newline

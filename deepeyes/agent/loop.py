@@ -31,6 +31,11 @@ class EpisodeLimits:
     top_p: float = 1.0
 
 
+def session_name(step: int, group: int, sample: int) -> str:
+    """The trajectory's tool session, and its scratch directory under the toolbox's scratch root."""
+    return f"step{step}-g{group}-s{sample}"
+
+
 def episode_seed(run_seed: int, step: int, group: int, sample: int, turn: int) -> int:
     """A stable noise-stream seed per (step, prompt, rollout, turn)."""
     return zlib.crc32(f"{run_seed}/{step}/{group}/{sample}/{turn}".encode())
@@ -54,7 +59,7 @@ async def run_episode(
         prompt_ids=encoder.prompt(protocol.SYSTEM_PROMPT, protocol.user_prompt(record.question), images),
         images=images,
     )
-    session = toolbox.session(f"step{step}-g{group}-s{sample}", images)
+    session = toolbox.session(session_name(step, group, sample), images)
     try:
         for turn in range(limits.max_turns):
             budget = limits.max_response_tokens - len(trajectory.response_ids)
@@ -89,6 +94,7 @@ async def run_episode(
                 trajectory.finish = "length"
                 break
             trajectory.extend(ids, trained=False)
+            trajectory.observations.append(observation.text)
             trajectory.images += observation.images
     finally:
         await session.close()

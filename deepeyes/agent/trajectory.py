@@ -32,6 +32,7 @@ class Trajectory:
     rollout_logprobs: list[float] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)  # every image in the sequence, in order
     model_turns: list[str] = field(default_factory=list)  # decoded model turns (reward, logs)
+    observations: list[str] = field(default_factory=list)  # tool results shown, after model_turns[i]
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish: str = ""  # "answer" | "max_turns" | "length"
     weight_versions: set[int] = field(default_factory=set)  # policy versions that sampled it
