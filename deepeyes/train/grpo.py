@@ -54,14 +54,38 @@ log = logging.getLogger(__name__)
 class GRPOTrainer:
     cfg: RLJobConfig
     policy: Policy
-    engine: HFRolloutEngine | RolloutClient
-    encoder: ChatEncoder
-    toolbox: Toolbox
     optimizer: torch.optim.Optimizer
-    sampler: EpochSampler
+    # The rollout side (see `rollout_side`). A multi-rank trainer builds it on its leader only:
+    # the other ranks receive each step's trajectories from it and take part in the update.
+    engine: HFRolloutEngine | RolloutClient | None = None
+    encoder: ChatEncoder | None = None
+    toolbox: Toolbox | None = None
+    sampler: EpochSampler | None = None
     weight_sync: WeightSync | None = None  # None: the engine generates with the trainer's own model
     judge: JudgeClient | None = None
     services: contextlib.ExitStack | None = None  # local service processes, stopped by close()
+
+    @property
+    def leader(self) -> bool:
+        """Whether this process runs the rollouts, logs and writes the run's files (one-process trainer: always)."""
+        return True
+
+    def agree(self, stop_requested: bool) -> bool:
+        """The leader's stop decision, the same on every rank."""
+        return stop_requested
+
+    def save(self, out_dir: Path, step: int, run_id: str | None) -> Path:
+        """Checkpoint after `step` optimizer steps: HF model directory + optimizer, data position, RNG."""
+        state = TrainerState(step, self.optimizer.state_dict(), self.sampler.state_dict(), run_id, rng_state())
+        return save_checkpoint(out_dir, self.policy.model, self.policy.processor, state)
+
+    def restore(self, checkpoint: Path) -> TrainerState:
+        """Optimizer, data position and RNG from `checkpoint` (the weights were loaded with the policy)."""
+        state = load_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.sampler.load_state_dict(state.data)
+        set_rng_state(state.rng)
+        return state
 
     def step(self, step: int) -> tuple[dict[str, float], list[Trajectory]]:
         """One GRPO step; returns its metrics and its scored trajectories."""
@@ -216,6 +240,7 @@ def rollout_metrics(trajectories: list[Trajectory], step: int) -> dict[str, floa
         "rollout/response_tokens": mean([len(t.response_ids) for t in trajectories]),
         "rollout/model_tokens": mean([t.model_tokens for t in trajectories]),
         "rollout/staleness": mean([step - min(t.weight_versions) for t in trajectories]),
+        "tools/images_dropped": mean([t.images_dropped for t in trajectories]),
     }
     calls = Counter(call.tool for t in trajectories for call in t.tool_calls)
     failed = Counter(call.tool for t in trajectories for call in t.tool_calls if not call.ok)
@@ -231,9 +256,19 @@ def rollout_metrics(trajectories: list[Trajectory], step: int) -> dict[str, floa
 
 
 def build_trainer(cfg: RLJobConfig, out_dir: Path, init_from: str | None) -> GRPOTrainer:
-    """Policy, data, optimizer, rollout engine and tools, wired together; with `rollout.servers`
-    > 0 (or under the launcher) the engine, search and judge are services (see `rl_services`)."""
+    """Policy, optimizer and the rollout side, wired together (the megatron backend: see
+    deepeyes.train.megatron.grpo.build_megatron_trainer)."""
     policy = load_policy(cfg.model, init_from)
+    if cfg.trainer.backend == "megatron":
+        from deepeyes.train.megatron.grpo import build_megatron_trainer  # imports megatron-core only when asked for
+
+        return build_megatron_trainer(cfg, out_dir, policy)
+    return GRPOTrainer(cfg, policy, build_optimizer(policy.model, cfg.optim), **rollout_side(cfg, out_dir, policy))
+
+
+def rollout_side(cfg: RLJobConfig, out_dir: Path, policy: Policy) -> dict:
+    """GRPOTrainer's rollout fields: data sampler, rollout engine and tools; with `rollout.servers`
+    > 0 (or under the launcher) the engine, search and judge are services (see `rl_services`)."""
     paths = data_paths(cfg.data)
     sampler = EpochSampler(read_validated(read_records, paths.train, cfg.data.on_bad_record), cfg.run.seed)
     services = contextlib.ExitStack()
@@ -242,18 +277,12 @@ def build_trainer(cfg: RLJobConfig, out_dir: Path, init_from: str | None) -> GRP
     )
     engine, weight_sync, search, judge = _service_clients(cfg, endpoints, out_dir)
     engine = engine or build_engine(policy, cfg.rollout)
-    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", search)
+    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", search, policy,
+                            cfg.model.max_trajectory_pixels)
     services.callback(toolbox.close)  # the code sandbox daemon, if the job started one
     encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
-    trainer = GRPOTrainer(
-        cfg, policy, engine, encoder, toolbox, build_optimizer(policy.model, cfg.optim), sampler,
-        weight_sync, judge, services,
-    )
-    if cfg.trainer.backend == "megatron":
-        from deepeyes.train.megatron.grpo import on_megatron  # imports megatron-core only when asked for
-
-        return on_megatron(trainer)
-    return trainer
+    return dict(engine=engine, encoder=encoder, toolbox=toolbox, sampler=sampler, weight_sync=weight_sync,
+                judge=judge, services=services)
 
 
 def _service_clients(cfg: RLJobConfig, endpoints: ServiceEndpoints | None, out_dir: Path):
@@ -295,16 +324,13 @@ def train_grpo(cfg: RLJobConfig) -> Path:
     trainer = build_trainer(cfg, out_dir, str(resume) if resume else cfg.run.init_from)
     start, run_id = 0, None
     if resume is not None:
-        state = load_trainer_state(resume)
-        trainer.optimizer.load_state_dict(state.optimizer)
-        trainer.sampler.load_state_dict(state.data)
-        set_rng_state(state.rng)
+        state = trainer.restore(resume)
         start, run_id = state.step, state.run_id
         log.info("resuming from %s at step %d", resume, start)
     # Servers may have started from another checkpoint (the launcher's model path, or before a
     # resume): from here on they serve the trainer's weights, labelled with its step.
     trainer.publish_weights(start, everything=True)
-    logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id)
+    logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id) if trainer.leader else None
     console = Console()
     checkpoint = resume
     stop = StopSignal.install()  # Slurm's SIGUSR2: checkpoint at the end of this step, then stop for a requeue
@@ -312,27 +338,27 @@ def train_grpo(cfg: RLJobConfig) -> Path:
         for step in range(start, cfg.grpo.steps):
             set_learning_rate(trainer.optimizer, cfg.optim, step)
             metrics, trajectories = trainer.step(step)
-            logger.log(metrics, step=step + 1)
-            write_rollouts(out_dir / "rollouts" / f"step_{step + 1:06d}.jsonl", trajectories)
-            console.print(
-                f"[bold]step {step + 1}/{cfg.grpo.steps}[/] reward {metrics['reward/mean']:.3f} "
-                f"acc {metrics['reward/accuracy']:.3f} format {metrics['reward/format_rate']:.3f} "
-                f"code {metrics['tools/code_calls']:.2f} search {metrics['tools/search_calls']:.2f} "
-                f"img {metrics['tools/image_search_calls']:.2f} turns {metrics['rollout/turns']:.2f} "
-                f"({metrics['timing/step_s']:.1f}s)"
-            )
-            last = step + 1 == cfg.grpo.steps
-            if last or stop.requested or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                state = TrainerState(
-                    step + 1, trainer.optimizer.state_dict(), trainer.sampler.state_dict(), logger.run_id, rng_state()
+            if logger is not None:
+                logger.log(metrics, step=step + 1)
+                write_rollouts(out_dir / "rollouts" / f"step_{step + 1:06d}.jsonl", trajectories)
+                console.print(
+                    f"[bold]step {step + 1}/{cfg.grpo.steps}[/] reward {metrics['reward/mean']:.3f} "
+                    f"acc {metrics['reward/accuracy']:.3f} format {metrics['reward/format_rate']:.3f} "
+                    f"code {metrics['tools/code_calls']:.2f} search {metrics['tools/search_calls']:.2f} "
+                    f"img {metrics['tools/image_search_calls']:.2f} turns {metrics['rollout/turns']:.2f} "
+                    f"({metrics['timing/step_s']:.1f}s)"
                 )
-                checkpoint = save_checkpoint(out_dir, trainer.policy.model, trainer.policy.processor, state)
+            last = step + 1 == cfg.grpo.steps
+            stopping = trainer.agree(stop.requested)
+            if last or stopping or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                checkpoint = trainer.save(out_dir, step + 1, logger and logger.run_id)
                 log.info("saved %s", checkpoint)
-            if stop.requested and not last:
+            if stopping and not last:
                 raise Preempted(f"stopped after step {step + 1} on the stop signal; resume from {checkpoint}")
     finally:
         stop.restore()
-        logger.finish()
+        if logger is not None:
+            logger.finish()
         trainer.close()  # publishes in flight, then the service processes this run started
     return checkpoint
 

@@ -236,3 +236,26 @@ def grpo_update(rank: int, world: int, port: int, out_dir: str, overrides: list[
         "moved": max((p - weights[n]).abs().max().item() for n, p in load_model(ensure_tiny_model()).state_dict().items()),
     })
     dist.destroy_process_group()
+
+
+def rl_job(rank: int, world: int, port: int, out_dir: str, overrides: list[str], results) -> None:
+    """`python jobs/rl.py trainer=megatron` as one rank of a torchrun-style world. The tiny model
+    earns no reward, so within each group the first rollout is scored 1 and the second 0 (the
+    policy then moves)."""
+    from tests.train.test_grpo import rl_config
+    from deepeyes.train.grpo import GRPOTrainer, train_grpo
+
+    collect = GRPOTrainer.collect
+
+    def scored(self, step):
+        trajectories = collect(self, step)
+        for index, trajectory in enumerate(trajectories):
+            trajectory.reward = 1.0 if index % 2 == 0 else 0.0
+        return trajectories
+
+    GRPOTrainer.collect = scored
+    join(rank, world, port)
+    checkpoint = train_grpo(rl_config(out_dir, "trainer=megatron", *overrides))
+    if rank == 0:
+        results.put(str(checkpoint))
+    dist.destroy_process_group()

@@ -1,57 +1,118 @@
 """GRPO updates on the Megatron engine: the reference trainer's `update` (deepeyes.train.grpo)
-with forward, backward and optimizer step run by megatron-core.
+with forward, backward and optimizer step run by megatron-core, on one rank or many.
 
-Rollouts, rewards, advantages, logging and checkpoints are the reference trainer's; only the
-policy update differs. Same sequences (prompt masked out), same clipped token-mean loss
+Rollouts, rewards, advantages, logging and checkpoint layout are the reference trainer's; only
+the policy update differs. Same sequences (prompt masked out), same clipped token-mean loss
 (deepeyes.train.losses.clipped_policy_loss), same old-policy rule: with several mini-batches
 the old logprobs are recomputed before the first update, otherwise they are the current
-ones, detached. After each update the new weights are copied into the HF model that the
-rollout engine (or the weight sync to rollout servers) reads.
+ones, detached.
+
+With several ranks (torchrun, or the node agent's per-GPU trainer processes) global rank 0 is
+the leader: it alone samples prompts, drives the rollout servers and tools, logs and writes the
+run's files. Each step it hands the scored batch (token ids, loss masks, images, advantages) to
+every rank; all ranks run the update, each on its data-parallel share; the leader then copies
+the new weights into the HF model the rollout engine (or the weight sync) reads. Checkpoints
+are megatron distributed checkpoints beside the HF directory, so a run resumes at another
+TP/PP/DP layout.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from deepeyes.agent.trajectory import Trajectory
+from deepeyes.config import RLJobConfig
+from deepeyes.train.checkpoint import TrainerState, rng_state, set_rng_state
 from deepeyes.train.forward import TokenSequence
-from deepeyes.train.grpo import GRPOTrainer
+from deepeyes.train.grpo import GRPOTrainer, rollout_side
 from deepeyes.train.losses import clipped_policy_loss
+from deepeyes.train.megatron.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
 from deepeyes.train.megatron.engine import MegatronEngine, build_engine
+from deepeyes.train.setup import Policy
+
+# How long the other ranks wait for the leader's rollouts of one step. The hand-off has its own
+# gloo group so that this wait does not stretch the training collectives' (NCCL) timeout.
+ROLLOUT_WAIT = timedelta(hours=6)
+
+
+@dataclass
+class Batch:
+    """What every rank needs of a step's trajectories for the update."""
+
+    sequences: list[TokenSequence]  # prompt + response, loss mask on the model's own tokens
+    advantages: list[float]
+    sampled_logprobs: list[list[float]]  # the rollout engine's logprob of each trained token
+
+    @classmethod
+    def of(cls, trajectories: list[Trajectory], advantages: list[float]) -> "Batch":
+        return cls(
+            [TokenSequence(t.input_ids, t.images, [0] * len(t.prompt_ids) + t.loss_mask) for t in trajectories],
+            list(advantages),
+            [[v for v, m in zip(t.rollout_logprobs, t.loss_mask) if m] for t in trajectories],
+        )
 
 
 @dataclass
 class MegatronGRPOTrainer(GRPOTrainer):
     megatron: MegatronEngine | None = None
+    handoff: dist.ProcessGroup | None = None  # leader → other ranks (None: a world of one)
 
-    def update(self, trajectories: list[Trajectory], advantages: list[float]) -> dict[str, float]:
-        """Clipped policy-gradient steps over the batch, in mini-batches of trajectories."""
+    @property
+    def leader(self) -> bool:
+        return dist.get_rank() == 0
+
+    def step(self, step: int) -> tuple[dict[str, float], list[Trajectory]]:
+        if self.leader:
+            return super().step(step)
+        self.update(None, None)  # the leader's batch arrives in update
+        self.policy.pixels.release()
+        return {}, []
+
+    def _from_leader(self, value):
+        if self.handoff is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.handoff)
+        return box[0]
+
+    def agree(self, stop_requested: bool) -> bool:
+        return self._from_leader(stop_requested)
+
+    def publish_weights(self, version: int, everything: bool = False) -> None:
+        if self.leader:
+            super().publish_weights(version, everything)
+
+    def update(self, trajectories: list[Trajectory] | None, advantages: list[float] | None) -> dict[str, float]:
+        """Clipped policy-gradient steps over the batch, in mini-batches of trajectories (collective)."""
+        batch = self._from_leader(Batch.of(trajectories, advantages) if self.leader else None)
         cfg = self.cfg.grpo
         temperature = self.cfg.rollout.temperature
-        sequences = [TokenSequence(t.input_ids, t.images, [0] * len(t.prompt_ids) + t.loss_mask) for t in trajectories]
-        size = cfg.mini_batch_size or len(trajectories)
-        mini_batches = [list(range(i, min(i + size, len(trajectories)))) for i in range(0, len(trajectories), size)]
+        count = len(batch.sequences)
+        size = cfg.mini_batch_size or count
+        mini_batches = [list(range(i, min(i + size, count))) for i in range(0, count, size)]
         old = None
         if len(mini_batches) > 1:
-            old = [self.megatron.logprobs([sequences[i] for i in batch], cfg.micro_batch_size, temperature)
-                   for batch in mini_batches]
+            old = [self.megatron.logprobs([batch.sequences[i] for i in indices], cfg.micro_batch_size, temperature)
+                   for indices in mini_batches]
         totals: Counter = Counter()
-        for b, batch in enumerate(mini_batches):
-            def loss_fn(per_sequence, local, batch=batch, b=b):
+        for b, indices in enumerate(mini_batches):
+            def loss_fn(per_sequence, local, indices=indices, b=b):
                 loss, metrics = torch.zeros(()), Counter()
                 for j, lp in zip(local, per_sequence):
-                    i = batch[j]
+                    i = indices[j]
                     old_lp = old[b][j] if old is not None else lp.detach()
                     token_loss, stats = clipped_policy_loss(
-                        lp, old_lp, torch.full_like(lp, advantages[i]), torch.ones_like(lp),
+                        lp, old_lp, torch.full_like(lp, batch.advantages[i]), torch.ones_like(lp),
                         cfg.clip_ratio_low, cfg.clip_ratio_high,
                     )
                     loss = loss + token_loss
-                    sampled = torch.tensor([v for v, m in zip(trajectories[i].rollout_logprobs, trajectories[i].loss_mask) if m])
+                    sampled = torch.tensor(batch.sampled_logprobs[i])
                     metrics["policy/rollout_logprob_abs_diff"] += float((sampled - lp.detach()).abs().sum())
                     for key, value in stats.items():
                         metrics[f"policy/{key}"] += float(value)
@@ -59,26 +120,38 @@ class MegatronGRPOTrainer(GRPOTrainer):
                 metrics["loss_sum"] = float(loss.detach())
                 return loss, int(metrics["tokens"]), dict(metrics)
 
-            metrics = self.megatron.forward_backward([sequences[i] for i in batch], cfg.micro_batch_size, loss_fn, temperature)
+            metrics = self.megatron.forward_backward(
+                [batch.sequences[i] for i in indices], cfg.micro_batch_size, loss_fn, temperature,
+            )
             totals["policy/grad_norm"] += self.megatron.step(self.optimizer.param_groups[0]["lr"]) / len(mini_batches)
             totals["policy/loss"] += metrics.pop("loss_sum") / max(metrics["tokens"], 1)
             totals.update(metrics)
-        self.policy.model.load_state_dict(self.megatron.hf_state())
+        weights = self.megatron.hf_state()  # gathered on the leader only
+        if weights is not None:
+            self.policy.model.load_state_dict(weights)
         tokens = totals.pop("tokens") or 1.0
         return {
             key: value / tokens if key.startswith("policy/") and key not in ("policy/loss", "policy/grad_norm") else value
             for key, value in totals.items()
         } | {"policy/lr": self.optimizer.param_groups[0]["lr"]}
 
+    def save(self, out_dir: Path, step: int, run_id: str | None) -> Path:
+        """HF directory + megatron distributed checkpoint (model, optimizer) + trainer state (collective)."""
+        data = self.sampler.state_dict() if self.leader else None
+        state = TrainerState(step, None, data, run_id, rng_state())
+        return save_megatron_checkpoint(out_dir, self.megatron, self.policy.processor, state)
 
-def on_megatron(trainer: GRPOTrainer) -> MegatronGRPOTrainer:
-    """The same trainer with its policy updates on megatron-core (`trainer.backend=megatron`)."""
-    cfg = trainer.cfg
-    engine = build_engine(trainer.policy, cfg.trainer, cfg.optim, cfg.run.seed)
-    if dist.get_world_size() > 1:
-        raise ValueError(
-            "GRPO with trainer.backend=megatron runs as one process here (rollouts are not yet shared "
-            f"between ranks); got world size {dist.get_world_size()}"
-        )
-    values = {f.name: getattr(trainer, f.name) for f in fields(GRPOTrainer)}
-    return MegatronGRPOTrainer(**(values | {"optimizer": engine.optimizer}), megatron=engine)
+    def restore(self, checkpoint: Path) -> TrainerState:
+        state = load_megatron_checkpoint(checkpoint, self.megatron)  # any TP/PP/DP layout
+        if self.leader:
+            self.sampler.load_state_dict(state.data)
+        set_rng_state(state.rng)
+        return state
+
+
+def build_megatron_trainer(cfg: RLJobConfig, out_dir: Path, policy: Policy) -> MegatronGRPOTrainer:
+    """Join the process groups, build the engine; the rollout side on the leader only."""
+    engine = build_engine(policy, cfg.trainer, cfg.optim, cfg.run.seed)
+    handoff = dist.new_group(backend="gloo", timeout=ROLLOUT_WAIT) if dist.get_world_size() > 1 else None
+    rollouts = rollout_side(cfg, out_dir, policy) if dist.get_rank() == 0 else {}
+    return MegatronGRPOTrainer(cfg, policy, engine.optimizer, **rollouts, megatron=engine, handoff=handoff)
