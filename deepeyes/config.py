@@ -363,6 +363,7 @@ class SynthConfig:
     grader: str = "rule"  # "rule" = deepeyes.reward.accuracy | "judge" = the teacher endpoint, rule as fallback
     require_tool: bool = False  # keep only trajectories with at least one tool call that ran without error
     concurrency: int = 16  # trajectories in flight (each may hold a sandbox session)
+    attempts_per_batch: int = 256  # tool-returned images are cleared between batches (kept ones are copied out)
     limit: int = 0  # the first N questions; 0 = all
 
 
@@ -446,7 +447,7 @@ def _check_positive(cfg: DictConfig) -> None:
         "rollout.max_batch", "grpo.prompts_per_step", "grpo.steps", "grpo.micro_batch_size",
         "sft.epochs", "sft.batch_size", "sft.micro_batch_size", "sft.cutoff_len", "optim.lr",
         "eval.n", "eval.questions_per_batch", "filter.k", "filter.prompts_per_batch",
-        "synth.k", "synth.concurrency", "teacher.max_concurrency", "teacher.timeout_s",
+        "synth.k", "synth.concurrency", "synth.attempts_per_batch", "teacher.max_concurrency", "teacher.timeout_s",
     ):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value <= 0:

@@ -27,17 +27,18 @@ def write_records(path: Path, records: Iterable[Record]) -> None:
 
 
 def write_sft_records(path: Path, records: Iterable[SFTRecord]) -> None:
-    rows = (
-        {
-            "id": record.id,
-            "messages": [{"role": m.role, "content": m.content} for m in record.messages],
-            "images": _relative(record.images, path),
-            "family": record.family,
-            "data_source": record.data_source,
-        }
-        for record in records
-    )
-    _write_jsonl(path, rows)
+    _write_jsonl(path, (sft_record_row(record, path) for record in records))
+
+
+def sft_record_row(record: SFTRecord, path: Path) -> dict:
+    """The JSON object of one SFT record in the file at `path` (for writers that append)."""
+    return {
+        "id": record.id,
+        "messages": [{"role": m.role, "content": m.content} for m in record.messages],
+        "images": _relative(record.images, path),
+        "family": record.family,
+        "data_source": record.data_source,
+    }
 
 
 def _relative(images: Iterable[Path], path: Path) -> list[str]:

@@ -52,25 +52,27 @@ class JudgeClient:
         self.fallback = fallback
         self.stats: Counter[str] = Counter()
 
-    def prompt_ids(self, question: str, prediction: str, ground_truth: str) -> list[int]:
-        messages = [{"role": "user", "content": JUDGE_PROMPT.format(
-            question=question, ground_truth=ground_truth, prediction=prediction)}]
+    def prompt_ids(self, prompt: str) -> list[int]:
+        messages = [{"role": "user", "content": prompt}]
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                        return_dict=False))
 
+    async def ask(self, prompt: str) -> str:
+        """The judge's reply to one user message (greedy); RolloutUnavailable when no server answers."""
+        request = GenerateRequest(self.prompt_ids(prompt), [], SamplingParams(self.max_new_tokens, temperature=0.0, stop=()))
+        result = await self.client.generate(request)
+        return self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
     async def grade(self, question: str, prediction: str, ground_truth: str) -> float:
         """1.0 or 0.0 from the judge; the fallback's grade when the judge gives none in time."""
-        request = GenerateRequest(
-            self.prompt_ids(question, prediction, ground_truth), [],
-            SamplingParams(self.max_new_tokens, temperature=0.0, stop=()),
-        )
+        prompt = JUDGE_PROMPT.format(question=question, ground_truth=ground_truth, prediction=prediction)
         try:
-            result = await asyncio.wait_for(self.client.generate(request), self.timeout_s)
+            reply = await asyncio.wait_for(self.ask(prompt), self.timeout_s)
         except TimeoutError:
             return self._fall_back("timeout", prediction, ground_truth)
         except RolloutUnavailable:
             return self._fall_back("unavailable", prediction, ground_truth)
-        verdict = _VERDICT.search(self.tokenizer.decode(result.token_ids, skip_special_tokens=True))
+        verdict = _VERDICT.search(reply)
         if verdict is None:
             return self._fall_back("unparsed", prediction, ground_truth)
         self.stats["judged"] += 1

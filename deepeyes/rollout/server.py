@@ -10,6 +10,8 @@ Endpoints (every one needs the job's token, see `deepeyes.launch.service`):
                  -> {token_ids, logprobs, finish_reason, weight_version}
                     409 when this server's weights are older than min_weight_version
     POST /weights   {version, path}  -> {version, seconds}   (load published weights between batches)
+    POST /v1/chat/completions   OpenAI chat completions, text and data-URL images (hf backend;
+                 see deepeyes.rollout.openai_api): a local teacher for `jobs/synthesize.py`
     GET  /info      backend, model, weight_version, requests served
     GET  /health, /ready
 
@@ -23,14 +25,18 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 import time
 from json import JSONDecodeError
 from pathlib import Path
 
 from aiohttp import web
 
+from deepeyes.agent.chat import ChatEncoder
 from deepeyes.launch.service import add_service_args, error_response, read_token, serve, service_app
 from deepeyes.rollout.api import BadRequest, request_from_json, result_to_json
+from deepeyes.rollout.openai_api import chat_completion_json, chat_request_from_json
 
 log = logging.getLogger("deepeyes.rollout.server")
 
@@ -68,9 +74,11 @@ class RolloutServer:
         self.args = args
         self.engine = None
         self.requests_served = 0
+        self.chat_images = Path(tempfile.mkdtemp(prefix="deepeyes-chat-images-"))  # data-URL images, by content hash
         self.app = service_app(read_token(args.token_file), ready=lambda: self.engine is not None)
         self.app.router.add_post("/generate", self.generate)
         self.app.router.add_post("/weights", self.update_weights)
+        self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_get("/info", self.info)
         self.app.on_startup.append(self._start_loading)
         self.app.on_cleanup.append(self._close)
@@ -93,6 +101,7 @@ class RolloutServer:
             os._exit(1)  # the launcher sees the exit; the log says why
 
     async def _close(self, app: web.Application) -> None:
+        shutil.rmtree(self.chat_images, ignore_errors=True)
         if self.engine is not None:
             await self.engine.close()
 
@@ -108,6 +117,22 @@ class RolloutServer:
         result = await self.engine.generate(generate_request)
         self.requests_served += 1
         return web.json_response(result_to_json(result))
+
+    async def chat_completions(self, request: web.Request) -> web.Response:
+        if self.engine is None:
+            return error_response(503, "model still loading")
+        if not hasattr(self.engine, "pixels"):  # the vllm backend: vLLM ships its own OpenAI server
+            return error_response(501, f"chat completions need the hf backend, not {self.args.backend}")
+        encoder = ChatEncoder(self.engine.tokenizer, self.engine.pixels.tokens)
+        try:
+            body = await request.json()
+            generate_request = await asyncio.to_thread(chat_request_from_json, body, encoder, self.chat_images)
+        except (BadRequest, JSONDecodeError) as error:
+            return error_response(400, f"bad /v1/chat/completions request: {error}")
+        result = await self.engine.generate(generate_request)
+        self.requests_served += 1
+        model = body.get("model") or str(self.args.model)
+        return web.json_response(chat_completion_json(generate_request, result, encoder, model))
 
     async def update_weights(self, request: web.Request) -> web.Response:
         if self.engine is None:
