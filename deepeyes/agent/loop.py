@@ -96,6 +96,7 @@ async def run_episode(
             trajectory.extend(ids, trained=False)
             trajectory.observations.append(observation.text)
             trajectory.images += observation.images
+            trajectory.images_dropped += observation.dropped_images
     finally:
         await session.close()
     return trajectory
@@ -113,6 +114,7 @@ async def rollout(
     progress: bool = True,
 ) -> list[Trajectory]:
     """n trajectories per record, all in flight at once; returned grouped by record."""
+    records = [toolbox.stored(record) for record in records]  # one stored copy per prompt, for all n rollouts
     bar = tqdm(total=len(records) * n, desc=f"rollout step {step}", unit="traj", disable=not progress, leave=False)
 
     async def one(group: int, sample: int) -> Trajectory:

@@ -38,16 +38,20 @@ def build_engine(policy, cfg: RolloutConfig) -> HFRolloutEngine:
 
 
 def build_toolbox(
-    cfg: ToolsConfig, corpus: Path, image_index: Path | None, scratch_root: Path, search: Search | None = None
+    cfg: ToolsConfig, corpus: Path, image_index: Path | None, scratch_root: Path, search: Search | None = None,
+    policy=None, max_trajectory_pixels: int = 0,
 ) -> Toolbox:
     """`search`: a client of a running search service; None = the local indexes in this process.
     The code sandbox is the node's daemon (`cfg.code.url`) or one started here, next to
-    `scratch_root`: `toolbox.close()` stops it."""
+    `scratch_root` (the step's image store): `toolbox.close()` stops it. With a `policy`, each
+    trajectory's images are held to `max_trajectory_pixels` as its processor measures them."""
     return Toolbox(
         search=search or LocalSearch.from_files(corpus, image_index),
         sandbox=connect_sandbox(cfg.code, scratch_root.with_name("sandbox")),
         scratch_root=scratch_root,
         top_k=cfg.search_top_k,
+        image_pixels=policy.pixels.pixels if policy is not None else None,
+        max_trajectory_pixels=max_trajectory_pixels if policy is not None else 0,
     )
 
 

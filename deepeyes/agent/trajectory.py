@@ -30,7 +30,8 @@ class Trajectory:
     response_ids: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     rollout_logprobs: list[float] = field(default_factory=list)
-    images: list[Path] = field(default_factory=list)  # every image in the sequence, in order
+    images: list[Path] = field(default_factory=list)  # every image in the sequence, in order (store paths)
+    images_dropped: int = 0  # tool images not shown: over the trajectory's pixel budget
     model_turns: list[str] = field(default_factory=list)  # decoded model turns (reward, logs)
     observations: list[str] = field(default_factory=list)  # tool results shown, after model_turns[i]
     tool_calls: list[ToolCall] = field(default_factory=list)

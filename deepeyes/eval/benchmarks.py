@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deepeyes.data.converters.images import ImageStore
+from deepeyes.data.image_store import ImageStore
 from deepeyes.data.converters.rows import Conversion, OnError, RowProblem, parquet_rows, parse_rows
 from deepeyes.data.readers import _jsonl_rows, _parse_record, read_records
 from deepeyes.data.schema import IMAGE_PLACEHOLDER, Record, RecordError

@@ -137,7 +137,8 @@ def run_filter(cfg: FilterJobConfig) -> dict[str, Any]:
     if cfg.filter.limit:
         records = records[: cfg.filter.limit]
     policy = load_policy(cfg.model, cfg.ckpt)
-    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch")
+    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", None, policy,
+                            cfg.model.max_trajectory_pixels)
     runtime = AgentRuntime(build_engine(policy, cfg.rollout), ChatEncoder(policy.tokenizer, policy.pixels.tokens), toolbox)
     try:
         verdicts = judge(runtime, records, cfg.filter, cfg.rollout, cfg.reward, cfg.run.seed, policy.pixels.release)

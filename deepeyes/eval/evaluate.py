@@ -156,7 +156,8 @@ def run_eval(cfg: EvalJobConfig) -> dict[str, Any]:
 
     policy = load_policy(cfg.model, cfg.ckpt)
     encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
-    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch")
+    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", None, policy,
+                            cfg.model.max_trajectory_pixels)
     runtime = AgentRuntime(build_engine(policy, cfg.rollout), encoder, toolbox)
     try:
         metrics, trajectories = evaluate(

@@ -68,6 +68,19 @@ def _top_p_filter(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.log_softmax(filtered, dim=-1)
 
 
+def request_inputs(requests: Sequence[GenerateRequest], pixels: PixelCache, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs for a batch of requests; their images are decoded here, where
+    they are consumed, through the (bounded) pixel cache."""
+    length = max(len(r.input_ids) for r in requests)
+    input_ids = torch.full((len(requests), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, request in enumerate(requests):
+        input_ids[row, length - len(request.input_ids):] = torch.tensor(request.input_ids)
+        attention_mask[row, length - len(request.input_ids):] = 1
+    pixel_values, grid_thw = pixels.batch([image for request in requests for image in request.images])
+    return model_inputs(input_ids, attention_mask, pixel_values, grid_thw)
+
+
 class HFRolloutEngine:
     """Serves `generate` requests from many coroutines with batched `model.generate` calls.
 
@@ -134,14 +147,8 @@ class HFRolloutEngine:
         """One left-padded batched generate over these requests (synchronous)."""
         with self._lock, torch.no_grad():
             self.batches_served += 1
-            length = max(len(r.input_ids) for r in requests)
-            input_ids = torch.full((len(requests), length), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for row, request in enumerate(requests):
-                input_ids[row, length - len(request.input_ids):] = torch.tensor(request.input_ids)
-                attention_mask[row, length - len(request.input_ids):] = 1
-            images = [image for request in requests for image in request.images]
-            pixel_values, grid_thw = self.pixels.batch(images)
+            inputs = request_inputs(requests, self.pixels, self.pad_id)
+            length = inputs["input_ids"].shape[1]
             sampler = _GumbelSampler(requests, length)
             max_new = max(r.sampling.max_new_tokens for r in requests)
             config = GenerationConfig(
@@ -150,7 +157,7 @@ class HFRolloutEngine:
             )
             self.model.eval()
             sequences = self.model.generate(
-                **model_inputs(input_ids, attention_mask, pixel_values, grid_thw),
+                **inputs,
                 generation_config=config,
                 logits_processor=LogitsProcessorList([sampler]),
                 tokenizer=self.tokenizer,

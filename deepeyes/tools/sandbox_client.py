@@ -40,7 +40,8 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class CodeResult:
-    """One cell's outcome; `images` are PNG files in the session's out_dir, in display order.
+    """One cell's outcome; `images` are PNG files in the session's out_dir (an image store: each
+    named by its content hash), in display order.
     `failed`: the cell did not complete (timed out, or the kernel died) and the kernel restarted."""
 
     stdout: str

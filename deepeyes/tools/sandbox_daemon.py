@@ -14,10 +14,12 @@ token; `GET /ready` answers 200 once sessions can start) and speaks JSON:
 Clients use `deepeyes.tools.SandboxClient`, never this wire format. A session is one
 trajectory's notebook: `image_1`…`image_n` opened from the given paths (the n rollouts of a
 prompt read one file, nothing is copied or encoded), variables kept across cells, returned
-images written as PNG files into `out_dir`. Sessions are forked from a fork-server with the
-heavy modules preloaded (`_forkserver.py`) and walled off from the host and each other by
-namespaces (`_isolation.py`). Isolation that does not work on this machine stops the daemon
-at start-up, unless `--isolation none` says the code is trusted.
+images written as PNG files into `out_dir`, an image store (`deepeyes.data.image_store`) where
+each is named by its content hash. The sandbox never sees out_dir: the daemon copies the images
+out of the session's scratch. Sessions are forked from a fork-server with the heavy modules
+preloaded (`_forkserver.py`) and walled off from the host and each other by namespaces
+(`_isolation.py`). Isolation that does not work on this machine stops the daemon at start-up,
+unless `--isolation none` says the code is trusted.
 
 A cell that outlives `timeout_s`, however it handles signals, is killed with its whole
 process tree; so is a session idle longer than `idle_timeout_s`. A killed or crashed
@@ -47,6 +49,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from deepeyes.data.image_store import ImageStore
 from deepeyes.launch.service import add_service_args, error_response, read_token, serve, service_app
 from deepeyes.tools.sandbox_client import ISOLATIONS, SandboxLimits
 
@@ -295,11 +298,12 @@ class SandboxDaemon:
         kernel.writer.close()
 
     def _take_images(self, session: _Session, names: list[str]) -> list[Path]:
-        """Copy the images a cell returned out of the sandbox's reach, into out_dir.
+        """Copy the images a cell returned out of the sandbox's reach, into out_dir: an image
+        store (`deepeyes.data.image_store`), so an image returned by many sessions is one file.
 
         Opened without following links and checked on the open file, so a process left running
         in the sandbox cannot swap a returned image for a link to a host file. Anything but a
-        plain PNG-named file of sane size is skipped.
+        plain PNG-named file of sane size that decodes as an image is skipped.
         """
         paths = []
         for name in names:
@@ -314,10 +318,12 @@ class SandboxDaemon:
                 info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_IMAGE_BYTES:
                     continue
-                target = session.out_dir / name
-                target.write_bytes(image.read())
+                data = image.read()
             source.unlink(missing_ok=True)
-            paths.append(target)
+            try:
+                paths.append(ImageStore(session.out_dir).put(data))
+            except ValueError as error:
+                log.warning("session %s: returned image %s skipped: %s", session.id, name, error)
         return paths
 
     async def _reap_idle(self) -> None:

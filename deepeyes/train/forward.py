@@ -22,15 +22,9 @@ class TokenSequence:
     mask: list[int]
 
 
-def token_logprobs(
-    model, pixels: PixelCache, sequences: Sequence[TokenSequence], pad_id: int, temperature: float = 1.0
-) -> list[torch.Tensor]:
-    """For each sequence, log p(ids[t] | ids[:t]) at its masked positions, in order: one padded forward.
-
-    The language-model head runs only on the hidden states of wanted positions: with a 150k
-    vocabulary the logits, not the transformer, dominate time and memory, and prompts and tool
-    observations are usually most of a sequence.
-    """
+def sequence_inputs(pixels: PixelCache, sequences: Sequence[TokenSequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs for these sequences; their images are decoded here, where they
+    are consumed, through the (bounded) pixel cache."""
     length = max(len(s.ids) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -40,7 +34,20 @@ def token_logprobs(
         input_ids[row, : len(sequence.ids)] = torch.tensor(sequence.ids)
         attention_mask[row, : len(sequence.ids)] = 1
     pixel_values, grid_thw = pixels.batch([image for s in sequences for image in s.images])
-    inputs = model_inputs(input_ids, attention_mask, pixel_values, grid_thw)
+    return model_inputs(input_ids, attention_mask, pixel_values, grid_thw)
+
+
+def token_logprobs(
+    model, pixels: PixelCache, sequences: Sequence[TokenSequence], pad_id: int, temperature: float = 1.0
+) -> list[torch.Tensor]:
+    """For each sequence, log p(ids[t] | ids[:t]) at its masked positions, in order: one padded forward.
+
+    The language-model head runs only on the hidden states of wanted positions: with a 150k
+    vocabulary the logits, not the transformer, dominate time and memory, and prompts and tool
+    observations are usually most of a sequence.
+    """
+    inputs = sequence_inputs(pixels, sequences, pad_id)
+    input_ids = inputs["input_ids"]
     hidden = model.model(**inputs, position_ids=rope_position_ids(model, inputs)).last_hidden_state
     # Position p's hidden state predicts token p + 1.
     rows, positions = zip(*[(row, t - 1) for row, s in enumerate(sequences) for t, m in enumerate(s.mask) if m])

@@ -52,7 +52,7 @@ def load_policy(cfg: ModelConfig, init_from: str | None = None) -> Policy:
         model.model.visual.requires_grad_(False)  # vision tower and merger, as in the paper
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("policy %s: %.1fM parameters, %.1fM trainable", path, model.num_parameters() / 1e6, trainable / 1e6)
-    pixels = PixelCache(processor.image_processor, cfg.min_pixels, cfg.max_pixels)
+    pixels = PixelCache(processor.image_processor, cfg.min_pixels, cfg.max_pixels, cfg.pixel_cache_mb << 20)
     return Policy(model, processor, pixels, path)
 
 

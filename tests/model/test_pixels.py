@@ -1,6 +1,5 @@
-"""PixelCache: placeholder counts from headers agree with processed grids; each file processed once."""
-
-import os
+"""PixelCache: placeholder counts from headers agree with processed grids; each image processed once,
+keyed by content, within a byte bound."""
 
 import numpy as np
 import pytest
@@ -42,22 +41,42 @@ def test_batch_matches_the_processor_and_keeps_order(cache, processor, tmp_path)
     assert int((reference["input_ids"] == IMAGE_TOKEN_ID).sum()) == sum(cache.tokens(p) for p in order)
 
 
-def test_each_file_is_processed_once_until_released_or_rewritten(cache, tmp_path):
+def test_images_are_keyed_by_content_and_processed_once_until_released(cache, tmp_path):
     path = write_image(tmp_path / "a.png", 100, 100)
+    copy = tmp_path / "elsewhere.png"
+    copy.write_bytes(path.read_bytes())
     first, _ = cache.batch([path])
-    stat = path.stat()
-    path.write_bytes(b"x" * stat.st_size)  # unreadable now, but same size and mtime: never read again
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    again, _ = cache.batch([path])
-    assert len(cache) == 1 and torch.equal(again, first)
+    again, _ = cache.batch([copy, path])  # the same bytes under another name: the same entry
+    assert (len(cache), cache.processed) == (1, 1) and torch.equal(again[: len(first)], first)
 
-    write_image(path, 300, 200, seed=1)
-    os.utime(path, ns=(0, 10**18))  # a rewrite within the same mtime tick must still be noticed
+    write_image(path, 300, 200, seed=1)  # rewritten in place: other bytes, processed again
     rewritten, grid = cache.batch([path])
-    assert grid.tolist() == [[1, 18, 12]] and len(cache) == 2
+    assert grid.tolist() == [[1, 18, 12]] and (len(cache), cache.processed) == (2, 2)
 
     cache.release()
-    assert len(cache) == 0
+    assert (len(cache), cache.bytes) == (0, 0)
+
+
+def test_memory_stays_within_the_byte_bound_least_recently_used_out(processor, tmp_path):
+    paths = [write_image(tmp_path / f"{i}.png", 224, 224, seed=i) for i in range(4)]
+    one = PixelCache(processor.image_processor, 3136, 50176).batch(paths[:1])[0].nbytes
+    cache = PixelCache(processor.image_processor, 3136, 50176, max_bytes=2 * one)
+    cache.batch(paths[:2])
+    cache.batch(paths[:1])  # paths[0] is now the most recently used
+    cache.batch(paths[2:3])  # evicts paths[1]
+    assert cache.bytes == 2 * one and len(cache) == 2
+    cache.batch(paths[:1])
+    assert cache.processed == 3  # paths[0] was still held
+    cache.batch(paths[1:2])
+    assert cache.processed == 4 and cache.bytes <= 2 * one
+    pixel_values, _ = cache.batch(paths)  # a batch larger than the bound still comes back whole
+    assert pixel_values.shape[0] * pixel_values.shape[1] * 4 == 4 * one and cache.bytes <= 2 * one
+
+
+def test_pixels_counts_the_resized_image(cache, tmp_path):
+    path = write_image(tmp_path / "wide.png", 1536, 2048)
+    _, grid = cache.batch([path])
+    assert cache.pixels(path) == int(grid[0].prod()) * 14 * 14 <= 224 * 224
 
 
 def test_no_images_and_missing_files(cache, tmp_path):

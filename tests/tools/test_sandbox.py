@@ -5,6 +5,7 @@ test the daemon must still be ready and the bystander's state intact.
 """
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -113,13 +114,15 @@ def test_shown_and_displayed_images_come_back_as_png_files_in_out_dir(sandbox, i
     )
     sizes = []
     for result in (shown, cropped, displayed):
-        assert len(result.images) == 1 and result.images[0].parent == out_dir, result
+        assert len(result.images) == 1 and out_dir in result.images[0].parents, result
         with Image.open(result.images[0]) as png:
+            assert result.images[0].stem == hashlib.sha256(result.images[0].read_bytes()).hexdigest()
             assert png.format == "PNG"
             sizes.append(png.size)
     assert sizes == [(100, 50), (30, 40), (32, 32)]
     assert displayed.stdout == "'text'\n"
     assert len(many.images) == 10 and "2 more images not returned" in many.stderr
+    assert len(set(many.images)) == 1  # ten identical images: one stored file
 
 
 def test_tiny_and_extreme_aspect_images_come_back_as_the_model_accepts_them(sandbox, image, out_dir):

@@ -11,7 +11,8 @@ a content-addressed store. Each output gets a manifest `<output>.sha256.json` ma
 path it references (relative to the output, as in the output) to the sha256 of its bytes.
 """
 
-from deepeyes.data.converters.images import ImageStore, write_hash_manifest
+from deepeyes.data.converters.images import write_hash_manifest
+from deepeyes.data.image_store import ImageStore
 from deepeyes.data.converters.search_cache import convert_image_search_cache
 from deepeyes.data.converters.sharegpt import convert_sharegpt
 from deepeyes.data.converters.rows import Conversion

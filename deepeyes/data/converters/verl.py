@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from deepeyes.agent.protocol import USER_PROMPT
-from deepeyes.data.converters.images import ImageStore, write_hash_manifest
+from deepeyes.data.converters.images import write_hash_manifest
+from deepeyes.data.image_store import ImageStore
 from deepeyes.data.converters.rows import Conversion, OnError, RowProblem, parquet_rows, parse_rows
 from deepeyes.data.readers import _parse_record
 from deepeyes.data.schema import IMAGE_PLACEHOLDER, Record

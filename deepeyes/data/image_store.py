@@ -1,0 +1,87 @@
+"""Images by content hash: one node-local copy of each image, referenced by path everywhere.
+
+Every image a run touches — a record's input, an image a code cell returns, an image-search
+hit — is a file named by the sha256 of its bytes, `root/<sha[:2]>/<sha>.<ext>`. Records,
+trajectories, rollout requests and sandbox sessions carry these paths, never pixels: the n
+rollouts of a prompt reference one file, and an image that several rollouts' cells returned is
+stored once. Pixels are decoded only where they are consumed (`deepeyes.model.pixels.PixelCache`
+in the rollout engine and the trainer's forward), within a bounded cache. A run's store is
+cleared after every step (`deepeyes.agent.tool_session.clear_scratch`); the converters keep a
+persistent one for images that arrive as bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+from deepeyes.tools.search import sha256_file
+
+_FORMAT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+_STORED_NAME = re.compile(r"([0-9a-f]{64})\.[0-9a-z]+")
+
+
+def content_key(path: str | Path) -> str:
+    """The sha256 of an image file: read off the name of a stored file, else hashed from its bytes."""
+    stored = _STORED_NAME.fullmatch(Path(path).name)
+    return stored.group(1) if stored else sha256_file(Path(path))
+
+
+class ImageStore:
+    """Writes each image once to `root/<sha[:2]>/<sha>.<ext>`; the same bytes give the same path."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def put(self, data: bytes) -> Path:
+        """The stored file for these bytes. Raises ValueError when the bytes are not an image."""
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+                suffix = _FORMAT_SUFFIX.get(image.format or "", ".img")
+        except Exception as err:  # PIL raises many types for undecodable bytes
+            raise ValueError(f"image bytes do not decode: {err}") from None
+        path = self._path(hashlib.sha256(data).hexdigest(), suffix)
+        if not path.is_file():
+            self._write(path, lambda partial: partial.write_bytes(data))
+        return path
+
+    def put_file(self, path: str | Path) -> Path:
+        """The stored copy of an image file. A file already named by its hash is its own
+        reference; others are hashed once and hard-linked in (copied across filesystems), so a
+        dataset image costs no second copy. Dataset files must not change during a run."""
+        path = Path(path)
+        if _STORED_NAME.fullmatch(path.name):
+            return path
+        target = self._path(sha256_file(path), path.suffix.lower() or ".img")
+        if not target.is_file():
+            self._write(target, lambda partial: _link_or_copy(path, partial))
+        return target
+
+    def files(self) -> list[Path]:
+        """Every stored image (for accounting: what a step left behind)."""
+        return sorted(p for p in self.root.glob("*/*") if _STORED_NAME.fullmatch(p.name)) if self.root.is_dir() else []
+
+    def _path(self, digest: str, suffix: str) -> Path:
+        return self.root / digest[:2] / f"{digest}{suffix}"
+
+    @staticmethod
+    def _write(path: Path, write) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        write(partial)
+        partial.replace(path)  # atomic: a reader never sees half an image
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
