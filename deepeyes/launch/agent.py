@@ -4,9 +4,11 @@
 
 It starts the node's service roles, waits for their /ready, tells the other nodes it is ready
 (a marker file in the job's shared launch directory), and on the trainer's node starts the
-trainer once every node is ready. Every role gets the rendezvous environment: MASTER_ADDR /
-MASTER_PORT from the allocation, NODE_RANK from SLURMD_NODENAME (all nodes of the test cluster
-share one hostname), the job's token file, and the URLs of every service in the plan.
+trainer once every node is ready: one process per rank of a multi-rank trainer, each with its
+RANK / LOCAL_RANK / WORLD_SIZE (as torchrun sets them). Every role gets the rendezvous
+environment: MASTER_ADDR / MASTER_PORT from the allocation, NODE_RANK from SLURMD_NODENAME (all
+nodes of the test cluster share one hostname), the job's token file, and the URLs of every
+service in the plan.
 
 The job fails fast and says why: a role that exits or is not ready in time writes a `failed`
 marker naming the node, role and log; every agent sees it within a fraction of a second, stops
@@ -81,7 +83,7 @@ class NodeAgent:
         # Markers and role logs of this run (a requeued job gets a fresh directory).
         self.run_dir = launch_dir / f"run_{allocation.job_id}_{allocation.restart}"
         self.token_file = launch_dir / "service_token"
-        self.trainer: LocalService | None = None
+        self.trainers: list[LocalService] = []  # the trainer's ranks on this node, leader first
         self.services: list[LocalService] = []
         self.timings: dict[str, float] = {"agent_start": time.time()}
 
@@ -111,7 +113,7 @@ class NodeAgent:
             trainer = next((r for r in roles if r.main), None)
             if trainer is not None:
                 # Started now, it imports while the services load, then waits until every node is ready.
-                self.trainer = self._start(trainer)
+                self.trainers = [self._start(trainer, rank) for rank in range(trainer.processes)]
                 self.timings["trainer_start"] = time.time()
             self._wait_until_ready(services)
             self.timings["services_ready"] = time.time()
@@ -134,29 +136,36 @@ class NodeAgent:
 
     def stop_trainer_for_requeue(self, timeout_s: float) -> bool:
         """Ask the trainer to checkpoint and stop (SIGUSR2); True once it exited for a requeue."""
-        if self.trainer is None or self.trainer.process is None:
+        if not self.trainers:
             return False
-        with contextlib.suppress(ProcessLookupError):
-            self.trainer.process.send_signal(STOP_SIGNAL)
+        self.signal_trainer(STOP_SIGNAL)
+        deadline = time.monotonic() + timeout_s
         try:
-            return self.trainer.process.wait(timeout_s) == REQUEUE_EXIT_CODE
+            codes = [rank.process.wait(max(deadline - time.monotonic(), 0)) for rank in self.trainers]
         except subprocess.TimeoutExpired:
             log.warning("trainer did not checkpoint within %.0f s of the stop signal", timeout_s)
             return False
+        return codes[0] == REQUEUE_EXIT_CODE
+
+    def signal_trainer(self, signum: int) -> None:
+        for rank in self.trainers:
+            with contextlib.suppress(ProcessLookupError):
+                rank.process.send_signal(signum)
 
     # ---- roles ---------------------------------------------------------------------------------
 
-    def _service(self, role: Role) -> LocalService:
+    def _service(self, role: Role, rank: int = 0) -> LocalService:
         job_id = self.allocation.job_id
         host = LOOPBACK if role.node_local else self.allocation.address(role.node)
         port = self.plan.port(role, job_id) if role.serves else self.plan.rendezvous_port(job_id)
         fill = {PORT: str(port), HOST: host, TOKEN_FILE: str(self.token_file)}
         argv = [fill.get(part, part) for part in role.command]
-        env = self._rendezvous_env()
+        # One node's ranks (the trainer runs on node 0 only): rank = local rank.
+        env = self._rendezvous_env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(role.processes)}
         if self.plan.gpus_per_node:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(self.plan.gpus_per_node))))
             env["CUDA_VISIBLE_DEVICES"] = ",".join(visible.split(",")[i] for i in role.gpus)
-        log_path = self.run_dir / f"{role.name}_node{role.node}.log"
+        log_path = self.run_dir / f"{role.name}_node{role.node}{f'_rank{rank}' if rank else ''}.log"
         return LocalService(role.name, argv, port, read_token(self.token_file), log_path, host=host, env=env)
 
     def _rendezvous_env(self) -> dict[str, str]:
@@ -171,14 +180,13 @@ class NodeAgent:
             "MASTER_PORT": str(self.plan.rendezvous_port(job_id)),
             "NODE_RANK": str(self.allocation.node),
             "NNODES": str(self.plan.nodes),
-            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",  # one trainer process until trainers shard
             "DEEPEYES_TOKEN_FILE": str(self.token_file),
             "DEEPEYES_SERVICES": json.dumps(services),
             "DEEPEYES_RUN_DIR": str(self.run_dir),
         }
 
-    def _start(self, role: Role) -> LocalService:
-        service = self._service(role)
+    def _start(self, role: Role, rank: int = 0) -> LocalService:
+        service = self._service(role, rank)
         # Slurm signals every process of a job step: services must outlive SIGUSR2 until the
         # trainer has checkpointed, and the trainer must not die of it while it loads (its loop
         # takes the signal over). An ignored signal stays ignored across exec.
@@ -225,19 +233,19 @@ class NodeAgent:
                         f"last log lines ({service.log_path}):\n{service.log_tail()}"
                     )
             self._raise_if_another_node_failed()
-            if self.trainer is not None and self.trainer.process.poll() is not None:
-                code = self.trainer.process.returncode
+            codes = [rank.process.poll() for rank in self.trainers]
+            for rank, code in zip(self.trainers, codes):
+                if code not in (None, 0, REQUEUE_EXIT_CODE):  # one failed rank fails the job, not a hang
+                    raise LaunchError(
+                        f"{self.node_name}: the trainer ({rank.log_path.stem}) exited with code {code}; "
+                        f"last log lines ({rank.log_path}):\n{rank.log_tail()}"
+                    )
+            if self.trainers and None not in codes:
                 self.timings["trainer_exit"] = time.time()
-                if code == 0:
+                if codes[0] == 0:
                     self._mark("done", "")
-                    return code
-                if code == REQUEUE_EXIT_CODE:
-                    return code
-                raise LaunchError(
-                    f"{self.node_name}: the trainer exited with code {code}; last log lines "
-                    f"({self.trainer.log_path}):\n{self.trainer.log_tail()}"
-                )
-            if self.trainer is None and any(self.run_dir.glob("done_*")):
+                return codes[0]
+            if not self.trainers and any(self.run_dir.glob("done_*")):
                 return None
             time.sleep(POLL_S)
 
@@ -249,8 +257,8 @@ class NodeAgent:
         (self.run_dir / f"{what}_{self.allocation.node}").write_text(message)
 
     def _stop(self) -> None:
-        if self.trainer is not None:
-            self.trainer.stop()
+        for rank in self.trainers:
+            rank.stop()
         for service in reversed(self.services):
             service.stop()
 
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     launch_dir = Path((argv or sys.argv[1:])[0])
     agent = NodeAgent.from_launch_dir(launch_dir)
     # The trainer gets Slurm's SIGUSR2 itself; passing it on also covers a signal sent to the batch shell only.
-    signal.signal(STOP_SIGNAL, lambda signum, frame: agent.trainer and agent.trainer.process.send_signal(signum))
+    signal.signal(STOP_SIGNAL, lambda signum, frame: agent.signal_trainer(signum))
     summary = agent.run()
     if summary["trainer_exit_code"] == REQUEUE_EXIT_CODE:
         restarts = agent.allocation.restart

@@ -49,6 +49,7 @@ class Role:
     node_local: bool = False  # binds loopback: only roles on its own node reach it
     main: bool = False  # the job is over when this role exits
     memory_gb: float = 0.0  # estimated host memory
+    processes: int = 1  # copies started with RANK / LOCAL_RANK / WORLD_SIZE (a multi-rank trainer)
 
     @property
     def serves(self) -> bool:
@@ -92,6 +93,7 @@ class LaunchPlan:
                 gpus = ",".join(map(str, role.gpus)) if role.gpus else "-"
                 port = f"port_base+{role.port_offset}" if role.serves else "-"
                 flags = " main" if role.main else (" ready-check" if role.ready else "")
+                flags += f" x{role.processes} ranks" if role.processes > 1 else ""
                 lines.append(f"    {role.name:<10} gpus {gpus:<16} port {port:<14}{flags}  {' '.join(role.command)}")
         lines.append(
             f"  ports: {self.port_base} + {PORTS_PER_JOB} x (job id % {PORT_SHIFTS}) + offset; "
@@ -151,7 +153,16 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
     trainer_gpus, serving_gpus = all_gpus, all_gpus
     if servers_beside_trainer and len(all_gpus) > 1:  # one node: the first half trains, the rest serves
         trainer_gpus, serving_gpus = all_gpus[: len(all_gpus) // 2], all_gpus[len(all_gpus) // 2 :]
-    trainer = Role("trainer", trainer_command(launch_dir), node=0, gpus=trainer_gpus, main=True, memory_gb=trainer_memory)
+    # The megatron trainer runs one rank per GPU; the reference (hf) trainer is one process.
+    ranks = len(trainer_gpus) if cfg.trainer.backend == "megatron" and trainer_gpus else 1
+    model_parallel = cfg.trainer.tensor_parallel * cfg.trainer.pipeline_parallel if cfg.trainer.backend == "megatron" else 1
+    if ranks % model_parallel:
+        raise ValueError(
+            f"config trainer.tensor_parallel x trainer.pipeline_parallel = {model_parallel} does not divide the "
+            f"{ranks} trainer rank(s) (one per trainer GPU on node 0: {trainer_gpus or 'no GPUs'})"
+        )
+    trainer = Role("trainer", trainer_command(launch_dir), node=0, gpus=trainer_gpus, main=True,
+                   memory_gb=trainer_memory * ranks, processes=ranks)
     add(trainer, serves=False)
     server_memory = (weight_gb + 2) if cluster.gpus_per_node else ((params or 0) * 4 / 1e9 + 1)
     if job == "rl":

@@ -108,3 +108,16 @@ def test_a_typo_fails_at_composition_before_anything_is_planned(tmp_path):
     )
     assert result.returncode != 0 and "stepz" in result.stderr
     assert not (Path(tmp_path) / "launch").exists()
+
+
+def test_the_megatron_trainer_runs_one_rank_per_gpu_and_the_reference_one_process(tmp_path):
+    megatron = build_plan("rl", job_config("cluster=slurm", "nodes=2", "trainer=megatron", "trainer.tensor_parallel=2"),
+                          tmp_path)
+    assert [(r.name, r.processes) for r in megatron.roles_on(0)] == [("trainer", 8), ("search", 1), ("sandbox", 1)]
+    assert "x8 ranks" in megatron.describe()
+    reference = build_plan("rl", job_config("cluster=slurm", "nodes=2", "trainer=hf"), tmp_path)
+    assert reference.roles_on(0)[0].processes == 1
+    cpu_only = build_plan("rl", job_config("cluster=slurm", "trainer=megatron", "cluster.gpus_per_node=0"), tmp_path)
+    assert cpu_only.roles_on(0)[0].processes == 1
+    with pytest.raises(ValueError, match=r"tensor_parallel x trainer.pipeline_parallel = 3 does not divide the 8"):
+        build_plan("rl", job_config("cluster=slurm", "nodes=2", "trainer=megatron", "trainer.tensor_parallel=3"), tmp_path)

@@ -59,6 +59,10 @@ def test_rl_on_two_nodes_places_roles_on_both(uninterrupted):
     assert sorted(nodes) == [0, 1]
     assert [nodes[0]["slurmd_nodename"], nodes[1]["slurmd_nodename"]] == ["n1", "n2"]
     assert "trainer" in nodes[0]["roles"] and nodes[0]["trainer_exit_code"] == 0
+    # the default trainer (megatron) runs one rank per trainer GPU: two here
+    assert [p.name for p in sorted((out_dir / "launch").glob("run_*/trainer_node0*.log"))] == [
+        "trainer_node0.log", "trainer_node0_rank1.log",
+    ]
     assert nodes[0]["roles"] == ["trainer", "search", "sandbox"]
     assert nodes[1]["roles"] == ["rollout", "sandbox"]
     assert nodes[1]["services"]["rollout"].startswith("http://127.0.0.1:")

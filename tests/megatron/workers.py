@@ -221,7 +221,7 @@ def grpo_update(rank: int, world: int, port: int, out_dir: str, overrides: list[
     from deepeyes.train.losses import grpo_advantages
 
     join(rank, world, port)
-    reference = build_trainer(rl_config(Path(out_dir) / "hf", *overrides), Path(out_dir) / "hf", None)
+    reference = build_trainer(rl_config(Path(out_dir) / "hf", *overrides, "trainer=hf"), Path(out_dir) / "hf", None)
     trajectories = reference.collect(step=0)
     for index, trajectory in enumerate(trajectories):  # within each group: first good, second bad
         trajectory.reward = 1.0 if index % 2 == 0 else 0.0

@@ -53,7 +53,7 @@ def test_an_rl_run_is_reproducible_from_its_seed_and_logs_its_metrics(tmp_path):
 
 
 def test_an_update_raises_the_logprob_of_better_rollouts_and_lowers_worse_ones(tmp_path):
-    trainer = build_trainer(rl_config(tmp_path, "grpo.micro_batch_size=1"), tmp_path, None)
+    trainer = build_trainer(rl_config(tmp_path, "grpo.micro_batch_size=1", "trainer=hf"), tmp_path, None)
     trajectories = trainer.collect(step=0)
     for index, trajectory in enumerate(trajectories):  # within each group: first good, second bad
         trajectory.reward = 1.0 if index % 2 == 0 else 0.0
