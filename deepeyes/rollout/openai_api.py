@@ -119,6 +119,11 @@ def chat_request_from_json(body: Any, encoder: ChatEncoder, image_dir: Path) -> 
     return GenerateRequest(ids + encoder.header("assistant"), images, sampling)
 
 
+def error_json(message: str) -> dict[str, Any]:
+    """An error body as OpenAI clients read it (they show `error.message`)."""
+    return {"error": {"message": message, "type": "invalid_request_error"}}
+
+
 def chat_completion_json(
     request: GenerateRequest, result: GenerateResult, encoder: ChatEncoder, model: str
 ) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from aiohttp import web
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.launch.service import add_service_args, error_response, read_token, serve, service_app
 from deepeyes.rollout.api import BadRequest, request_from_json, result_to_json
-from deepeyes.rollout.openai_api import chat_completion_json, chat_request_from_json
+from deepeyes.rollout.openai_api import chat_completion_json, chat_request_from_json, error_json
 
 log = logging.getLogger("deepeyes.rollout.server")
 
@@ -120,15 +120,16 @@ class RolloutServer:
 
     async def chat_completions(self, request: web.Request) -> web.Response:
         if self.engine is None:
-            return error_response(503, "model still loading")
+            return web.json_response(error_json("model still loading"), status=503)
         if not hasattr(self.engine, "pixels"):  # the vllm backend: vLLM ships its own OpenAI server
-            return error_response(501, f"chat completions need the hf backend, not {self.args.backend}")
+            return web.json_response(error_json(f"chat completions need the hf backend, not {self.args.backend}"),
+                                     status=501)
         encoder = ChatEncoder(self.engine.tokenizer, self.engine.pixels.tokens)
         try:
             body = await request.json()
             generate_request = await asyncio.to_thread(chat_request_from_json, body, encoder, self.chat_images)
         except (BadRequest, JSONDecodeError) as error:
-            return error_response(400, f"bad /v1/chat/completions request: {error}")
+            return web.json_response(error_json(f"bad /v1/chat/completions request: {error}"), status=400)
         result = await self.engine.generate(generate_request)
         self.requests_served += 1
         model = body.get("model") or str(self.args.model)
