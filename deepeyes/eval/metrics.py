@@ -11,12 +11,13 @@ from deepeyes.eval.tool_use import TOOL_KINDS, tool_kinds
 
 
 def benchmark_metrics(name: str, trajectories: list[Trajectory], tools: bool, skipped: int = 0) -> dict[str, Any]:
-    """Accuracy overall and per category (mean over every sample of every question), per RealX-Bench
-    capability tag and on the questions tagged with all three, and how tools were used."""
-    by_category: dict[str, list[float]] = defaultdict(list)
+    """Accuracy and format validity overall and per category (mean over every sample of every
+    question), per RealX-Bench capability tag and on the questions tagged with all three, and how
+    tools were used, overall and per category."""
+    by_category: dict[str, list[Trajectory]] = defaultdict(list)
     by_capability: dict[str, list[float]] = defaultdict(list)
     for t in trajectories:
-        by_category[t.record.metadata.get("category", t.record.family)].append(t.accuracy)
+        by_category[t.record.metadata.get("category", t.record.family)].append(t)
         tags = t.record.metadata.get("capabilities")
         if tags:
             for tag in tags:
@@ -30,12 +31,24 @@ def benchmark_metrics(name: str, trajectories: list[Trajectory], tools: bool, sk
         "samples": len(trajectories),
         "skipped_rows": skipped,
         "accuracy": _mean([t.accuracy for t in trajectories]),
-        "categories": {c: {"n": len(v), "accuracy": _mean(v)} for c, v in sorted(by_category.items())},
+        "format_rate": _mean([t.format for t in trajectories]),
+        "categories": {c: _category(v) for c, v in sorted(by_category.items())},
         **tool_use(trajectories),
     }
     if by_capability:
         metrics["capabilities"] = {c: {"n": len(v), "accuracy": _mean(v)} for c, v in sorted(by_capability.items())}
     return metrics
+
+
+def _category(trajectories: list[Trajectory]) -> dict[str, Any]:
+    calls = tool_use(trajectories)
+    return {
+        "n": len(trajectories),
+        "accuracy": _mean([t.accuracy for t in trajectories]),
+        "format_rate": _mean([t.format for t in trajectories]),
+        "tool_calls_per_trajectory": calls["tool_calls_per_trajectory"],
+        "tool_calls": calls["tool_calls"],
+    }
 
 
 def tool_use(trajectories: list[Trajectory]) -> dict[str, Any]:

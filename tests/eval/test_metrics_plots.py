@@ -38,13 +38,24 @@ def realx_run(tmp_path):
 def test_accuracy_per_category_capability_and_all_three(realx_run):
     m = benchmark_metrics("realx", realx_run, tools=True)
     assert m["accuracy"] == 0.75 and m["questions"] == 4
-    assert m["categories"]["all"] == {"n": 2, "accuracy": 0.5}
+    assert {k: m["categories"]["all"][k] for k in ("n", "accuracy")} == {"n": 2, "accuracy": 0.5}
     assert m["capabilities"]["perception"] == {"n": 3, "accuracy": pytest.approx(2 / 3)}
     assert m["capabilities"]["search"]["accuracy"] == pytest.approx(2 / 3)
     assert m["capabilities"]["all_three"] == {"n": 2, "accuracy": 0.5}
     assert m["answers_with_tools"] == 0.75 and m["accuracy_without_tools"] == 1.0
     assert m["tool_calls"] == {"crop": 2, "numerical": 0, "mark": 0, "other_code": 0, "image_search": 0, "text_search": 2}
     assert flat_metrics(m)["eval/realx/capabilities/all_three"] == 0.5
+
+
+def test_format_and_tool_calls_per_category(realx_run):
+    realx_run[1].format = realx_run[2].format = 1.0
+    m = benchmark_metrics("realx", realx_run, tools=True)
+    assert m["format_rate"] == 0.5
+    both = m["categories"]["all"]
+    assert both["format_rate"] == 1.0 and both["tool_calls_per_trajectory"] == 1.0
+    assert both["tool_calls"] | {"crop": 0, "text_search": 0} == dict.fromkeys(both["tool_calls"], 0)
+    assert (both["tool_calls"]["crop"], both["tool_calls"]["text_search"]) == (1, 1)
+    assert m["categories"]["search"]["tool_calls"]["text_search"] == 1 and m["categories"]["search"]["format_rate"] == 0.0
 
 
 def test_report_and_plots_are_written_and_not_blank(tmp_path, realx_run):
