@@ -32,7 +32,10 @@ class ClusterConfig:
     gpus_per_node: int = 0
     cpus_per_node: int = 0  # 0 = Slurm's default
     mem_gb: int = 0  # per node; 0 = all of the node's memory
-    # Nodes that run rollout servers instead of training; -1 = all but the first.
+    # The first nodes run trainer ranks (one per GPU; several nodes need trainer=megatron);
+    # 0 = one node for RL, every node for SFT.
+    trainer_nodes: int = 0
+    # Nodes that run rollout servers instead of training; -1 = all but the trainer nodes.
     rollout_nodes: int = -1
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -92,6 +95,11 @@ class DataConfig:
     image_index: Optional[str] = None
     sample_per_family: int = 32
     sample_seed: int = 0
+    # The bundled sample data only (deepeyes.data.sample_tasks): "learning" = perception questions
+    # about colors that the cold-start code measures and prints (the learning recipe); and per
+    # family, the share of cold-start trajectories that answer without a tool (on purpose).
+    sample_recipe: str = "default"
+    sample_no_tool: dict[str, float] = field(default_factory=dict)
     on_bad_record: str = "raise"  # "raise" | "skip" (counted and logged)
     # Mixtures (deepeyes.train.sampler.MixtureSampler): each sample comes from a source drawn with
     # probability weight / total weight; set, they replace `train` (RL) or `sft` (SFT). The
@@ -390,6 +398,7 @@ def register_configs() -> None:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.on_bad_record": ("raise", "skip"),
+    "data.sample_recipe": ("default", "learning"),
     "rollout.backend": ("hf", "vllm"),
     "tools.code.isolation": ("namespaces", "none"),
     "tools.search_backend": ("local", "serpapi"),

@@ -16,6 +16,12 @@ can learn the protocol from them:
 Everything is drawn from seeded `random.Random` streams and our own bitmap font, so the same
 parameters give byte-identical files. Lookup islands in the test split never appear in train.
 
+The "learning" recipe (bench/learning.py) makes perception learnable by a tiny model in minutes:
+every perception question asks for a color, and the cold-start code crops the named corner and
+prints the palette color of its most saturated pixel, so the answer is one word copied from
+stdout. `no_tool` makes the cold start deliberately imperfect: per family, that share of the
+trajectories answers at once without any tool, leaving reinforcement learning something to fix.
+
 Layout of a generated dataset (image paths in every file are relative to that file)::
 
     rl_train.jsonl  rl_test.jsonl      Record rows (deepeyes.data.schema)
@@ -32,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +48,7 @@ from deepeyes.cache import build_once, cache_root
 from deepeyes.data import glyphs
 from deepeyes.data.readers import read_records
 from deepeyes.data.schema import Record
-from deepeyes.data.trajectories import cold_start_trajectory
+from deepeyes.data.trajectories import cold_start_trajectory, direct_answer_trajectory
 from deepeyes.data.writers import write_records, write_sft_records
 
 # Part of the cache key: bump whenever the generated files change, including when
@@ -49,6 +56,7 @@ from deepeyes.data.writers import write_records, write_sft_records
 GENERATOR_VERSION = 1
 
 FAMILIES = ("perception", "arithmetic", "lookup")
+RECIPES = ("default", "learning")
 DATA_SOURCE = "sample"
 
 INK = (20, 20, 20)
@@ -88,14 +96,21 @@ class SampleDataset:
 
 
 def generate_sample_data(
-    out_dir: Path, n_per_family: int = 32, seed: int = 0, n_test_per_family: int | None = None
+    out_dir: Path,
+    n_per_family: int = 32,
+    seed: int = 0,
+    n_test_per_family: int | None = None,
+    recipe: str = "default",
+    no_tool: Mapping[str, float] | None = None,
 ) -> SampleDataset:
     """Write the sample dataset into `out_dir`: `n_per_family` train tasks per family and
-    `n_test_per_family` (default: half as many) test tasks per family."""
+    `n_test_per_family` (default: half as many) test tasks per family. `recipe` and `no_tool`:
+    see the module docstring."""
     if n_test_per_family is None:
         n_test_per_family = n_per_family // 2
     if n_per_family < 0 or n_test_per_family < 0:
         raise ValueError(f"task counts must be >= 0, got {n_per_family} train and {n_test_per_family} test")
+    no_tool = _check_recipe(recipe, no_tool)
     dataset = SampleDataset.at(out_dir)
     for family in (*FAMILIES, "search", "sft"):
         (dataset.root / "images" / family).mkdir(parents=True, exist_ok=True)
@@ -111,7 +126,7 @@ def generate_sample_data(
         (dataset.rl_test, "test", n_test_per_family, test_islands),
     ):
         by_family = [
-            _perception_tasks(dataset.root, split, count, random.Random(f"{seed}:perception:{split}")),
+            _perception_tasks(dataset.root, split, count, random.Random(f"{seed}:perception:{split}"), recipe),
             _arithmetic_tasks(dataset.root, split, count, random.Random(f"{seed}:arithmetic:{split}")),
             _lookup_tasks(dataset.root, split, split_islands),
         ]
@@ -124,12 +139,35 @@ def generate_sample_data(
 
     text_search = LocalTextSearch.from_jsonl(dataset.corpus)
     image_search = LocalImageSearch.from_jsonl(dataset.image_index)
+    records = read_records(dataset.rl_train)
+    without_tools = _pick_without_tools(records, no_tool, random.Random(f"{seed}:no-tool"))
     trajectories = [
-        cold_start_trajectory(record, text_search, image_search, dataset.root / "images" / "sft")
-        for record in read_records(dataset.rl_train)
+        direct_answer_trajectory(record) if record.id in without_tools
+        else cold_start_trajectory(record, text_search, image_search, dataset.root / "images" / "sft", recipe)
+        for record in records
     ]
     write_sft_records(dataset.sft_train, trajectories)
     return dataset
+
+
+def _check_recipe(recipe: str, no_tool: Mapping[str, float] | None) -> dict[str, float]:
+    if recipe not in RECIPES:
+        raise ValueError(f"sample data recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
+    no_tool = dict(no_tool or {})
+    for family, share in no_tool.items():
+        if family not in FAMILIES or not 0.0 <= share <= 1.0:
+            raise ValueError(f"no_tool[{family!r}]={share}: expected a family of {FAMILIES} and a share in [0, 1]")
+    return no_tool
+
+
+def _pick_without_tools(records: list[Record], no_tool: dict[str, float], rng: random.Random) -> set[str]:
+    """Ids of the train tasks whose cold start answers without a tool: per family, a seeded
+    choice of round(share x tasks)."""
+    chosen: set[str] = set()
+    for family, share in sorted(no_tool.items()):
+        ids = [record.id for record in records if record.family == family]
+        chosen.update(rng.sample(ids, round(share * len(ids))))
+    return chosen
 
 
 def ensure_sample_data(
@@ -137,6 +175,8 @@ def ensure_sample_data(
     n_per_family: int = 32,
     seed: int = 0,
     n_test_per_family: int | None = None,
+    recipe: str = "default",
+    no_tool: Mapping[str, float] | None = None,
 ) -> SampleDataset:
     """The sample dataset for these parameters, generated on first use.
 
@@ -152,9 +192,12 @@ def ensure_sample_data(
         "n_test_per_family": n_test_per_family,
         "seed": seed,
     }
+    no_tool = _check_recipe(recipe, no_tool)
+    if recipe != "default" or any(no_tool.values()):  # the default dataset keeps its cache key
+        params |= {"recipe": recipe, "no_tool": no_tool}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir or cache_root() / "data") / f"sample-{digest}"
-    build_once(root, lambda staging: generate_sample_data(staging, n_per_family, seed, n_test_per_family))
+    build_once(root, lambda staging: generate_sample_data(staging, n_per_family, seed, n_test_per_family, recipe, no_tool))
     return SampleDataset.at(root)
 
 
@@ -178,10 +221,11 @@ def crop_box(region: str) -> tuple[int, int, int, int]:
     return left, top, left + CORNER, top + CORNER
 
 
-def _perception_tasks(root: Path, split: str, count: int, rng: random.Random) -> list[Record]:
+def _perception_tasks(root: Path, split: str, count: int, rng: random.Random, recipe: str) -> list[Record]:
+    variants = ("color",) if recipe == "learning" else ("digit", "color")
     tasks = []
     for index in range(count):
-        variant = ("digit", "color")[index % 2]
+        variant = variants[index % len(variants)]
         image = Image.new("RGB", (PERCEPTION_SIZE,) * 2, tuple(rng.randint(200, 240) for _ in range(3)))
         _draw_clutter(image, rng)
         contents = rng.sample("0123456789" if variant == "digit" else sorted(COLORS), len(_REGIONS))

@@ -44,12 +44,15 @@ class ImageSearch(Protocol):
 
 
 def cold_start_trajectory(
-    record: Record, text_search: TextSearch, image_search: ImageSearch, image_dir: Path
+    record: Record, text_search: TextSearch, image_search: ImageSearch, image_dir: Path, recipe: str = "default"
 ) -> SFTRecord:
     """The trajectory that solves a sample task (`record` from `sample_tasks`, with its
-    metadata); images produced by code cells are written into `image_dir`."""
+    metadata); images produced by code cells are written into `image_dir`. With the "learning"
+    recipe a perception (color) task is solved by code that prints the color it measures."""
     conversation = _Conversation(record)
-    if record.family == "perception":
+    if record.family == "perception" and recipe == "learning":
+        _perception_by_measuring(conversation, record)
+    elif record.family == "perception":
         _perception(conversation, record, image_dir)
     elif record.family == "arithmetic":
         _arithmetic(conversation, record)
@@ -119,6 +122,45 @@ def _perception(conversation: _Conversation, record: Record, image_dir: Path) ->
     else:
         seen = f"a small {record.answer} square"
     conversation.answer(f"The zoomed crop of the {region} corner shows {seen} inside the box.")
+
+
+# Palette color nearest to the crop's most saturated pixel (the corner's background, box and
+# outline are all grey). The palette is the generator's; the model learns to write this cell.
+_MEASURE_COLOR = (
+    "crop = image_1.crop(({left}, {top}, {right}, {bottom}))\n"
+    "palette = {palette}\n"
+    "pixel = max(crop.getdata(), key=lambda p: max(p) - min(p))\n"
+    "print(min(palette, key=lambda name: sum((a - b) ** 2 for a, b in zip(palette[name], pixel))))"
+)
+
+
+def _perception_by_measuring(conversation: _Conversation, record: Record) -> None:
+    from deepeyes.data.sample_tasks import COLORS  # imported here: sample_tasks imports this module
+
+    if record.metadata["variant"] != "color":
+        raise ValueError(f"{record.id}: only color questions can be answered by measuring, not {record.metadata['variant']!r}")
+    region = record.metadata["region"]
+    left, top, right, bottom = record.metadata["crop_box"]
+    palette = "dict(" + ", ".join(f"{name}={rgb}" for name, rgb in COLORS.items()) + ")"
+    code = _MEASURE_COLOR.format(left=left, top=top, right=right, bottom=bottom, palette=palette)
+    conversation.code(
+        f"The question asks about the box in the {region} corner. I will crop that corner and "
+        "measure the color of its most saturated pixel.",
+        code,
+    )
+    stdout, _ = _run_cell(code, record.images)
+    if stdout.strip() != record.answer:
+        raise ValueError(f"{record.id}: the measuring cell printed {stdout.strip()!r}, but the answer is {record.answer!r}")
+    conversation.observe(render_code_observation(stdout, "", 0))
+    conversation.answer("The code printed the color of the square.")
+
+
+def direct_answer_trajectory(record: Record) -> SFTRecord:
+    """A cold start that answers at once, without any tool: on purpose, for a deliberately
+    imperfect SFT set (`no_tool` in `sample_tasks`) that reinforcement learning must fix."""
+    conversation = _Conversation(record)
+    conversation.answer("I can answer this directly from the image.")
+    return conversation.finish()
 
 
 def _arithmetic(conversation: _Conversation, record: Record) -> None:

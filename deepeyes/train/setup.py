@@ -69,7 +69,10 @@ def data_paths(cfg: DataConfig) -> DataPaths:
     """Configured files, with the bundled sample data filling whatever is not set."""
     sample = None
     if None in (cfg.train, cfg.sft, cfg.corpus):
-        sample = ensure_sample_data(n_per_family=cfg.sample_per_family, seed=cfg.sample_seed)
+        sample = ensure_sample_data(
+            n_per_family=cfg.sample_per_family, seed=cfg.sample_seed, recipe=cfg.sample_recipe,
+            no_tool=cfg.sample_no_tool,
+        )
 
     def pick(configured: str | None, default: Path | None) -> Path | None:
         return Path(configured) if configured else default

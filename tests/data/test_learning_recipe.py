@@ -1,0 +1,49 @@
+"""The learning recipe's sample data: measurable color questions, a deliberately imperfect cold start."""
+
+import pytest
+
+from deepeyes.agent.protocol import Answer, CodeCall, parse_action
+from deepeyes.data import generate_sample_data, read_records, read_sft_records
+from deepeyes.data.sample_tasks import ensure_sample_data
+
+
+@pytest.fixture(scope="module")
+def learning(tmp_path_factory):
+    return generate_sample_data(
+        tmp_path_factory.mktemp("learning"), n_per_family=8, seed=0, recipe="learning", no_tool={"perception": 0.75}
+    )
+
+
+def actions(trajectory):
+    return [type(parse_action(m.content)) for m in trajectory.messages if m.role == "assistant"]
+
+
+def test_perception_asks_for_colors_and_the_cold_start_measures_them(learning):
+    tasks = {r.id: r for r in read_records(learning.rl_train)}
+    perception = [t for t in read_sft_records(learning.sft_train) if t.family == "perception"]
+    assert {tasks[t.id].metadata["variant"] for t in perception} == {"color"}
+    measured = [t for t in perception if actions(t) == [CodeCall, Answer]]
+    assert len(measured) == 2  # 8 tasks, 75% without a tool
+    for trajectory in measured:
+        task = tasks[trajectory.id]
+        code, observation, answer = (m.content for m in trajectory.messages[2:])
+        assert f"image_1.crop({tuple(task.metadata['crop_box'])})" in code
+        assert f"stdout:\n```\n{task.answer}\n" in observation  # the cell really printed it
+        assert answer.endswith(f"<answer>{task.answer}</answer>")
+
+
+def test_no_tool_share_answers_at_once_only_in_its_family(learning):
+    by_family = {}
+    for trajectory in read_sft_records(learning.sft_train):
+        by_family.setdefault(trajectory.family, []).append(actions(trajectory) == [Answer])
+    assert sum(by_family["perception"]) == 6
+    assert not any(by_family["arithmetic"]) and not any(by_family["lookup"])
+
+
+def test_bad_recipe_or_share_is_refused_before_generating(tmp_path):
+    with pytest.raises(ValueError, match="recipe 'learnin'"):
+        ensure_sample_data(tmp_path, n_per_family=2, recipe="learnin")
+    with pytest.raises(ValueError, match=r"no_tool\['perceptoin'\]"):
+        generate_sample_data(tmp_path, n_per_family=2, no_tool={"perceptoin": 0.5})
+    with pytest.raises(ValueError, match=r"no_tool\['lookup'\]=1.5"):
+        generate_sample_data(tmp_path, n_per_family=2, no_tool={"lookup": 1.5})
