@@ -20,6 +20,7 @@ class TokenSequence:
     ids: list[int]
     images: list[Path]
     mask: list[int]
+    source: str = ""  # the data-mixture source it came from (SFT), for the realized mix per step
 
 
 def sequence_inputs(pixels: PixelCache, sequences: Sequence[TokenSequence], pad_id: int) -> dict[str, torch.Tensor]:

@@ -24,7 +24,6 @@ from deepeyes.agent.runtime import build_engine, build_toolbox
 from deepeyes.agent.tool_session import Toolbox, clear_scratch
 from deepeyes.agent.trajectory import Trajectory
 from deepeyes.config import RLJobConfig
-from deepeyes.data import read_records
 from deepeyes.launch.preemption import Preempted, StopSignal
 from deepeyes.model import ensure_tiny_model, load_processor
 from deepeyes.reward import Grader, accuracy, compute_reward
@@ -41,10 +40,9 @@ from deepeyes.train.checkpoint import (
 from deepeyes.train.forward import TokenSequence, token_logprobs
 from deepeyes.train.losses import clipped_policy_loss, grpo_advantages
 from deepeyes.train.run_logger import RunLogger
-from deepeyes.train.sampler import EpochSampler
+from deepeyes.train.sampler import MixtureSampler, realized_mix
 from deepeyes.train.setup import (
-    Policy, build_optimizer, clip_and_step, data_paths, load_policy, read_validated, seed_everything,
-    set_learning_rate,
+    Policy, build_optimizer, clip_and_step, data_paths, load_policy, seed_everything, set_learning_rate, task_sampler,
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +58,7 @@ class GRPOTrainer:
     engine: HFRolloutEngine | RolloutClient | None = None
     encoder: ChatEncoder | None = None
     toolbox: Toolbox | None = None
-    sampler: EpochSampler | None = None
+    sampler: MixtureSampler | None = None
     weight_sync: WeightSync | None = None  # None: the engine generates with the trainer's own model
     judge: JudgeClient | None = None
     services: contextlib.ExitStack | None = None  # local service processes, stopped by close()
@@ -105,6 +103,8 @@ class GRPOTrainer:
         metrics["timing/update_s"] = time.perf_counter() - update_started
         metrics["timing/step_s"] = time.perf_counter() - started
         metrics.update(self.service_metrics())
+        if self.cfg.data.train_mix:
+            metrics.update(realized_mix(self.sampler.last_sources))  # the step's prompts, by mixture source
         return metrics, trajectories
 
     def publish_weights(self, version: int, everything: bool = False) -> None:
@@ -270,7 +270,7 @@ def rollout_side(cfg: RLJobConfig, out_dir: Path, policy: Policy) -> dict:
     """GRPOTrainer's rollout fields: data sampler, rollout engine and tools; with `rollout.servers`
     > 0 (or under the launcher) the engine, search and judge are services (see `rl_services`)."""
     paths = data_paths(cfg.data)
-    sampler = EpochSampler(read_validated(read_records, paths.train, cfg.data.on_bad_record), cfg.run.seed)
+    sampler = task_sampler(cfg.data, cfg.run.seed)
     services = contextlib.ExitStack()
     endpoints = services.enter_context(
         rl_services(cfg, out_dir, policy.path, 0, paths.corpus, paths.image_index, paths.train)

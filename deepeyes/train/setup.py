@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepeyes.config import DataConfig, ModelConfig, OptimConfig
-from deepeyes.data import ensure_sample_data
+from deepeyes.config import DataConfig, ModelConfig, OptimConfig, SourceConfig
+from deepeyes.data import Record, ensure_sample_data, read_records
 from deepeyes.model import ensure_tiny_model, load_model, load_processor
 from deepeyes.model.pixels import PixelCache
+from deepeyes.train.sampler import MixtureSampler
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,26 @@ def data_paths(cfg: DataConfig) -> DataPaths:
         image_index=pick(cfg.image_index, sample and sample.image_index),
     )
 
+
+
+def data_sources(cfg: DataConfig, kind: str) -> list[SourceConfig]:
+    """The files of `kind` ("train": RL tasks, "sft": trajectories) with their weights: the
+    mixture `data.<kind>_mix` when set, else the one file `data.<kind>` (the sample data by
+    default) as a source named `kind`."""
+    mixture = cfg.train_mix if kind == "train" else cfg.sft_mix
+    if mixture:
+        return list(mixture)
+    path = getattr(data_paths(cfg), kind)
+    if path is None:
+        raise ValueError(f"data.{kind}: no file configured")
+    return [SourceConfig(kind, str(path), 1.0)]
+
+
+def task_sampler(cfg: DataConfig, seed: int) -> MixtureSampler[Record]:
+    """RL tasks in a seeded, resumable order, drawn from the configured sources by weight."""
+    sources = data_sources(cfg, "train")
+    tasks = {source.name: read_validated(read_records, Path(source.path), cfg.on_bad_record) for source in sources}
+    return MixtureSampler(tasks, {source.name: source.weight for source in sources}, seed)
 
 
 def read_validated(reader, path: Path, on_bad_record: str) -> list:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -21,8 +22,9 @@ from deepeyes.data import read_sft_records
 from deepeyes.train.checkpoint import TrainerState, rng_state, save_checkpoint
 from deepeyes.train.forward import TokenSequence, token_logprobs
 from deepeyes.train.run_logger import RunLogger
+from deepeyes.train.sampler import MixtureSampler, realized_mix
 from deepeyes.train.setup import (
-    build_optimizer, clip_and_step, data_paths, load_policy, read_validated, seed_everything, set_learning_rate,
+    build_optimizer, clip_and_step, data_sources, load_policy, read_validated, seed_everything, set_learning_rate,
 )
 
 log = logging.getLogger(__name__)
@@ -45,22 +47,35 @@ def encode_sft_dataset(records, encoder: ChatEncoder, cutoff_len: int) -> tuple[
 
 
 def load_sft_samples(cfg: SFTJobConfig, policy) -> tuple[list[TokenSequence], Counter]:
-    """The configured SFT trajectories, validated and encoded; dropped samples are counted and logged."""
-    paths = data_paths(cfg.data)
-    if paths.sft is None:
-        raise ValueError("data.sft: no SFT trajectory file configured")
-    records = read_validated(read_sft_records, paths.sft, cfg.data.on_bad_record)
+    """The configured SFT trajectories (of every mixture source), validated and encoded, each
+    tagged with its source; dropped samples are counted and logged."""
     encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
-    samples, dropped = encode_sft_dataset(records, encoder, cfg.sft.cutoff_len)
-    if dropped:
-        log.warning("dropped %s of %d samples (sft.cutoff_len=%d)", dict(dropped), len(records), cfg.sft.cutoff_len)
-    if not samples:
-        raise ValueError(f"{paths.sft}: no usable sample ({dict(dropped)}; sft.cutoff_len={cfg.sft.cutoff_len})")
+    samples, dropped = [], Counter()
+    for source in data_sources(cfg.data, "sft"):
+        records = read_validated(read_sft_records, Path(source.path), cfg.data.on_bad_record)
+        encoded, lost = encode_sft_dataset(records, encoder, cfg.sft.cutoff_len)
+        if lost:
+            log.warning("%s: dropped %s of %d samples (sft.cutoff_len=%d)", source.path, dict(lost), len(records),
+                        cfg.sft.cutoff_len)
+        if not encoded:
+            raise ValueError(f"{source.path}: no usable sample ({dict(lost)}; sft.cutoff_len={cfg.sft.cutoff_len})")
+        samples += [replace(sample, source=source.name) for sample in encoded]
+        dropped += lost
     return samples, dropped
 
 
 def sft_schedule(samples: list[TokenSequence], cfg: SFTJobConfig) -> Iterator[tuple[int, list[TokenSequence]]]:
-    """(epoch, batch) for every optimizer step: a seeded shuffle per epoch, up to sft.max_steps."""
+    """(epoch, batch) for every optimizer step, up to sft.max_steps: a seeded shuffle per epoch;
+    for a mixture (data.sft_mix), batches drawn from the sources by weight, an "epoch" being as
+    many samples as all sources hold."""
+    if cfg.data.sft_mix:
+        by_source = defaultdict(list)
+        for sample in samples:
+            by_source[sample.source].append(sample)
+        sampler = MixtureSampler(by_source, {source.name: source.weight for source in cfg.data.sft_mix}, cfg.run.seed)
+        for step in range(sft_total_steps(len(samples), cfg)):
+            yield step * cfg.sft.batch_size // len(samples), sampler.take(cfg.sft.batch_size)
+        return
     order_rng = random.Random(cfg.run.seed)
     step = 0
     for epoch in range(cfg.sft.epochs):
@@ -71,6 +86,11 @@ def sft_schedule(samples: list[TokenSequence], cfg: SFTJobConfig) -> Iterator[tu
                 return
             step += 1
             yield epoch, [samples[i] for i in order[first : first + cfg.sft.batch_size]]
+
+
+def batch_mix(batch: list[TokenSequence], cfg: SFTJobConfig) -> dict[str, float]:
+    """The batch's realized mix (`data/mix/<source>`) when training on a mixture."""
+    return realized_mix(sample.source for sample in batch) if cfg.data.sft_mix else {}
 
 
 def sft_total_steps(n_samples: int, cfg: SFTJobConfig) -> int:
@@ -112,7 +132,7 @@ def train_sft(cfg: SFTJobConfig) -> Path:
             step += 1
             logger.log(
                 {"sft/loss": loss_total, "sft/grad_norm": grad_norm, "sft/lr": lr, "sft/epoch": epoch,
-                 "sft/tokens": trained_tokens, "timing/step_s": time.perf_counter() - started},
+                 "sft/tokens": trained_tokens, "timing/step_s": time.perf_counter() - started} | batch_mix(batch, cfg),
                 step=step,
             )
             bar.set_postfix(loss=f"{loss_total:.3f}", epoch=epoch)

@@ -20,7 +20,7 @@ from deepeyes.train.megatron.checkpoint import save_megatron_checkpoint
 from deepeyes.train.megatron.engine import build_engine
 from deepeyes.train.run_logger import RunLogger
 from deepeyes.train.setup import load_policy, seed_everything, set_learning_rate
-from deepeyes.train.sft import load_sft_samples, sft_schedule
+from deepeyes.train.sft import batch_mix, load_sft_samples, sft_schedule
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def train_sft_megatron(cfg: SFTJobConfig) -> Path:
             if logger:
                 logger.log(
                     {"sft/loss": metrics["loss_sum"] / metrics["tokens"], "sft/grad_norm": grad_norm, "sft/lr": lr,
-                     "sft/epoch": epoch, "sft/tokens": metrics["tokens"], "timing/step_s": time.perf_counter() - started},
+                     "sft/epoch": epoch, "sft/tokens": metrics["tokens"], "timing/step_s": time.perf_counter() - started}
+                    | batch_mix(batch, cfg),
                     step=step,
                 )
         policy.pixels.release()
