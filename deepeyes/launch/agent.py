@@ -160,8 +160,9 @@ class NodeAgent:
         port = self.plan.port(role, job_id) if role.serves else self.plan.rendezvous_port(job_id)
         fill = {PORT: str(port), HOST: host, TOKEN_FILE: str(self.token_file)}
         argv = [fill.get(part, part) for part in role.command]
-        # One node's ranks (the trainer runs on node 0 only): rank = local rank.
-        env = self._rendezvous_env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(role.processes)}
+        env = self._rendezvous_env() | {
+            "RANK": str(role.first_rank + rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(role.world_size),
+        }
         if self.plan.gpus_per_node:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(self.plan.gpus_per_node))))
             env["CUDA_VISIBLE_DEVICES"] = ",".join(visible.split(",")[i] for i in role.gpus)
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     # The trainer gets Slurm's SIGUSR2 itself; passing it on also covers a signal sent to the batch shell only.
     signal.signal(STOP_SIGNAL, lambda signum, frame: agent.signal_trainer(signum))
     summary = agent.run()
-    if summary["trainer_exit_code"] == REQUEUE_EXIT_CODE:
+    if summary["trainer_exit_code"] == REQUEUE_EXIT_CODE and agent.allocation.node == 0:  # one requeue per job
         restarts = agent.allocation.restart
         if restarts >= agent.plan.max_requeues:
             raise LaunchError(f"preempted after {restarts} requeues (cluster.max_requeues); not requeued again")

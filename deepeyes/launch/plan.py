@@ -49,7 +49,10 @@ class Role:
     node_local: bool = False  # binds loopback: only roles on its own node reach it
     main: bool = False  # the job is over when this role exits
     memory_gb: float = 0.0  # estimated host memory
-    processes: int = 1  # copies started with RANK / LOCAL_RANK / WORLD_SIZE (a multi-rank trainer)
+    # A multi-rank trainer: this node's `processes` ranks are first_rank, first_rank + 1, ... of world_size.
+    processes: int = 1
+    first_rank: int = 0
+    world_size: int = 1
 
     @property
     def serves(self) -> bool:
@@ -122,14 +125,18 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
     cluster = cfg.cluster
     if cluster.nodes < 1:
         raise ValueError(f"config nodes={cluster.nodes}: must be >= 1")
-    # One trainer process (on node 0) until the trainers shard: by default every other node serves rollouts.
-    rollout_nodes = (cluster.nodes - 1) if cluster.rollout_nodes < 0 else cluster.rollout_nodes
+    megatron = cfg.trainer.backend == "megatron"
+    trainer_nodes = cluster.trainer_nodes or (1 if job == "rl" else cluster.nodes)
+    rollout_nodes = (cluster.nodes - trainer_nodes) if cluster.rollout_nodes < 0 else cluster.rollout_nodes
     if job != "rl":
         rollout_nodes = 0
-    if rollout_nodes >= cluster.nodes:
+    if trainer_nodes + rollout_nodes > cluster.nodes or trainer_nodes < 1:
         raise ValueError(
-            f"config cluster.rollout_nodes={rollout_nodes} leaves no node for the trainer (nodes={cluster.nodes})"
+            f"config cluster.trainer_nodes={trainer_nodes} and cluster.rollout_nodes={rollout_nodes} do not fit "
+            f"nodes={cluster.nodes}: at least one node trains, and no node both trains and serves rollouts"
         )
+    if trainer_nodes > 1 and not megatron:
+        raise ValueError(f"config cluster.trainer_nodes={trainer_nodes} needs trainer=megatron (trainer=hf is one process)")
     if job == "rl" and cfg.rollout.backend == "vllm" and cluster.gpus_per_node < 1:
         raise ValueError("config rollout.backend=vllm needs GPUs: set cluster.gpus_per_node")
 
@@ -153,17 +160,19 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
     trainer_gpus, serving_gpus = all_gpus, all_gpus
     if servers_beside_trainer and len(all_gpus) > 1:  # one node: the first half trains, the rest serves
         trainer_gpus, serving_gpus = all_gpus[: len(all_gpus) // 2], all_gpus[len(all_gpus) // 2 :]
-    # The megatron trainer runs one rank per GPU; the reference (hf) trainer is one process.
-    ranks = len(trainer_gpus) if cfg.trainer.backend == "megatron" and trainer_gpus else 1
-    model_parallel = cfg.trainer.tensor_parallel * cfg.trainer.pipeline_parallel if cfg.trainer.backend == "megatron" else 1
-    if ranks % model_parallel:
+    # The megatron trainer runs one rank per GPU on each trainer node; the reference (hf) trainer is one process.
+    ranks = len(trainer_gpus) if megatron and trainer_gpus else 1
+    world = ranks * trainer_nodes
+    model_parallel = cfg.trainer.tensor_parallel * cfg.trainer.pipeline_parallel if megatron else 1
+    if world % model_parallel:
         raise ValueError(
             f"config trainer.tensor_parallel x trainer.pipeline_parallel = {model_parallel} does not divide the "
-            f"{ranks} trainer rank(s) (one per trainer GPU on node 0: {trainer_gpus or 'no GPUs'})"
+            f"{world} trainer rank(s) ({trainer_nodes} node(s) x one per trainer GPU: {trainer_gpus or 'no GPUs'})"
         )
-    trainer = Role("trainer", trainer_command(launch_dir), node=0, gpus=trainer_gpus, main=True,
-                   memory_gb=trainer_memory * ranks, processes=ranks)
-    add(trainer, serves=False)
+    for node in range(trainer_nodes):
+        add(Role("trainer", trainer_command(launch_dir), node=node, gpus=trainer_gpus, main=True,
+                 memory_gb=trainer_memory * ranks, processes=ranks, first_rank=node * ranks, world_size=world),
+            serves=False)
     server_memory = (weight_gb + 2) if cluster.gpus_per_node else ((params or 0) * 4 / 1e9 + 1)
     if job == "rl":
         from deepeyes.rollout.services import rollout_server_command, search_service_command

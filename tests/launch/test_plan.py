@@ -66,7 +66,7 @@ def test_memory_below_the_estimate_is_refused_with_the_key_to_change(tmp_path):
 
 
 def test_impossible_plans_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="rollout_nodes=2 leaves no node for the trainer"):
+    with pytest.raises(ValueError, match="trainer_nodes=1 and cluster.rollout_nodes=2 do not fit nodes=2"):
         build_plan("rl", job_config("cluster=slurm", "nodes=2", "cluster.rollout_nodes=2"), tmp_path)
     with pytest.raises(ValueError, match="extra_roles: every role needs a name and a command"):
         build_plan("rl", job_config("cluster=slurm", "cluster.extra_roles=[{name: x}]"), tmp_path)
@@ -77,9 +77,15 @@ def test_the_plan_survives_its_json_form(tmp_path):
     assert LaunchPlan.from_json(plan.to_json()) == plan
 
 
-def test_sft_has_no_rollout_servers(tmp_path):
-    plan = build_plan("sft", job_config("cluster=slurm", "nodes=2", job="sft"), tmp_path)
-    assert [r.name for r in plan.roles] == ["trainer"]
+def test_sft_has_no_rollout_servers_and_trains_on_every_node(tmp_path):
+    plan = build_plan("sft", job_config("cluster=slurm", "nodes=2", "trainer=megatron", job="sft"), tmp_path)
+    assert [(r.name, r.node, r.first_rank, r.world_size) for r in plan.roles] == [
+        ("trainer", 0, 0, 16), ("trainer", 1, 8, 16),
+    ]
+    one = build_plan("sft", job_config("cluster=slurm", job="sft"), tmp_path)
+    assert [(r.name, r.processes) for r in one.roles] == [("trainer", 1)]
+    with pytest.raises(ValueError, match="trainer_nodes=2 needs trainer=megatron"):
+        build_plan("sft", job_config("cluster=slurm", "nodes=2", job="sft"), tmp_path)
 
 
 def test_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing(tmp_path):
@@ -121,3 +127,14 @@ def test_the_megatron_trainer_runs_one_rank_per_gpu_and_the_reference_one_proces
     assert cpu_only.roles_on(0)[0].processes == 1
     with pytest.raises(ValueError, match=r"tensor_parallel x trainer.pipeline_parallel = 3 does not divide the 8"):
         build_plan("rl", job_config("cluster=slurm", "nodes=2", "trainer=megatron", "trainer.tensor_parallel=3"), tmp_path)
+
+
+def test_rl_trains_on_the_first_trainer_nodes_and_serves_rollouts_on_the_rest(tmp_path):
+    plan = build_plan("rl", job_config("cluster=slurm", "nodes=4", "cluster.trainer_nodes=2", "cluster.gpus_per_node=2"),
+                      tmp_path)
+    trainers = [(r.node, r.processes, r.first_rank, r.world_size) for r in plan.roles if r.name == "trainer"]
+    assert trainers == [(0, 2, 0, 4), (1, 2, 2, 4)]
+    assert [r.node for r in plan.roles if r.name == "rollout"] == [2, 3]
+    with pytest.raises(ValueError, match="trainer_nodes=3 and cluster.rollout_nodes=2 do not fit nodes=4"):
+        build_plan("rl", job_config("cluster=slurm", "nodes=4", "cluster.trainer_nodes=3", "cluster.rollout_nodes=2"),
+                   tmp_path)

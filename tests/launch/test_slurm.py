@@ -106,6 +106,19 @@ def test_preempted_job_requeues_and_resumes_exactly(uninterrupted, tmp_path):
         assert resumed[step] == expected[step], f"step {step} differs after resumption"
 
 
+def test_the_megatron_trainer_spans_two_nodes_with_rollouts_on_a_third(tmp_path):
+    result = run_rl(tmp_path, "nodes=3", "cluster.trainer_nodes=2", "cluster.gpus_per_node=1", "grpo.steps=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    nodes = node_summaries(tmp_path)
+    assert [nodes[n]["roles"][0] for n in range(3)] == ["trainer", "trainer", "rollout"]
+    assert nodes[0]["trainer_exit_code"] == nodes[1]["trainer_exit_code"] == 0
+    (run,) = (tmp_path / "launch").glob("run_*")
+    follower = (run / "trainer_node1.log").read_text()
+    assert "rollout step" not in follower and "step 1/2" not in follower  # rank 1 trains; the leader rolls out and logs
+    assert sorted(learning_metrics(tmp_path)) == [1, 2]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000002"
+
+
 def test_a_sweep_is_one_slurm_array_and_every_result_is_collected(tmp_path):
     result = subprocess.run(
         [sys.executable, "jobs/rl.py", "-m", "cluster=slurm", *SMALL_RL, "grpo.steps=1", "optim.lr=1e-5,3e-5",
