@@ -346,11 +346,13 @@ def run_synthesis(cfg: SynthJobConfig, progress: bool = True) -> dict[str, Any]:
     toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch")
     try:
         with teacher_endpoint(cfg, out_dir) as (base_url, key):
-            asyncio.run(_synthesize(cfg, base_url, key, encoder, tokenizer, toolbox, output, attempts, progress))
+            judged = asyncio.run(_synthesize(cfg, base_url, key, encoder, tokenizer, toolbox, output, attempts, progress))
     finally:
         output.close()
         toolbox.close()  # stops the sandbox daemon this job started
     summary = summarize(output.rows.values(), cfg.synth.k)
+    if cfg.synth.grader == "judge":
+        summary["judge_this_run"] = judged  # verdicts used vs rule-based fallbacks, by reason
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     total = summary["total"]
     log.info("synthesize: kept %d of %d attempts (%s dropped); %s", total["kept"], total["attempted"],
@@ -358,7 +360,8 @@ def run_synthesis(cfg: SynthJobConfig, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-async def _synthesize(cfg, base_url, key, encoder, tokenizer, toolbox, output, attempts, progress) -> None:
+async def _synthesize(cfg, base_url, key, encoder, tokenizer, toolbox, output, attempts, progress) -> dict[str, int]:
+    """Runs the attempts; returns the judge's counts (judged, fallback_<reason>)."""
     client = TeacherClient(cfg.teacher, base_url, key)
     engine = TeacherEngine(client, encoder, tokenizer)
     judge = ChatJudge(client, cfg.reward.judge.timeout_s, cfg.reward.judge.max_new_tokens)
@@ -367,3 +370,4 @@ async def _synthesize(cfg, base_url, key, encoder, tokenizer, toolbox, output, a
         await Synthesizer(cfg, engine, toolbox, output, grader).run(attempts, progress)
     finally:
         await client.close()
+    return dict(judge.stats)

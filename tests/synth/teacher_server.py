@@ -31,8 +31,10 @@ class Fail:
 
 class ScriptedTeacher:
     def __init__(self, token: str, replies: dict[int, str | Fail], default: str = "<think>no idea</think>",
-                 refuse_after: int | None = None):
+                 refuse_after: int | None = None, judge: str | None = None):
         self.replies = replies
+        self.judge = judge  # the reply to judge prompts (deepeyes.rollout.judge.JUDGE_PROMPT)
+        self.judged = 0
         self.default = default
         self.refuse_after = refuse_after  # answer 401 to every request after this many answered ones
         self.answered = 0
@@ -76,6 +78,10 @@ class ScriptedTeacher:
                     Image.open(io.BytesIO(base64.b64decode(payload))).verify()
                     self.images_seen += 1
         reply = self.replies.get(seed, self.default)
+        first = body["messages"][0]["content"]
+        if self.judge is not None and isinstance(first, str) and first.startswith("You are grading"):
+            reply = self.judge
+            self.judged += 1
         if isinstance(reply, Fail):
             if self.seen[seed] <= reply.times:
                 return web.json_response({"error": {"message": f"scripted {reply.status}"}}, status=reply.status,

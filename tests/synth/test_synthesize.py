@@ -136,6 +136,18 @@ def test_synthesis_keeps_verified_tool_trajectories_and_sft_trains_on_them(sampl
 
 
 @pytest.mark.slow
+def test_a_judge_grades_instead_of_the_rule(sample_data, records, tmp_path):
+    """With synth.grader=judge the teacher endpoint's verdict decides: here it accepts every
+    answer, so the wrong ones (attempt 2, no tool either) are dropped as no_tool, not unverified."""
+    with ScriptedTeacher(KEY, script(records), judge="Judgement: 1") as teacher:
+        summary = run_synthesis(synth_config(sample_data, tmp_path, teacher.url, grader="judge"), progress=False)
+    dropped = summary["total"]["dropped"]
+    assert "unverified" not in dropped and dropped["no_tool"] == 12 and summary["total"]["kept"] == EXPECTED["kept"]
+    # Judged: every well-formed answer (not the failed request, the bad format nor the missing answer).
+    assert summary["judge_this_run"] == {"judged": teacher.judged} and teacher.judged == 21
+
+
+@pytest.mark.slow
 def test_interrupted_synthesis_resumes_without_duplicates(sample_data, records, tmp_path):
     out = tmp_path / "synth"
     cfg = synth_config(sample_data, out, None)

@@ -2,6 +2,9 @@
 server's /v1/chat/completions reached with the official openai client."""
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 
 import openai
@@ -10,14 +13,15 @@ import pytest
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.config import TeacherConfig
 from deepeyes.data import read_sft_records
-from deepeyes.launch.service import read_token
+from deepeyes.launch.service import local_services, new_token_file, read_token
 from deepeyes.model import load_processor
 from deepeyes.model.pixels import PixelCache
 from deepeyes.rollout.api import GenerateRequest, SamplingParams
 from deepeyes.rollout.client import RolloutClient
 from deepeyes.rollout.openai_api import chat_request_from_json, image_data_url
 from deepeyes.synth.teacher import TeacherClient, TeacherEngine, close_turn
-from tests.rollout.conftest import rollout_server, token_file  # noqa: F401  (fixture)
+from tests.paths import REPO
+from tests.rollout.conftest import rollout_server
 from tests.synth.teacher_server import ScriptedTeacher
 
 KEY = "k"
@@ -88,16 +92,19 @@ def test_requests_are_paced_to_the_rate_limit(encoder):
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_dir, token_file, tmp_path_factory):  # noqa: F811
-    from deepeyes.launch.service import local_services
+def token_file(tmp_path_factory):
+    return new_token_file(tmp_path_factory.mktemp("token"))
 
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_dir, token_file, tmp_path_factory):
     server = rollout_server("teacher", tiny_dir, token_file, tmp_path_factory.mktemp("logs"))
     with local_services([server], ready_timeout_s=120):
         yield server
 
 
 @pytest.mark.slow
-def test_rollout_server_answers_chat_completions_like_generate(tiny_server, token_file, encoder, sample_data):  # noqa: F811
+def test_rollout_server_answers_chat_completions_like_generate(tiny_server, token_file, encoder, sample_data):
     """The official openai client against our server: text + image in, OpenAI's reply shape out,
     with exactly the tokens /generate samples for the same ids and seed."""
     record = read_sft_records(sample_data.sft_train)[0]
@@ -141,12 +148,6 @@ def test_rollout_server_answers_chat_completions_like_generate(tiny_server, toke
 def test_synthesis_job_with_the_tiny_model_as_local_teacher(tmp_path):
     """The embedded default end to end: the job serves the tiny model and synthesizes from it.
     Its random weights never solve anything, so every attempt is dropped, each with its reason."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.paths import REPO
-
     run_dir = tmp_path / "run"
     subprocess.run([sys.executable, "jobs/synthesize.py", "synth.limit=3", "synth.k=2", "rollout.max_turn_tokens=16",
                     f"hydra.run.dir={run_dir}"], cwd=REPO, check=True, timeout=300)
