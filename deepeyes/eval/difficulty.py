@@ -27,10 +27,10 @@ from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.runtime import AgentRuntime, build_engine, build_toolbox, episode_limits, run_scored
 from deepeyes.agent.tool_session import clear_scratch
 from deepeyes.config import FilterJobConfig, FilterConfig, RewardConfig, RolloutConfig
-from deepeyes.data import read_records, write_records
+from deepeyes.data import write_records
 from deepeyes.data.schema import Record
 from deepeyes.eval.tool_use import tool_kinds
-from deepeyes.train.setup import data_paths, load_policy, read_validated, seed_everything
+from deepeyes.train.setup import data_paths, load_policy, question_records, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,7 @@ def run_filter(cfg: FilterJobConfig) -> dict[str, Any]:
     out_dir = Path(cfg.run.out_dir)
     seed_everything(cfg.run.seed)
     paths = data_paths(cfg.data)
-    source = Path(cfg.filter.input) if cfg.filter.input else paths.train
-    records = read_validated(read_records, source, cfg.data.on_bad_record)
-    if cfg.filter.limit:
-        records = records[: cfg.filter.limit]
+    source, records = question_records(cfg.data, cfg.filter.input, cfg.filter.limit)
     policy = load_policy(cfg.model, cfg.ckpt)
     toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", None, policy,
                             cfg.model.max_trajectory_pixels)

@@ -43,7 +43,7 @@ from deepeyes.agent.runtime import build_toolbox, episode_limits
 from deepeyes.agent.tool_session import Toolbox, clear_scratch
 from deepeyes.agent.trajectory import Trajectory
 from deepeyes.config import SynthJobConfig, TeacherConfig
-from deepeyes.data import IMAGE_PLACEHOLDER, Message, Record, SFTRecord, read_records
+from deepeyes.data import IMAGE_PLACEHOLDER, Message, Record, SFTRecord
 from deepeyes.data.writers import sft_record_row
 from deepeyes.eval.tool_use import tool_kinds
 from deepeyes.launch.service import LocalService, free_port, local_services, new_token_file, read_token
@@ -51,7 +51,7 @@ from deepeyes.model import ensure_tiny_model, load_processor
 from deepeyes.model.pixels import PixelCache
 from deepeyes.reward import compute_reward
 from deepeyes.synth.teacher import ChatJudge, TeacherClient, TeacherEngine, TeacherError
-from deepeyes.train.setup import data_paths, read_validated, seed_everything
+from deepeyes.train.setup import data_paths, question_records, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -332,10 +332,7 @@ def run_synthesis(cfg: SynthJobConfig, progress: bool = True) -> dict[str, Any]:
     out_dir = Path(cfg.run.out_dir)
     seed_everything(cfg.run.seed)
     paths = data_paths(cfg.data)
-    source = Path(cfg.synth.input) if cfg.synth.input else paths.train
-    records = read_validated(read_records, source, cfg.data.on_bad_record)
-    if cfg.synth.limit:
-        records = records[: cfg.synth.limit]
+    source, records = question_records(cfg.data, cfg.synth.input, cfg.synth.limit)
     output = SynthesisOutput(out_dir)
     attempts = [
         Attempt(index, record, number) for index, record in enumerate(records) for number in range(cfg.synth.k)

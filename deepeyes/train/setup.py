@@ -108,6 +108,14 @@ def task_sampler(cfg: DataConfig, seed: int) -> MixtureSampler[Record]:
     return MixtureSampler(tasks, {source.name: source.weight for source in sources}, seed)
 
 
+def question_records(cfg: DataConfig, path: str | None, limit: int) -> tuple[Path, list[Record]]:
+    """The questions a job runs the agent on (filter, synthesis): the file `path`, else data.train;
+    validated; the first `limit` (0 = all). Returns the file too, for the job's log."""
+    source = Path(path) if path else data_paths(cfg).train
+    records = read_validated(read_records, source, cfg.on_bad_record)
+    return source, records[:limit] if limit else records
+
+
 def read_validated(reader, path: Path, on_bad_record: str) -> list:
     """`reader(path)` (read_records / read_sft_records); bad rows raise, or with
     data.on_bad_record=skip are counted and logged."""
