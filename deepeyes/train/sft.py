@@ -19,12 +19,16 @@ from tqdm.auto import tqdm
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.config import SFTJobConfig
 from deepeyes.data import read_sft_records
-from deepeyes.train.checkpoint import TrainerState, rng_state, save_checkpoint
+from deepeyes.launch.preemption import Preempted, StopSignal
+from deepeyes.train.checkpoint import (
+    TrainerState, latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state,
+)
 from deepeyes.train.forward import TokenSequence, token_logprobs
 from deepeyes.train.run_logger import RunLogger
 from deepeyes.train.sampler import MixtureSampler, realized_mix
 from deepeyes.train.setup import (
-    build_optimizer, clip_and_step, data_sources, load_policy, read_validated, seed_everything, set_learning_rate,
+    Policy, build_optimizer, clip_and_step, data_sources, load_policy, read_validated, seed_everything,
+    set_learning_rate,
 )
 
 log = logging.getLogger(__name__)
@@ -98,51 +102,99 @@ def sft_total_steps(n_samples: int, cfg: SFTJobConfig) -> int:
     return min(total, cfg.sft.max_steps) if cfg.sft.max_steps else total
 
 
-def train_sft(cfg: SFTJobConfig) -> Path:
-    """The SFT job on this machine; returns the final checkpoint directory."""
-    if cfg.trainer.backend == "megatron":
-        from deepeyes.train.megatron.sft import train_sft_megatron  # imports megatron-core only when asked for
+class SFTTrainer:
+    """The reference SFT update: `token_logprobs` + backward + AdamW on the HF model, one process.
+    The megatron trainer (deepeyes.train.megatron.sft) has the same methods."""
 
-        return train_sft_megatron(cfg)
+    leader = True  # this process logs and writes the run's files
+
+    def __init__(self, cfg: SFTJobConfig, policy: Policy):
+        self.cfg, self.policy = cfg, policy
+        self.optimizer = build_optimizer(policy.model, cfg.optim)
+        policy.model.train()
+
+    def update(self, batch: list[TokenSequence]) -> dict[str, float]:
+        """One optimizer step on `batch`: token-mean negative log-likelihood of the trained tokens."""
+        model = self.policy.model
+        self.optimizer.zero_grad(set_to_none=True)
+        trained_tokens = sum(sum(s.mask) for s in batch)
+        loss_total = 0.0
+        for start in range(0, len(batch), self.cfg.sft.micro_batch_size):
+            micro = batch[start : start + self.cfg.sft.micro_batch_size]
+            logprobs = token_logprobs(model, self.policy.pixels, micro, self.policy.tokenizer.pad_token_id)
+            loss = -sum(lp.sum() for lp in logprobs) / trained_tokens  # token mean over the batch
+            loss.backward()
+            loss_total += float(loss.detach())
+        grad_norm = clip_and_step(model, self.optimizer, self.cfg.optim.grad_clip)
+        return {"sft/loss": loss_total, "sft/grad_norm": grad_norm, "sft/tokens": trained_tokens}
+
+    def agree(self, stop_requested: bool) -> bool:
+        return stop_requested
+
+    def save(self, out_dir: Path, step: int, run_id: str | None) -> Path:
+        # The data position is the step: the schedule is a function of the seed.
+        state = TrainerState(step, self.optimizer.state_dict(), None, run_id, rng_state())
+        return save_checkpoint(out_dir, self.policy.model, self.policy.processor, state)
+
+    def restore(self, checkpoint: Path) -> TrainerState:
+        state = load_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(state.optimizer)
+        set_rng_state(state.rng)
+        return state
+
+
+def train_sft(cfg: SFTJobConfig) -> Path:
+    """The SFT job on this machine (or on this rank); returns the final checkpoint directory.
+
+    A run restarted in the same `run.out_dir` resumes from its latest checkpoint (weights,
+    optimizer, data position, RNG, wandb run); on the stop signal (Slurm's SIGUSR2) it saves
+    at the end of the step and raises Preempted.
+    """
     out_dir = Path(cfg.run.out_dir)
     seed_everything(cfg.run.seed)
-    policy = load_policy(cfg.model, cfg.run.init_from)
+    resume = latest_checkpoint(out_dir)
+    policy = load_policy(cfg.model, str(resume) if resume else cfg.run.init_from)
+    if cfg.trainer.backend == "megatron":
+        from deepeyes.train.megatron.sft import MegatronSFTTrainer  # imports megatron-core only when asked for
+
+        trainer = MegatronSFTTrainer(cfg, policy)
+    else:
+        trainer = SFTTrainer(cfg, policy)
     samples, dropped = load_sft_samples(cfg, policy)
-    optimizer = build_optimizer(policy.model, cfg.optim)
-    logger = RunLogger(cfg.logger, cfg, out_dir, job="sft")
-    logger.log({"data/samples": len(samples)} | {f"data/dropped_{k}": v for k, v in dropped.items()}, step=0)
-    model = policy.model
-    model.train()
-    step = 0
-    bar = tqdm(total=sft_total_steps(len(samples), cfg), desc="sft", unit="step")
+    start, run_id = 0, None
+    if resume is not None:
+        state = trainer.restore(resume)
+        start, run_id = state.step, state.run_id
+        log.info("resuming from %s at step %d", resume, start)
+    logger = RunLogger(cfg.logger, cfg, out_dir, job="sft", run_id=run_id) if trainer.leader else None
+    if logger is not None and resume is None:
+        logger.log({"data/samples": len(samples)} | {f"data/dropped_{k}": v for k, v in dropped.items()}, step=0)
+    total = sft_total_steps(len(samples), cfg)
+    bar = tqdm(total=total, initial=start, desc="sft", unit="step", disable=not trainer.leader)
+    checkpoint = resume
+    stop = StopSignal.install()
     try:
-        for epoch, batch in sft_schedule(samples, cfg):
+        for step, (epoch, batch) in enumerate(sft_schedule(samples, cfg), start=1):
+            if step <= start:
+                continue  # done before the resume
             started = time.perf_counter()
-            lr = set_learning_rate(optimizer, cfg.optim, step)
-            optimizer.zero_grad(set_to_none=True)
-            trained_tokens = sum(sum(s.mask) for s in batch)
-            loss_total = 0.0
-            for start in range(0, len(batch), cfg.sft.micro_batch_size):
-                micro = batch[start : start + cfg.sft.micro_batch_size]
-                logprobs = token_logprobs(model, policy.pixels, micro, policy.tokenizer.pad_token_id)
-                loss = -sum(lp.sum() for lp in logprobs) / trained_tokens  # token mean over the batch
-                loss.backward()
-                loss_total += float(loss.detach())
-            grad_norm = clip_and_step(model, optimizer, cfg.optim.grad_clip)
-            step += 1
-            logger.log(
-                {"sft/loss": loss_total, "sft/grad_norm": grad_norm, "sft/lr": lr, "sft/epoch": epoch,
-                 "sft/tokens": trained_tokens, "timing/step_s": time.perf_counter() - started} | batch_mix(batch, cfg),
-                step=step,
-            )
-            bar.set_postfix(loss=f"{loss_total:.3f}", epoch=epoch)
+            lr = set_learning_rate(trainer.optimizer, cfg.optim, step - 1)
+            metrics = trainer.update(batch)
+            if logger is not None:
+                metrics |= {"sft/lr": lr, "sft/epoch": epoch, "timing/step_s": time.perf_counter() - started}
+                logger.log(metrics | batch_mix(batch, cfg), step=step)
+            bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}", epoch=epoch)
             bar.update()
-        policy.pixels.release()
-        model.eval()
-        state = TrainerState(step, optimizer.state_dict(), {"epoch": cfg.sft.epochs, "position": 0}, logger.run_id, rng_state())
-        checkpoint = save_checkpoint(out_dir, model, policy.processor, state)
-        log.info("saved %s", checkpoint)
+            last = step == total
+            stopping = trainer.agree(stop.requested)
+            if last or stopping or (cfg.run.save_every and step % cfg.run.save_every == 0):
+                checkpoint = trainer.save(out_dir, step, logger and logger.run_id)
+                log.info("saved %s", checkpoint)
+            if stopping and not last:
+                raise Preempted(f"stopped after step {step} on the stop signal; resume from {checkpoint}")
     finally:
+        stop.restore()
         bar.close()
-        logger.finish()
+        if logger is not None:
+            logger.finish()
     return checkpoint

@@ -259,3 +259,22 @@ def rl_job(rank: int, world: int, port: int, out_dir: str, overrides: list[str],
     if rank == 0:
         results.put(str(checkpoint))
     dist.destroy_process_group()
+
+
+def sft_job(rank: int, world: int, port: int, out_dir: str, overrides: list[str], stop: bool, results) -> None:
+    """`python jobs/sft.py trainer=megatron` as one rank; with `stop`, Slurm's stop signal reaches
+    every rank once step 1 is logged, and the rank reports how the run ended."""
+    from tests.train.test_sft import sft_config, stop_once_step_1_is_logged
+    from deepeyes.launch.preemption import Preempted
+    from deepeyes.train.sft import train_sft
+
+    join(rank, world, port)
+    if stop:
+        stop_once_step_1_is_logged(Path(out_dir))
+    try:
+        outcome = str(train_sft(sft_config(out_dir, "trainer=megatron", *overrides)))
+    except Preempted as preempted:
+        outcome = f"preempted: {preempted}"
+    if rank == 0:
+        results.put(outcome)
+    dist.destroy_process_group()

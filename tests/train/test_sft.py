@@ -1,12 +1,17 @@
 """Cold-start SFT on the tiny model: it learns the trajectories, and bad samples are accounted for."""
 
 import json
+import os
+import threading
+import time
 
 import pytest
+from safetensors.torch import load_file
 from hydra import compose, initialize_config_dir
 
 from deepeyes.config import register_configs, to_object
 from deepeyes.data import read_sft_records, write_sft_records
+from deepeyes.launch.preemption import STOP_SIGNAL, Preempted
 from deepeyes.model import load_model
 from deepeyes.train.sft import train_sft
 from tests.paths import CONF_DIR
@@ -42,3 +47,30 @@ def test_samples_over_the_cutoff_are_dropped_and_counted(tmp_path, sample_data):
     cfg = sft_config(tmp_path / "run", f"data.sft={tmp_path / 'sft.jsonl'}", "sft.cutoff_len=10")
     with pytest.raises(ValueError, match="no usable sample .*too_long.: 2"):
         train_sft(cfg)
+
+
+def stop_once_step_1_is_logged(out_dir):
+    """What Slurm does before a time limit: SIGUSR2 to the trainer, here once step 1 is logged."""
+    def watch():
+        metrics = out_dir / "metrics.jsonl"
+        while '"step": 1,' not in (metrics.read_text() if metrics.exists() else ""):
+            time.sleep(0.05)
+        os.kill(os.getpid(), STOP_SIGNAL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def test_a_preempted_sft_run_saves_and_resumes_exactly(tmp_path, sample_data):
+    records = read_sft_records(sample_data.sft_train)[:4]
+    write_sft_records(tmp_path / "sft.jsonl", records)
+    small = [f"data.sft={tmp_path / 'sft.jsonl'}", "sft.epochs=2", "sft.batch_size=2", "optim.lr=3e-3"]
+    whole = train_sft(sft_config(tmp_path / "whole", *small))
+    stop_once_step_1_is_logged(tmp_path / "stopped")
+    with pytest.raises(Preempted, match=r"stopped after step [123] on the stop signal"):
+        train_sft(sft_config(tmp_path / "stopped", *small))
+    resumed = train_sft(sft_config(tmp_path / "stopped", *small))  # the requeued job
+    assert whole.name == resumed.name == "step_000004"
+    want, got = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(want[name].equal(got[name]) for name in want)
+    losses = lambda run: {r["step"]: r["sft/loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "sft/loss" in r}  # noqa: E731
+    assert losses("stopped") == losses("whole")

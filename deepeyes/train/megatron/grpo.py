@@ -34,6 +34,7 @@ from deepeyes.train.grpo import GRPOTrainer, rollout_side
 from deepeyes.train.losses import clipped_policy_loss
 from deepeyes.train.megatron.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
 from deepeyes.train.megatron.engine import MegatronEngine, build_engine
+from deepeyes.train.megatron.parallel import from_leader
 from deepeyes.train.setup import Policy
 
 # How long the other ranks wait for the leader's rollouts of one step. The hand-off has its own
@@ -74,15 +75,8 @@ class MegatronGRPOTrainer(GRPOTrainer):
         self.policy.pixels.release()
         return {}, []
 
-    def _from_leader(self, value):
-        if self.handoff is None:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.handoff)
-        return box[0]
-
     def agree(self, stop_requested: bool) -> bool:
-        return self._from_leader(stop_requested)
+        return from_leader(stop_requested, self.handoff)
 
     def publish_weights(self, version: int, everything: bool = False) -> None:
         if self.leader:
@@ -90,7 +84,7 @@ class MegatronGRPOTrainer(GRPOTrainer):
 
     def update(self, trajectories: list[Trajectory] | None, advantages: list[float] | None) -> dict[str, float]:
         """Clipped policy-gradient steps over the batch, in mini-batches of trajectories (collective)."""
-        batch = self._from_leader(Batch.of(trajectories, advantages) if self.leader else None)
+        batch = from_leader(Batch.of(trajectories, advantages) if self.leader else None, self.handoff)
         cfg = self.cfg.grpo
         temperature = self.cfg.rollout.temperature
         count = len(batch.sequences)

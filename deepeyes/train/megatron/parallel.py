@@ -48,3 +48,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def from_leader(value, group: dist.ProcessGroup | None = None):
+    """Global rank 0's `value`, on every rank (a picklable object; collective over `group`)."""
+    if dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
