@@ -94,14 +94,21 @@ class ScriptedPolicy:
         self._width, self._height, self._code_turns = args.width, args.height, args.turns - 1
         self._size = {"shortest_edge": args.min_pixels, "longest_edge": args.max_pixels}
         self.retained, self._trajectory_of = retain, trajectory_of
+        self._one_at_a_time = asyncio.Lock()  # the engine serves one batch at a time
 
-    async def generate(self, request) -> GenerateResult:
+    def _consume(self, request) -> None:
         request_inputs([request], self._pixels, self._pad_id)  # decoded where consumed, as the hf engine does
         if self.retained is not None:  # multi_modal_data + multi_modal_inputs of this sample, renewed each turn
             decoded = [Image.open(path).convert("RGB") for path in request.images]
             self.retained[self._trajectory_of[request.sampling.seed]] = (
                 decoded, self._processor(images=decoded, size=self._size, return_tensors="pt"),
             )
+
+    async def generate(self, request) -> GenerateResult:
+        # Off the event loop, as the hf engine generates in a worker thread: the tool calls of
+        # other trajectories go on meanwhile.
+        async with self._one_at_a_time:
+            await asyncio.to_thread(self._consume, request)
         if request.input_ids.count(self._encoder.im_start) < 3 + 2 * self._code_turns:
             seed = request.sampling.seed
             x, y = seed % (self._width - CROP[0]), (seed // 7919) % (self._height - CROP[1])
@@ -141,6 +148,9 @@ def worker(args: argparse.Namespace) -> None:
         for start in range(0, len(trajectories), MICRO_BATCH):  # the update's forward inputs
             micro = trajectories[start : start + MICRO_BATCH]
             sequence_inputs(pixels, [TokenSequence(t.input_ids, t.images, [0] * len(t.input_ids)) for t in micro], pad_id)
+        failed = sum(not call.ok for t in trajectories for call in t.tool_calls)
+        if failed or any(len(t.images) != args.turns for t in trajectories):  # a measurement of less work
+            raise RuntimeError(f"{failed} code calls failed (see the sandbox log): the step did not do its work")
         stored = toolbox.store.files()
         references = sum(len(t.images) for t in trajectories)
         result = {
