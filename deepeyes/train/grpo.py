@@ -330,7 +330,7 @@ def train_grpo(cfg: RLJobConfig) -> Path:
     # Servers may have started from another checkpoint (the launcher's model path, or before a
     # resume): from here on they serve the trainer's weights, labelled with its step.
     trainer.publish_weights(start, everything=True)
-    logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id) if trainer.leader else None
+    logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id, resumed_at=start) if trainer.leader else None
     console = Console()
     checkpoint = resume
     stop = StopSignal.install()  # Slurm's SIGUSR2: checkpoint at the end of this step, then stop for a requeue

@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    def __init__(self, cfg: LoggerConfig, job_config: Any, out_dir: Path, job: str, run_id: str | None = None):
+    def __init__(self, cfg: LoggerConfig, job_config: Any, out_dir: Path, job: str, run_id: str | None = None,
+                 resumed_at: int = 0):
+        """`run_id` continues that run; `resumed_at` is the step its checkpoint holds: rows logged
+        after it (the steps between that checkpoint and the stop) are dropped, as they are redone."""
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -33,7 +36,14 @@ class RunLogger:
             id=run_id,
             resume="allow" if run_id else None,
         )
-        self._mirror = open(Path(out_dir) / "metrics.jsonl", "a")
+        mirror = Path(out_dir) / "metrics.jsonl"
+        if run_id is not None and mirror.exists():
+            rows = mirror.read_text().splitlines(keepends=True)
+            kept = [row for row in rows if json.loads(row)["step"] <= resumed_at]
+            if len(kept) < len(rows):
+                log.info("metrics.jsonl: dropped %d rows logged after step %d (redone)", len(rows) - len(kept), resumed_at)
+                mirror.write_text("".join(kept))
+        self._mirror = open(mirror, "a")
         log.info("wandb run %s (%s) in %s", self._run.id, cfg.mode, out_dir)
 
     @property

@@ -166,7 +166,7 @@ def train_sft(cfg: SFTJobConfig) -> Path:
         state = trainer.restore(resume)
         start, run_id = state.step, state.run_id
         log.info("resuming from %s at step %d", resume, start)
-    logger = RunLogger(cfg.logger, cfg, out_dir, job="sft", run_id=run_id) if trainer.leader else None
+    logger = RunLogger(cfg.logger, cfg, out_dir, job="sft", run_id=run_id, resumed_at=start) if trainer.leader else None
     if logger is not None and resume is None:
         logger.log({"data/samples": len(samples)} | {f"data/dropped_{k}": v for k, v in dropped.items()}, step=0)
     total = sft_total_steps(len(samples), cfg)
