@@ -86,6 +86,7 @@ class SynthesisOutput:
         self.images = self.out_dir / "images"
         self.images.mkdir(parents=True, exist_ok=True)
         self.rows = self._resume()
+        self.kept = sum(1 for row in self.rows.values() if row["outcome"] == KEPT)
         self._trajectories = open(self.trajectories, "a", encoding="utf-8")
         self._attempts = open(self.attempts, "a", encoding="utf-8")
 
@@ -113,6 +114,7 @@ class SynthesisOutput:
             _append(self._trajectories, sft_record_row(record, self.trajectories))
         _append(self._attempts, row)
         self.rows[row["id"]] = row
+        self.kept += row["outcome"] == KEPT
 
     def close(self) -> None:
         self._trajectories.close()
@@ -162,9 +164,9 @@ def _safe(name: str) -> str:
 
 
 def sft_record(attempt: Attempt, trajectory: Trajectory, image_dir: Path) -> SFTRecord | None:
-    """The kept trajectory as an SFT record; the images tools returned are copied into
-    `image_dir` (the sandbox scratch is cleared after each batch). None when its text breaks the record format
-    (a teacher turn that writes "<image>" itself)."""
+    """The kept trajectory as an SFT record, the images tools returned copied into `image_dir`
+    (the scratch is cleared after each batch). None when its text breaks the record format (a
+    teacher turn that writes "<image>" itself)."""
     messages = conversation(trajectory)
     if sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages) != len(trajectory.images):
         return None
@@ -210,8 +212,7 @@ class Synthesizer:
                 row, record = await self.attempt(attempt)
             self.output.add(row, record)
             bar.update()
-            kept = sum(1 for r in self.output.rows.values() if r["outcome"] == KEPT)
-            bar.set_postfix(kept=kept, retries=self.engine.client.retries)
+            bar.set_postfix(kept=self.output.kept, retries=self.engine.client.retries)
 
         try:
             for start in range(0, len(attempts), self.cfg.synth.attempts_per_batch):
@@ -231,7 +232,8 @@ class Synthesizer:
                                            self.engine.encoder, self.toolbox, self.limits)
         except TeacherError as error:
             log.warning("%s: %s", attempt.id, error)
-            return row | {"outcome": "teacher_error", "error": str(error)}, None
+            row |= {"outcome": "teacher_error", "error": str(error)}  # in place: the tokens below still land in it
+            return row, None
         finally:
             usage = [self.engine.usage.pop(episode_seed(seed, STEP, attempt.index, attempt.attempt, turn), (0, 0))
                      for turn in range(self.limits.max_turns)]
@@ -329,6 +331,9 @@ def student_encoder(cfg: SynthJobConfig) -> tuple[ChatEncoder, Any]:
 
 def run_synthesis(cfg: SynthJobConfig, progress: bool = True) -> dict[str, Any]:
     """The synthesis job on this machine; returns the summary (also <out_dir>/summary.json)."""
+    if cfg.cluster.name != "local":  # as jobs/filter.py and jobs/eval.py: no launch plan of its own
+        raise ValueError("jobs/synthesize.py runs where it is started: run it inside an allocation (srun) "
+                         "with cluster=local, teacher.base_url pointing at the teacher's server")
     out_dir = Path(cfg.run.out_dir)
     seed_everything(cfg.run.seed)
     paths = data_paths(cfg.data)

@@ -176,3 +176,10 @@ def test_interrupted_synthesis_resumes_without_duplicates(sample_data, records, 
     kept = [r.id for r in read_sft_records(out / "trajectories.jsonl")]  # the orphan and the torn line are gone
     assert len(kept) == len(set(kept)) == EXPECTED["kept"]
     assert {key: summary["total"][key] for key in ("kept", "dropped")} == EXPECTED
+
+
+def test_synthesis_refuses_to_pretend_it_submits_to_slurm(sample_data, tmp_path):
+    cfg = synth_config(sample_data, tmp_path, "http://127.0.0.1:9/v1")
+    cfg.cluster.name = "slurm"
+    with pytest.raises(ValueError, match="inside an allocation"):
+        run_synthesis(cfg, progress=False)
