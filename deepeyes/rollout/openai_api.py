@@ -29,7 +29,7 @@ DEFAULT_MAX_TOKENS = 1024
 _ROLES = ("system", "user", "assistant")
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # ~4 MB each for a 3 MP photo: bounded host memory
 def _data_url(path: str, mtime_ns: int, size: int) -> str:
     kind = mimetypes.guess_type(path)[0] or "image/png"
     return f"data:{kind};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
