@@ -50,7 +50,8 @@ def build_hf_engine(args: argparse.Namespace):
 
     torch.set_num_threads(args.threads)  # one thread per server process is fastest when processes share cores
     policy = load_policy(
-        ModelConfig(dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels, freeze_vision=False),
+        ModelConfig(dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels, freeze_vision=False,
+                    pixel_cache_mb=args.pixel_cache_mb),
         str(args.model),
     )
     return HFRolloutEngine(policy.model, policy.tokenizer, policy.pixels, args.max_batch, args.batch_wait_ms)
@@ -170,6 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (hf backend)")
     parser.add_argument("--min-pixels", type=int, default=3136)
     parser.add_argument("--max-pixels", type=int, default=50176)
+    parser.add_argument("--pixel-cache-mb", type=int, default=256, help="processed images kept for reuse (hf backend)")
     add_service_args(parser)
     return parser.parse_args(argv)
 

@@ -40,6 +40,7 @@ def rollout_server_command(cfg: RLJobConfig, model: Path, port: int, token_file:
         "--token-file", token_file, "--weight-version", weight_version, "--dtype", cfg.model.dtype,
         "--max-batch", cfg.rollout.max_batch, "--batch-wait-ms", cfg.rollout.batch_wait_ms,
         "--threads", threads, "--min-pixels", cfg.model.min_pixels, "--max-pixels", cfg.model.max_pixels,
+        "--pixel-cache-mb", cfg.model.pixel_cache_mb,
     )
 
 
