@@ -31,11 +31,6 @@ class EpisodeLimits:
     top_p: float = 1.0
 
 
-def session_name(step: int, group: int, sample: int) -> str:
-    """The trajectory's tool session, and its scratch directory under the toolbox's scratch root."""
-    return f"step{step}-g{group}-s{sample}"
-
-
 def episode_seed(run_seed: int, step: int, group: int, sample: int, turn: int) -> int:
     """A stable noise-stream seed per (step, prompt, rollout, turn)."""
     return zlib.crc32(f"{run_seed}/{step}/{group}/{sample}/{turn}".encode())
@@ -59,7 +54,7 @@ async def run_episode(
         prompt_ids=encoder.prompt(protocol.SYSTEM_PROMPT, protocol.user_prompt(record.question), images),
         images=images,
     )
-    session = toolbox.session(session_name(step, group, sample), images)
+    session = toolbox.session(f"step{step}-g{group}-s{sample}", images)
     try:
         for turn in range(limits.max_turns):
             budget = limits.max_response_tokens - len(trajectory.response_ids)
