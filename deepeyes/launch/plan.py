@@ -114,6 +114,16 @@ class LaunchPlan:
         return cls(**data)
 
 
+# Host memory of the image path, measured by bench/host_memory.py (2048 x 1536 inputs at the 7B's
+# 262144-pixel budget, a crop returned per code turn; PSS, so pages that the sandbox's forked
+# kernels share count once). Images travel by reference, so a trajectory held by the trainer
+# costs its token lists and image paths: 153 KB for 2187 tokens, counted per token. An open sandbox
+# session is a kernel holding its decoded image_1: 24.5 MB. Processed pixels: model.pixel_cache_mb
+# per process.
+TRAJECTORY_BYTES_PER_TOKEN = 70
+SANDBOX_SESSION_GB = 0.025
+PROMPT_TEXT_TOKENS = 1024  # the system prompt and a question; the prompt's image comes on top
+
 # Parameter counts of the models the config names (the vision tower included).
 _PARAMETERS = {"tiny": 10e6, "qwen2_5_vl_7b": 8.3e9, "qwen2_5_vl_32b": 33.5e9}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -156,6 +166,11 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
     # The trainer: plain memory estimate, host side. On GPUs the host holds a staging copy of the
     # weights while loading; on CPU it holds fp32 weights, gradients and Adam's two moments.
     trainer_memory = (weight_gb + 4) if cluster.gpus_per_node else ((params or 0) * 16 / 1e9 + 2)
+    pixel_cache_gb = cfg.model.pixel_cache_mb / 1024
+    trainer_memory += pixel_cache_gb
+    if job == "rl":  # the step's trajectories, all held by the trainer until its update
+        tokens = PROMPT_TEXT_TOKENS + cfg.model.max_pixels // 784 + cfg.rollout.max_response_tokens
+        trainer_memory += cfg.grpo.prompts_per_step * cfg.rollout.n * tokens * TRAJECTORY_BYTES_PER_TOKEN / 1e9
     servers_beside_trainer = 0 if rollout_nodes or job != "rl" else cfg.rollout.servers
     trainer_gpus, serving_gpus = all_gpus, all_gpus
     if servers_beside_trainer and len(all_gpus) > 1:  # one node: the first half trains, the rest serves
@@ -173,7 +188,7 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
         add(Role("trainer", trainer_command(launch_dir), node=node, gpus=trainer_gpus, main=True,
                  memory_gb=trainer_memory * ranks, processes=ranks, first_rank=node * ranks, world_size=world),
             serves=False)
-    server_memory = (weight_gb + 2) if cluster.gpus_per_node else ((params or 0) * 4 / 1e9 + 1)
+    server_memory = ((weight_gb + 2) if cluster.gpus_per_node else ((params or 0) * 4 / 1e9 + 1)) + pixel_cache_gb
     if job == "rl":
         from deepeyes.rollout.services import rollout_server_command, search_service_command
         from deepeyes.train.setup import data_paths
@@ -206,7 +221,7 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
             command = daemon_command(PORT, TOKEN_FILE, launch_dir / "sandbox" / f"node{node}", limits,
                                      code.max_sessions, code.idle_timeout_s, code.isolation)
             add(Role("sandbox", command, node=node, ready=True, node_local=True,
-                     memory_gb=0.5 + 0.02 * code.max_sessions))
+                     memory_gb=0.5 + SANDBOX_SESSION_GB * code.max_sessions))
     for extra in cluster.extra_roles:
         if not extra.name or not extra.command:
             raise ValueError(f"config cluster.extra_roles: every role needs a name and a command, got {extra}")

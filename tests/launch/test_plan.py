@@ -8,7 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from deepeyes.config import register_configs, to_object
-from deepeyes.launch.plan import LaunchPlan, build_plan
+from deepeyes.launch.plan import (
+    PROMPT_TEXT_TOKENS, SANDBOX_SESSION_GB, TRAJECTORY_BYTES_PER_TOKEN, LaunchPlan, build_plan,
+)
 from tests.paths import CONF_DIR, REPO
 
 
@@ -138,3 +140,21 @@ def test_rl_trains_on_the_first_trainer_nodes_and_serves_rollouts_on_the_rest(tm
     with pytest.raises(ValueError, match="trainer_nodes=3 and cluster.rollout_nodes=2 do not fit nodes=4"):
         build_plan("rl", job_config("cluster=slurm", "nodes=4", "cluster.trainer_nodes=3", "cluster.rollout_nodes=2"),
                    tmp_path)
+
+
+def test_the_memory_estimate_follows_the_measured_image_path_costs(tmp_path):
+    def memory(*overrides):
+        cfg = job_config("cluster=slurm", "nodes=2", "cluster.gpus_per_node=8", "trainer=hf", "model=qwen2_5_vl_7b",
+                         "model.path=/m", *overrides)
+        plan = build_plan("rl", cfg, tmp_path)
+        return {(r.node, r.name): r.memory_gb for r in plan.roles}
+
+    paper = memory()  # 256 prompts x 16 rollouts, responses up to 16384 tokens
+    trajectory_gb = (PROMPT_TEXT_TOKENS + 262144 // 784 + 16384) * TRAJECTORY_BYTES_PER_TOKEN / 1e9
+    twice = memory("grpo.prompts_per_step=512")
+    assert twice[0, "trainer"] - paper[0, "trainer"] == pytest.approx(256 * 16 * trajectory_gb)
+    cache = memory("model.pixel_cache_mb=2048")  # the 7B config keeps 1024 MB
+    assert cache[0, "trainer"] - paper[0, "trainer"] == pytest.approx(1.0)
+    assert cache[1, "rollout"] - paper[1, "rollout"] == pytest.approx(1.0)
+    sessions = memory("tools.code.max_sessions=128")
+    assert sessions[0, "sandbox"] - paper[0, "sandbox"] == pytest.approx(64 * SANDBOX_SESSION_GB)
