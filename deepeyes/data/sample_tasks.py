@@ -17,9 +17,9 @@ Everything is drawn from seeded `random.Random` streams and our own bitmap font,
 parameters give byte-identical files. Lookup islands in the test split never appear in train.
 
 The "learning" recipe (bench/learning.py) makes perception learnable by a tiny model in minutes:
-every perception question asks for a color, and the cold-start code crops the named corner and
-prints the palette color of its most saturated pixel, so the answer is one word copied from
-stdout. `no_tool` makes the cold start deliberately imperfect: per family, that share of the
+every perception question asks for a color (red, green or blue), and the cold-start code crops
+the named corner and prints the strongest channel of its most saturated pixel, so the answer is
+one word copied from stdout. `no_tool` makes the cold start deliberately imperfect: per family, that share of the
 trajectories answers at once without any tool, leaving reinforcement learning something to fix.
 
 Layout of a generated dataset (image paths in every file are relative to that file)::
@@ -68,6 +68,9 @@ COLORS = {
     "purple": (140, 60, 180),
     "orange": (240, 130, 30),
 }
+# The learning recipe's perception colors: each is the one strong channel of its RGB value, so a
+# short cell names it (deepeyes.data.trajectories).
+LEARNING_COLORS = ("red", "green", "blue")
 _FLAG_COLORS = {**COLORS, "black": INK, "white": (250, 250, 250)}
 
 
@@ -228,7 +231,10 @@ def _perception_tasks(root: Path, split: str, count: int, rng: random.Random, re
         variant = variants[index % len(variants)]
         image = Image.new("RGB", (PERCEPTION_SIZE,) * 2, tuple(rng.randint(200, 240) for _ in range(3)))
         _draw_clutter(image, rng)
-        contents = rng.sample("0123456789" if variant == "digit" else sorted(COLORS), len(_REGIONS))
+        if recipe == "learning":  # corners may repeat a color: only three to choose from
+            contents = [rng.choice(LEARNING_COLORS) for _ in _REGIONS]
+        else:
+            contents = rng.sample("0123456789" if variant == "digit" else sorted(COLORS), len(_REGIONS))
         for region, content in zip(_REGIONS, contents):
             _draw_corner_box(image, region, variant, content, rng)
         target = rng.randrange(len(_REGIONS))

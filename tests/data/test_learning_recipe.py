@@ -27,7 +27,7 @@ def test_perception_asks_for_colors_and_the_cold_start_measures_them(learning):
     for trajectory in measured:
         task = tasks[trajectory.id]
         code, observation, answer = (m.content for m in trajectory.messages[2:])
-        assert f"image_1.crop({tuple(task.metadata['crop_box'])})" in code
+        assert f"image_1.crop({tuple(task.metadata['crop_box'])})" in code and task.answer in ("red", "green", "blue")
         assert f"stdout:\n```\n{task.answer}\n" in observation  # the cell really printed it
         assert answer.endswith(f"<answer>{task.answer}</answer>")
 
