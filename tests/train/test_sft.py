@@ -63,7 +63,8 @@ def stop_once_step_1_is_logged(out_dir):
 def test_a_preempted_sft_run_saves_and_resumes_exactly(tmp_path, sample_data):
     records = read_sft_records(sample_data.sft_train)[:4]
     write_sft_records(tmp_path / "sft.jsonl", records)
-    small = [f"data.sft={tmp_path / 'sft.jsonl'}", "sft.epochs=2", "sft.batch_size=2", "optim.lr=3e-3"]
+    # the reference trainer (tests/megatron/test_sft_job.py stops and resumes the megatron one)
+    small = [f"data.sft={tmp_path / 'sft.jsonl'}", "sft.epochs=2", "sft.batch_size=2", "optim.lr=3e-3", "trainer=hf"]
     whole = train_sft(sft_config(tmp_path / "whole", *small))
     stop_once_step_1_is_logged(tmp_path / "stopped")
     with pytest.raises(Preempted, match=r"stopped after step [123] on the stop signal"):
