@@ -4,6 +4,9 @@ DeepEyesV2's loop keeps, at a realistic rollout-batch shape.
     python bench/host_memory.py [--prompts 16] [--n 8] [--turns 3] [--width 2048] [--height 1536]
                                 [--max-pixels 262144] [--pixel-cache-mb 256] [--max-sessions 64]
 
+The README's numbers are from `--prompts 32` (the baseline then peaks near 11 GB; 64 prompts
+would need ~20 GB, more than a 24 GB box shared with other work spares).
+
 Each measurement is a fresh worker process running one step's image path for real:
 
 - `prompts` records, each its own `width` x `height` photo-like JPEG; `n` rollouts each through

@@ -69,6 +69,7 @@ class ToolSession:
         self._images = images  # the record's images: image_1 … image_n, and the image-search query
         self._code: SandboxSession | None = None
         self._image_search_used = False
+        self._dropped = 0  # images the last call returned past the budget
         self._pixels_used = sum(map(self._pixels, images))
         limit = toolbox.max_trajectory_pixels
         if limit and self._pixels_used > limit:
@@ -76,7 +77,6 @@ class ToolSession:
                 f"trajectory {name}: the prompt's {len(images)} image(s) take {self._pixels_used} pixels, over "
                 f"model.max_trajectory_pixels={limit}; raise it or lower model.max_pixels"
             )
-        self._dropped = 0
 
     async def execute(self, action: protocol.Action) -> Observation:
         started = time.perf_counter()
@@ -94,7 +94,11 @@ class ToolSession:
         return Observation(text, images, ToolCall(tool, ok, time.perf_counter() - started), self._dropped)
 
     def _pixels(self, image: Path) -> int:
-        return self._toolbox.image_pixels(image) if self._toolbox.max_trajectory_pixels else 0
+        if not self._toolbox.max_trajectory_pixels:
+            return 0
+        if self._toolbox.image_pixels is None:
+            raise ValueError("Toolbox.max_trajectory_pixels is set but image_pixels (how to measure an image) is not")
+        return self._toolbox.image_pixels(image)
 
     def _within_budget(self, images: list[Path]) -> list[Path]:
         """The leading images that still fit the trajectory's pixel budget; the rest are counted."""
