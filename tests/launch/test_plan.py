@@ -80,14 +80,14 @@ def test_the_plan_survives_its_json_form(tmp_path):
 
 
 def test_sft_has_no_rollout_servers_and_trains_on_every_node(tmp_path):
-    plan = build_plan("sft", job_config("cluster=slurm", "nodes=2", "trainer=megatron", job="sft"), tmp_path)
+    plan = build_plan("sft", job_config("cluster=slurm", "nodes=2", job="sft"), tmp_path)
     assert [(r.name, r.node, r.first_rank, r.world_size) for r in plan.roles] == [
         ("trainer", 0, 0, 16), ("trainer", 1, 8, 16),
     ]
-    one = build_plan("sft", job_config("cluster=slurm", job="sft"), tmp_path)
-    assert [(r.name, r.processes) for r in one.roles] == [("trainer", 1)]
+    reference = build_plan("sft", job_config("cluster=slurm", "trainer=hf", job="sft"), tmp_path)
+    assert [(r.name, r.processes) for r in reference.roles] == [("trainer", 1)]
     with pytest.raises(ValueError, match="trainer_nodes=2 needs trainer=megatron"):
-        build_plan("sft", job_config("cluster=slurm", "nodes=2", job="sft"), tmp_path)
+        build_plan("sft", job_config("cluster=slurm", "nodes=2", "trainer=hf", job="sft"), tmp_path)
 
 
 def test_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing(tmp_path):
