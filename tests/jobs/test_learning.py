@@ -1,0 +1,37 @@
+"""The learning proof at CI size: bench/learning.py with fewer steps and questions, fixed seed.
+
+It asserts only the direction of the effect (the bench itself checks the issue's targets): the
+cold start teaches the protocol, and RL from it turns perception guesses into crop-and-measure
+calls, which raises perception accuracy, while no family loses accuracy.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.paths import REPO
+
+pytestmark = [
+    pytest.mark.slow,
+    # Not yet true: after 90 SFT steps (loss 11.9 -> 1.27) greedy format validity is still 0 of 48
+    # held-out tasks, so RL has nothing to build on (issue 8 is open). Unskip when the bench meets
+    # its targets.
+    pytest.mark.skip(reason="the learning recipe does not learn the protocol within its SFT budget yet (issue 8)"),
+]
+
+
+def test_rl_after_an_imperfect_cold_start_learns_to_crop_for_perception(tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "learning.py"), "--out", str(tmp_path), "--seed", "0",
+               "--sft-steps", "60", "--rl-steps", "4", "--eval-questions", "24"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+    before, sft, rl = (result["stages"][s] for s in ("before_sft", "after_sft", "after_rl"))
+    assert before["format_rate"] < 0.5 < sft["format_rate"]
+    crop = result["right_tool_calls_per_trajectory"]
+    assert crop["after_rl"]["perception"] > crop["after_sft"]["perception"]
+    gain = result["gain_points_after_rl_vs_sft"]
+    assert gain["perception"] > 0 and min(gain.values()) >= -100 / 8  # at most one question of 8 lost
+    assert (tmp_path / "eval_after_rl" / "plots" / "training_curves.png").is_file()
