@@ -21,12 +21,14 @@ def init_parallel(layout: ParallelLayout, seed: int) -> None:
     """
     cpu_compat.enable()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        if "RANK" in os.environ:  # torchrun, or the node agent's trainer ranks
+            dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        else:  # not through the environment: processes this one starts must not inherit a rendezvous
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    timeout=timedelta(minutes=10))
     world = dist.get_world_size()
     model_parallel = layout.tensor * layout.pipeline
     if world % model_parallel:
