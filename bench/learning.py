@@ -93,7 +93,11 @@ def summarize(reports: dict[str, dict], wall: dict[str, float]) -> dict:
     right_tool = {s: {f: right_tool_rate(reports[s], f) for f in families} for s in STAGES}
     checks = {
         "format_after_sft": after_sft["format_rate"] >= TARGETS["format_after_sft"],
-        "gain_20_points": max(gain.values()) >= TARGETS["gain_points"],
+        # A gain counts only where the family's right tool is used at least as much after RL: a
+        # model that learns to stop calling a broken tool and guess is not the effect sought.
+        "gain_20_points_with_right_tool": any(
+            gain[f] >= TARGETS["gain_points"] and right_tool["after_rl"][f] >= right_tool["after_sft"][f] for f in families
+        ),
         "no_family_worse": min(gain.values()) >= 0.0,
         # Each family's right tool is its most used one after RL.
         "tool_choice_by_family": all(
