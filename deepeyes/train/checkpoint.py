@@ -62,5 +62,16 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """The model directory that `path` names: itself, the step a `checkpoints/latest` pointer
+    names, or a run directory's latest checkpoint (so `run.init_from=<run dir>` works)."""
+    path = Path(path)
+    if path.is_file() and path.name == "latest":
+        return path.parent / path.read_text().strip()
+    if not (path / "config.json").is_file():
+        return latest_checkpoint(path) or path
+    return path
+
+
 def load_trainer_state(checkpoint: Path) -> TrainerState:
     return TrainerState(**torch.load(checkpoint / "trainer_state.pt", weights_only=False))
