@@ -47,7 +47,7 @@ def token_logprobs(
     vocabulary the logits, not the transformer, dominate time and memory, and prompts and tool
     observations are usually most of a sequence.
     """
-    inputs = sequence_inputs(pixels, sequences, pad_id)
+    inputs = {key: value.to(model.device) for key, value in sequence_inputs(pixels, sequences, pad_id).items()}
     input_ids = inputs["input_ids"]
     hidden = model.model(**inputs, position_ids=rope_position_ids(model, inputs)).last_hidden_state
     # Position p's hidden state predicts token p + 1.

@@ -11,10 +11,10 @@ runs them itself so that the output layer projects only the positions a loss nee
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
@@ -31,17 +31,23 @@ class PackedBatch:
     """Several token sequences packed into one row (padding-free), as every stage sees it.
 
     `attention_mask[0, 0, q, k]` is True where query q may NOT attend key k: causal inside each
-    sequence, nothing across sequences. `positions` are the (3, 1, T) mrope positions, restarting
-    per sequence. `logit_positions[i]` predicts `targets[i]` (the next token).
+    sequence, nothing across sequences; None when the row is one sequence without padding (plain
+    causal attention, which runs the flash kernel on GPU). `positions` are the (3, 1, T) mrope
+    positions, restarting per sequence. `logit_positions[i]` predicts `targets[i]` (the next token).
     """
 
     input_ids: torch.Tensor  # (1, T)
     positions: torch.Tensor  # (3, 1, T)
-    attention_mask: torch.Tensor  # (1, 1, T, T) bool
+    attention_mask: torch.Tensor | None  # (1, 1, T, T) bool
     logit_positions: torch.Tensor  # (K,)
     targets: torch.Tensor  # (K,)
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "PackedBatch":
+        """The same batch with every tensor on `device` (batches are packed on the host)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if getattr(self, f.name) is not None})
 
 
 class Qwen2_5_VLMegatronModel(MegatronModule):
@@ -98,10 +104,15 @@ class Qwen2_5_VLMegatronModel(MegatronModule):
         weight = language.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
             else language.output_layer.weight
         logits = torch.nn.functional.linear(tensor_parallel.copy_to_tensor_model_parallel_region(selected), weight)
-        logits = logits.float()
         if temperature != 1.0:
-            logits = logits / temperature
-        return -tensor_parallel.vocab_parallel_cross_entropy(logits, batch.targets)
+            logits = logits.float() / temperature
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:
+            # The whole vocabulary is on this rank: torch's log-softmax, in fp32, upcasting inside
+            # the kernel. Megatron's vocab-parallel version needs an fp32 copy of the (K, vocab)
+            # logits and makes more passes over it.
+            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            return logprobs.gather(1, batch.targets[:, None])[:, 0]
+        return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch.targets)
 
     def _embed(self, batch: PackedBatch) -> torch.Tensor:
         """Word embeddings with the vision tower's output at image positions, as (T, 1, hidden)."""
@@ -141,8 +152,6 @@ def mrope_positions(config: Qwen2_5_VLConfig, input_ids: torch.Tensor, image_gri
 
 def build_model_chunks(config, hf_config: Qwen2_5_VLConfig, visual: torch.nn.Module | None) -> list[Qwen2_5_VLMegatronModel]:
     """This rank's model chunks (one, or one per virtual pipeline stage when interleaved)."""
-    from megatron.core import parallel_state
-
     chunks = []
     virtual = config.virtual_pipeline_model_parallel_size
     for vp_stage in range(virtual or 1):

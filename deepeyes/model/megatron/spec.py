@@ -3,8 +3,10 @@
 `transformer_config` reads the Hugging Face checkpoint's text config (RMSNorm, SwiGLU, QKV bias,
 grouped-query attention, mrope sections, rope base) and adds the parallel layout. The layer spec
 is megatron-core's local (non-TransformerEngine) GPT layer with our `RMSNorm` and SDPA core
-attention; it runs on CPU and GPU alike. (A TransformerEngine spec is not wired up: it would
-need the conversion to map TE's fused norm+linear parameter names.)
+attention; it runs on CPU and GPU alike (bench/mfu.py measures it on an H100). A
+TransformerEngine spec is not wired up: TE's torch extension is published only as source that
+compiles against the installed torch (no wheel for torch 2.11 / CUDA 13), and the conversion
+would need to map TE's fused norm+linear parameter names.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         dtype = hidden.dtype
-        hidden = hidden.to(torch.float32)
-        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
+        # torch's rms_norm: x * rsqrt(mean(x²) + eps), as HF writes it out, in one fused kernel on GPU
+        hidden = F.rms_norm(hidden.to(torch.float32), hidden.shape[-1:], eps=self.eps)
         return self.weight * hidden.to(dtype)
 
 

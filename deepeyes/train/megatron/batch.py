@@ -44,13 +44,15 @@ def pack(sequences: Sequence[TokenSequence], pixels: PixelCache, hf_config, pad_
         ids.append(torch.full((total - offset,), hf_config.text_config.pad_token_id or 0, dtype=torch.long))
         positions.append(torch.zeros(3, total - offset, dtype=torch.long))
     lengths = [len(s.ids) for s in sequences] + [1] * (total - offset)
-    owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    blocked = (owner[:, None] != owner[None, :]) | torch.ones(total, total, dtype=torch.bool).triu(1)
+    blocked = None  # one sequence, no padding: plain causal attention
+    if len(lengths) > 1:
+        owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        blocked = ((owner[:, None] != owner[None, :]) | torch.ones(total, total, dtype=torch.bool).triu(1))[None, None]
     pixel_values, grid_thw = pixels.batch(images) if images else (None, None)
     return PackedBatch(
         input_ids=torch.cat(ids)[None],
         positions=torch.cat(positions, dim=1)[:, None],
-        attention_mask=blocked[None, None],
+        attention_mask=blocked,
         logit_positions=torch.tensor(logit_positions, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         pixel_values=pixel_values,

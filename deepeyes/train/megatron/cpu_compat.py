@@ -3,7 +3,7 @@
 megatron-core assumes a GPU in a few dozen call sites. Without CUDA, `enable()` points the
 `torch` name inside megatron-core's own modules at `_CpuTorch` — real torch, except that
 tensors it is asked to create on "cuda" are created on the CPU and `torch.cuda` is `_CpuCuda`
-— and patches the three other places listed below. Nothing outside megatron.core sees a
+— and patches the other places listed below. Nothing outside megatron.core sees a
 change, and with CUDA present `enable()` does nothing. Parity tests (tests/megatron) compare
 every parallel layout run through these shims with the plain HF model.
 """
@@ -148,6 +148,8 @@ def enable() -> None:
         _with_cuda_type_names(dist_opt._build_model_and_main_param_groups)
     )
     dist_opt.__init__ = _with_cuda_type_names(dist_opt.__init__)
+    fp16_opt = optimizer.Float16OptimizerWithFloat16Params  # bf16/fp16 weights, non-distributed
+    fp16_opt.__init__ = _with_cuda_type_names(fp16_opt.__init__)
     clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
     clip_grads.clip_grad_by_total_norm_fp32 = clip
     optimizer.clip_grad_by_total_norm_fp32 = clip

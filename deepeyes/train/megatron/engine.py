@@ -13,6 +13,7 @@ over the whole mini-batch — with the work split over tensor, pipeline and data
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
@@ -57,8 +58,15 @@ class MegatronEngine:
         # Per-token loss: gradients are summed over ranks and micro-batches, then divided by
         # the trained-token count of the whole mini-batch (see the module docstring).
         self.config.calculate_per_token_loss = True
+        # The chunks live on this rank's GPU (megatron-core builds its layers there; our norms
+        # and the HF vision tower are moved), or on the CPU without CUDA. The HF model stays
+        # where the caller keeps it (the in-process rollout engine reads it): a vision tower
+        # on another device is copied, not moved.
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         visual = hf_model.model.visual
-        chunks = build_model_chunks(self.config, hf_model.config, visual)
+        if next(visual.parameters()).device != self.device:
+            visual = copy.deepcopy(visual)
+        chunks = [chunk.to(self.device) for chunk in build_model_chunks(self.config, hf_model.config, visual)]
         load_hf_weights(chunks, hf_model.state_dict(), hf_model.config)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=optim.distributed, overlap_grad_reduce=False,
@@ -79,6 +87,11 @@ class MegatronEngine:
             self.chunks,
             config_overrides={},  # weight decay on every parameter, as the reference's AdamW
         )
+        # Without TransformerEngine or apex, megatron-core steps torch's AdamW with its default
+        # multi-pass foreach kernels; the fused kernel (CPU and CUDA) does one pass per tensor
+        # group (one H100, 2 B parameters: 55 -> 22 ms). torch reads this flag at every step.
+        for group in self.optimizer.param_groups:
+            group["fused"] = True
 
     @property
     def data_rank(self) -> tuple[int, int]:
@@ -106,7 +119,10 @@ class MegatronEngine:
             # gloo): every micro-batch is padded to the mini-batch's longest packed row.
             longest = max(sum(len(sequences[i].ids) for i in indices) for indices in micro)
             pad_to = -(-longest // pad_to) * pad_to
-        batches = [(pack([sequences[i] for i in indices], self.pixels, self.hf_config, pad_to), indices) for indices in micro]
+        # Moved to the device before the schedule starts: a host-to-device copy inside it would
+        # wait for the GPU to drain its queue at every micro-batch.
+        batches = [(pack([sequences[i] for i in indices], self.pixels, self.hf_config, pad_to).to(self.device), indices)
+                   for indices in micro]
 
         def loss_func(indices: list[int], logprobs: torch.Tensor):
             per_sequence = split_by_sequence(logprobs, [sequences[i] for i in indices])

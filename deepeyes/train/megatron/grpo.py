@@ -106,7 +106,7 @@ class MegatronGRPOTrainer(GRPOTrainer):
                         cfg.clip_ratio_low, cfg.clip_ratio_high,
                     )
                     loss = loss + token_loss
-                    sampled = torch.tensor(batch.sampled_logprobs[i])
+                    sampled = torch.tensor(batch.sampled_logprobs[i], device=lp.device)
                     metrics["policy/rollout_logprob_abs_diff"] += float((sampled - lp.detach()).abs().sum())
                     for key, value in stats.items():
                         metrics[f"policy/{key}"] += float(value)

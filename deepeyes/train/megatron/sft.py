@@ -26,7 +26,8 @@ def negative_log_likelihood(per_sequence, indices):
     """The SFT loss function for MegatronEngine: summed -log p over trained tokens."""
     loss = -sum(lp.sum() for lp in per_sequence)
     tokens = sum(lp.numel() for lp in per_sequence)
-    return loss, tokens, {"loss_sum": float(loss.detach()), "tokens": tokens}
+    # A tensor, not a float: reading it here would stall the GPU after every micro-batch.
+    return loss, tokens, {"loss_sum": loss.detach(), "tokens": tokens}
 
 
 class MegatronSFTTrainer:
