@@ -23,6 +23,11 @@ matrix, forward 2·S²·d, backward twice that). No embedding lookup, norm or el
 Peak: the H100 SXM's nominal dense bf16 rate, 989 TFLOP/s (`--peak-tflops` for other cards).
 
 Last line: `RESULT {json}`; target `mfu_nominal` ≥ 0.40 on one H100.
+
+Measured on one NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, megatron-core 0.16.1, no
+TransformerEngine/apex), commit bfdc513, 4 × 4096 tokens: 4 layers 0.41 s per step, 40 k tokens/s,
+MFU 0.37–0.38 (0.50 of the measured 735 TFLOP/s matmul), 1.03–1.04 × the reference's time;
+8 layers 0.64 s, MFU 0.39, 1.05 × the reference.
 """
 
 from __future__ import annotations
