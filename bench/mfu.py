@@ -1,13 +1,14 @@
 """Model FLOPs utilization of a Qwen2.5-VL-7B-shaped SFT step on the Megatron trainer, one GPU.
 
-    python bench/mfu.py [--layers 4] [--batch 4] [--seq 4096] [--steps 6] [--peak-tflops 989]
+    python bench/mfu.py [--layers 4] [--batch 4] [--seq 4096] [--micro-batch 2] [--steps 6] [--peak-tflops 989]
     python bench/mfu.py --smoke     # no GPU: a tiny shape on the CPU, checks the script runs (no MFU claim)
 
 The language model has Qwen2.5-VL-7B's shape (hidden 3584, 28 query and 4 key/value heads of
 128, SwiGLU 18944, vocabulary 152064, QKV bias, RMSNorm, mrope sections 16/24/24, untied output
 layer) with `--layers` decoder layers instead of 28, random bf16 weights, and a one-block vision
 tower (the batch is text only, so the tower does not run). The batch is `--batch` sequences of
-`--seq` random tokens, every token but the first trained, one sequence per micro-batch.
+`--seq` random tokens, every token but the first trained, `--micro-batch` sequences packed into
+one row per micro-batch (default: the SFT job's `sft.micro_batch_size`, 2).
 
 Both trainers take full optimizer steps (forward, backward, clip, Adam) through the code the jobs
 run: `MegatronSFTTrainer.update` (megatron-core layers, DDP buffers with fp32 gradients, fp32
@@ -25,9 +26,14 @@ Peak: the H100 SXM's nominal dense bf16 rate, 989 TFLOP/s (`--peak-tflops` for o
 Last line: `RESULT {json}`; target `mfu_nominal` ≥ 0.40 on one H100.
 
 Measured on one NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, megatron-core 0.16.1, no
-TransformerEngine/apex), commit bfdc513, 4 × 4096 tokens: 4 layers 0.41 s per step, 40 k tokens/s,
-MFU 0.37–0.38 (0.50 of the measured 735 TFLOP/s matmul), 1.03–1.04 × the reference's time;
-8 layers 0.64 s, MFU 0.39, 1.05 × the reference.
+TransformerEngine/apex), 4 × 4096 tokens, MFU of the 989 nominal:
+- commit bfdc513 (one sequence per micro-batch, eager log-softmax): 4 layers 0.41 s per step,
+  MFU 0.37–0.38, 1.03–1.04 × the reference's time; 8 layers 0.64 s, MFU 0.39.
+- with packed rows on flash attention per sequence and the compiled log-probabilities (see
+  README "Trainer speed"): 4 layers, 2 sequences per micro-batch 0.379–0.381 s, MFU 0.400–0.403
+  (0.54 of the measured matmul), 1.03 × the reference; 4 per micro-batch 0.368 s, MFU 0.415;
+  1 per micro-batch 0.389 s, MFU 0.392; 8 layers, 1 per micro-batch 0.625 s, MFU 0.402
+  (8 layers with 2 per micro-batch runs out of the 80 GB).
 """
 
 from __future__ import annotations
@@ -130,6 +136,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=SFTJobConfig().sft.micro_batch_size,
+                        help="sequences packed into one micro-batch row (default: the SFT job's)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="nominal dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape; the only mode without CUDA")
@@ -163,7 +171,7 @@ def main() -> None:
              for _ in range(args.batch)]
     cfg = SFTJobConfig()
     cfg.trainer.backend = "megatron"
-    cfg.sft.micro_batch_size = 1
+    cfg.sft.micro_batch_size = args.micro_batch
     cfg.optim.lr, cfg.optim.grad_clip = 1e-5, 1.0
 
     reference = SFTTrainer(cfg, policy())
@@ -183,13 +191,15 @@ def main() -> None:
     embedding = model.model.language_model.embed_tokens.weight.numel()
     achieved = flops / meg_s / 1e12
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    print(f"device {name}; {args.layers} layers, {args.batch} x {args.seq} tokens; {flops / 1e12:.1f} TFLOP per step")
+    print(f"device {name}; {args.layers} layers, {args.batch} x {args.seq} tokens, {args.micro_batch} sequences "
+          f"per micro-batch; {flops / 1e12:.1f} TFLOP per step")
     print(f"megatron: {meg_s:.3f} s/step, {tokens / meg_s:.0f} tokens/s, {achieved:.0f} TFLOP/s, "
           f"MFU {achieved / args.peak_tflops:.3f} of nominal, {achieved / peak_measured:.3f} of measured matmul")
     print(f"reference: {ref_s:.3f} s/step, {tokens / ref_s:.0f} tokens/s; megatron/reference time {meg_s / ref_s:.3f}")
     print(f"first-step loss: megatron {meg_loss:.5f}, reference {ref_loss:.5f}")
     result = {
-        "device": name, "layers": args.layers, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+        "device": name, "layers": args.layers, "batch": args.batch, "seq": args.seq,
+        "micro_batch": args.micro_batch, "steps": args.steps,
         "params_language": params, "params_nonembedding": params - embedding,
         "step_tflop": round(flops / 1e12, 2),
         "megatron_step_s": round(meg_s, 4), "megatron_tokens_per_s": round(tokens / meg_s),

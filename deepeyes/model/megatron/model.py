@@ -17,6 +17,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from transformers import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
@@ -30,24 +31,26 @@ IMAGE_TOKEN_ID = 151655
 class PackedBatch:
     """Several token sequences packed into one row (padding-free), as every stage sees it.
 
-    `attention_mask[0, 0, q, k]` is True where query q may NOT attend key k: causal inside each
-    sequence, nothing across sequences; None when the row is one sequence without padding (plain
-    causal attention, which runs the flash kernel on GPU). `positions` are the (3, 1, T) mrope
-    positions, restarting per sequence. `logit_positions[i]` predicts `targets[i]` (the next token).
+    Attention is causal inside each sequence and nothing crosses sequences: sequence i is
+    positions `cu_seqlens[i]:cu_seqlens[i + 1]` (int32; the longest is `max_seqlen`), or
+    `cu_seqlens` is None when the row is one sequence without padding (plain causal attention).
+    `positions` are the (3, 1, T) mrope positions, restarting per sequence.
+    `logit_positions[i]` predicts `targets[i]` (the next token).
     """
 
     input_ids: torch.Tensor  # (1, T)
     positions: torch.Tensor  # (3, 1, T)
-    attention_mask: torch.Tensor | None  # (1, 1, T, T) bool
     logit_positions: torch.Tensor  # (K,)
     targets: torch.Tensor  # (K,)
+    cu_seqlens: torch.Tensor | None = None  # (sequences + 1,) int32
+    max_seqlen: int = 0
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "PackedBatch":
         """The same batch with every tensor on `device` (batches are packed on the host)."""
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if getattr(self, f.name) is not None})
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 class Qwen2_5_VLMegatronModel(MegatronModule):
@@ -93,7 +96,17 @@ class Qwen2_5_VLMegatronModel(MegatronModule):
         language = self.language
         decoder_input = self._embed(batch) if self.pre_process else None
         rotary = language.rotary_pos_emb(batch.positions, language.mrope_section)
-        hidden = language.decoder(hidden_states=decoder_input, attention_mask=batch.attention_mask, rotary_pos_emb=rotary)
+        mask, packed = None, None
+        if batch.cu_seqlens is not None and batch.cu_seqlens.is_cuda:
+            # Flash attention per sequence (spec.SDPAttention); megatron passes an "sbhd"
+            # PackedSeqParams through to core attention untouched.
+            cu, longest = batch.cu_seqlens, batch.max_seqlen
+            packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=longest, max_seqlen_kv=longest)
+        elif batch.cu_seqlens is not None:
+            mask = block_causal_mask(batch.cu_seqlens)  # no varlen kernel on the CPU: SDPA with a mask
+        hidden = language.decoder(hidden_states=decoder_input, attention_mask=mask, rotary_pos_emb=rotary,
+                                  packed_seq_params=packed)
         if not self.post_process:
             return hidden
         if self.config.sequence_parallel:
@@ -107,12 +120,11 @@ class Qwen2_5_VLMegatronModel(MegatronModule):
         if temperature != 1.0:
             logits = logits.float() / temperature
         if parallel_state.get_tensor_model_parallel_world_size() == 1:
-            # The whole vocabulary is on this rank: torch's log-softmax, in fp32, upcasting inside
-            # the kernel. Megatron's vocab-parallel version needs an fp32 copy of the (K, vocab)
-            # logits and makes more passes over it: on one H100 it made bench/mfu.py's step ~4 %
-            # slower. (On the CPU it is the faster one, ~5 % of bench/train_step.py's step.)
-            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-            return logprobs.gather(1, batch.targets[:, None])[:, 0]
+            # The whole vocabulary is on this rank. Megatron's vocab-parallel version needs an
+            # fp32 copy of the (K, vocab) logits and makes more passes over it: on one H100 it made
+            # bench/mfu.py's step ~4 % slower. (On the CPU it is the faster one, ~5 % of
+            # bench/train_step.py's step.)
+            return (compiled_target_logprobs if logits.is_cuda else target_logprobs)(logits, batch.targets)
         return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch.targets)
 
     def _embed(self, batch: PackedBatch) -> torch.Tensor:
@@ -131,6 +143,29 @@ class Qwen2_5_VLMegatronModel(MegatronModule):
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[i]) under the row logits[i], in fp32."""
+    return torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, targets[:, None])[:, 0]
+
+
+# On a GPU, compiled: eager keeps the (K, vocab) fp32 log-softmax for the backward and builds a
+# second one for the gather's gradient; the compiled kernels keep the bf16 logits and a per-row
+# statistic and write the gradient in one pass. One H100, bench/mfu.py (4 layers, 2 x 4096 tokens
+# per micro-batch): 0.393 -> 0.381 s per step, peak memory 60.8 -> 56.2 GB. Not on the CPU,
+# where compiling would cost more than the tests' steps take.
+compiled_target_logprobs = torch.compile(target_logprobs, dynamic=True)
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(1, 1, T, T) bool, True where query q may NOT attend key k: causal inside each sequence
+    of `cu_seqlens`, nothing across sequences (megatron's mask convention)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+    total = owner.numel()
+    later = torch.ones(total, total, dtype=torch.bool, device=cu_seqlens.device).triu(1)
+    return ((owner[:, None] != owner[None, :]) | later)[None, None]
 
 
 class _RopeIndex:

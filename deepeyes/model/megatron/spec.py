@@ -11,10 +11,12 @@ would need to map TE's fused norm+linear parameter names.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.varlen import varlen_attn
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -52,9 +54,13 @@ class RMSNorm(torch.nn.Module):
 
 
 class SDPAttention(torch.nn.Module):
-    """Core attention through torch's `scaled_dot_product_attention` (megatron-core's local
-    DotProductAttention materializes and masks the full score matrix in separate ops; SDPA runs
-    a fused kernel on CPU and GPU). Grouped-query attention without repeating keys/values."""
+    """Core attention through torch's fused kernels (megatron-core's local DotProductAttention
+    materializes and masks the full score matrix in separate ops). Grouped-query attention
+    without repeating keys/values.
+
+    A lone causal sequence runs `scaled_dot_product_attention` (flash on GPU); several sequences
+    packed in one row run flash attention per sequence on GPU (`varlen_attn`, given megatron's
+    PackedSeqParams), and SDPA with the block-diagonal `attention_mask` on the CPU."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None, **_unused):
@@ -65,12 +71,24 @@ class SDPAttention(torch.nn.Module):
                 packed_seq_params=None):
         """query (sq, b, heads, d), key/value (sk, b, groups, d) → (sq, b, heads * d).
         `attention_mask` is megatron's: True where attention is NOT allowed; None = causal."""
+        if packed_seq_params is not None:  # b == 1: one packed row
+            p = packed_seq_params
+            out = varlen_attn(query[:, 0], key[:, 0], value[:, 0], p.cu_seqlens_q, p.cu_seqlens_kv,
+                              p.max_seqlen_q, p.max_seqlen_kv, scale=self.scale, **_VARLEN_CAUSAL)
+            return out.reshape(query.shape[0], 1, -1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if attention_mask is None else ~attention_mask,
             is_causal=attention_mask is None, scale=self.scale, enable_gqa=True,
         )
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+
+# varlen_attn's causal window. torch 2.11 (what our GPU machines run) has no `enable_gqa` flag
+# and takes fewer key/value heads as they are (tests/megatron/test_batch.py ran there); 2.13 asks for it.
+_VARLEN_CAUSAL = {"window_size": (-1, 0)}
+if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+    _VARLEN_CAUSAL["enable_gqa"] = True
 
 
 def transformer_config(text_config, layout: ParallelLayout, dtype: torch.dtype = torch.float32) -> TransformerConfig:

@@ -1,8 +1,8 @@
 """Padding-free micro-batches: several multi-turn sequences packed into one row.
 
-No token is spent on padding: each sequence attends only to itself (block-diagonal causal mask)
-and its mrope positions restart at 0, so a packed row computes exactly what the sequences
-would compute one by one.
+No token is spent on padding: each sequence attends only to itself (causal attention inside
+each sequence, which the row's cumulative sequence lengths delimit) and its mrope positions
+restart at 0, so a packed row computes exactly what the sequences would compute one by one.
 """
 
 from __future__ import annotations
@@ -43,16 +43,16 @@ def pack(sequences: Sequence[TokenSequence], pixels: PixelCache, hf_config, pad_
     if total > offset:
         ids.append(torch.full((total - offset,), hf_config.text_config.pad_token_id or 0, dtype=torch.long))
         positions.append(torch.zeros(3, total - offset, dtype=torch.long))
-    lengths = [len(s.ids) for s in sequences] + [1] * (total - offset)
-    blocked = None  # one sequence, no padding: plain causal attention
+    lengths = [len(s.ids) for s in sequences] + [1] * (total - offset)  # a padding token is a sequence of its own
+    cu_seqlens = None  # one sequence, no padding: plain causal attention
     if len(lengths) > 1:
-        owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        blocked = ((owner[:, None] != owner[None, :]) | torch.ones(total, total, dtype=torch.bool).triu(1))[None, None]
+        cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     pixel_values, grid_thw = pixels.batch(images) if images else (None, None)
     return PackedBatch(
         input_ids=torch.cat(ids)[None],
         positions=torch.cat(positions, dim=1)[:, None],
-        attention_mask=blocked,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max(lengths),
         logit_positions=torch.tensor(logit_positions, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         pixel_values=pixel_values,
