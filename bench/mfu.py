@@ -29,8 +29,8 @@ Measured on one NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130, megatron-core 0.16.1,
 TransformerEngine/apex), 4 × 4096 tokens, MFU of the 989 nominal:
 - commit bfdc513 (one sequence per micro-batch, eager log-softmax): 4 layers 0.41 s per step,
   MFU 0.37–0.38, 1.03–1.04 × the reference's time; 8 layers 0.64 s, MFU 0.39.
-- with packed rows on flash attention per sequence and the compiled log-probabilities (see
-  README "Trainer speed"): 4 layers, 2 sequences per micro-batch 0.379–0.381 s, MFU 0.400–0.403
+- commit 4518358, packed rows on flash attention per sequence and the compiled
+  log-probabilities (README "Trainer speed"): 4 layers, 2 sequences per micro-batch 0.379–0.381 s, MFU 0.400–0.403
   (0.54 of the measured matmul), 1.03 × the reference; 4 per micro-batch 0.368 s, MFU 0.415;
   1 per micro-batch 0.389 s, MFU 0.392; 8 layers, 1 per micro-batch 0.625 s, MFU 0.402
   (8 layers with 2 per micro-batch runs out of the 80 GB).
