@@ -13,7 +13,7 @@ checkpoint it starts from, in the same run. The plot (RL reward and tool calls p
 paper's Figure 8) lands in <out>/eval_after_rl/plots/training_curves.png; the last line is
 `RESULT {json}`.
 
-    python bench/learning.py [--out DIR] [--seed 0] [--sft-steps 240] [--rl-steps 6] [--eval-questions 48]
+    python bench/learning.py [--out DIR] [--seed 0] [--sft-steps 300] [--rl-steps 8] [--eval-questions 48]
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: a fresh temporary one)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=240)
-    parser.add_argument("--rl-steps", type=int, default=6)
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--rl-steps", type=int, default=8)
     parser.add_argument("--eval-questions", type=int, default=48, help="held-out questions, balanced over families")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="deepeyes-learning-"))

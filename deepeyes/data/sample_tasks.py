@@ -53,7 +53,7 @@ from deepeyes.data.writers import write_records, write_sft_records
 
 # Part of the cache key: bump whenever the generated files change, including when
 # deepeyes.tools.search ranks differently (trajectories embed its results).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3  # 3: learning recipe with brief thoughts, fixed-width arithmetic, upper/lower regions
 
 FAMILIES = ("perception", "arithmetic", "lookup")
 RECIPES = ("default", "learning")
@@ -130,7 +130,7 @@ def generate_sample_data(
     ):
         by_family = [
             _perception_tasks(dataset.root, split, count, random.Random(f"{seed}:perception:{split}"), recipe),
-            _arithmetic_tasks(dataset.root, split, count, random.Random(f"{seed}:arithmetic:{split}")),
+            _arithmetic_tasks(dataset.root, split, count, random.Random(f"{seed}:arithmetic:{split}"), recipe),
             _lookup_tasks(dataset.root, split, split_islands),
         ]
         # Interleaved so that any prefix of the file is balanced across families.
@@ -210,11 +210,14 @@ def ensure_sample_data(
 PERCEPTION_SIZE = 224
 CORNER = 56  # side of the corner square the agent should crop
 _BOX = 20  # the small box inside the corner square
+# "upper"/"lower" rather than "top"/"bottom": the DeepEyesV2 system prompt says " top" twice, and
+# a question's region words should be the only ones in the context (the learning recipe's cell
+# copies them).
 _REGIONS = {
-    "top-left": (0, 0),
-    "top-right": (PERCEPTION_SIZE - CORNER, 0),
-    "bottom-left": (0, PERCEPTION_SIZE - CORNER),
-    "bottom-right": (PERCEPTION_SIZE - CORNER, PERCEPTION_SIZE - CORNER),
+    "upper-left": (0, 0),
+    "upper-right": (PERCEPTION_SIZE - CORNER, 0),
+    "lower-left": (0, PERCEPTION_SIZE - CORNER),
+    "lower-right": (PERCEPTION_SIZE - CORNER, PERCEPTION_SIZE - CORNER),
 }
 
 
@@ -291,11 +294,20 @@ def _draw_corner_box(image: Image.Image, region: str, variant: str, content: str
 ARITHMETIC_SIZE = (224, 56)
 
 
-def _arithmetic_tasks(root: Path, split: str, count: int, rng: random.Random) -> list[Record]:
+# The learning recipe's operand ranges: per operator, operands and result have a fixed number of
+# digits (4 x 2 -> 6, 5 + 5 -> 6, 5 - 5 -> 5), so copying them is copying at fixed distances.
+_FIXED_WIDTH_OPERANDS = {"*": ((5000, 9999), (20, 99)), "+": ((50000, 99999), (50000, 99999)),
+                         "-": ((60000, 99999), (10000, 49999))}
+
+
+def _arithmetic_tasks(root: Path, split: str, count: int, rng: random.Random, recipe: str) -> list[Record]:
     tasks = []
     for index in range(count):
         op = "*+-"[index % 3]
-        if op == "*":
+        if recipe == "learning":
+            (a_low, a_high), (b_low, b_high) = _FIXED_WIDTH_OPERANDS[op]
+            a, b = rng.randint(a_low, a_high), rng.randint(b_low, b_high)
+        elif op == "*":
             a, b = rng.randint(100, 9999), rng.randint(11, 99)
         elif op == "+":
             a, b = rng.randint(1000, 99999), rng.randint(1000, 99999)

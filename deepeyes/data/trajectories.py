@@ -47,17 +47,21 @@ def cold_start_trajectory(
     record: Record, text_search: TextSearch, image_search: ImageSearch, image_dir: Path, recipe: str = "default"
 ) -> SFTRecord:
     """The trajectory that solves a sample task (`record` from `sample_tasks`, with its
-    metadata); images produced by code cells are written into `image_dir`. With the "learning"
-    recipe a perception (color) task is solved by code that prints the color it measures."""
+    metadata); images produced by code cells are written into `image_dir`.
+
+    With the "learning" recipe the thoughts are short fixed sentences (`BRIEF_THOUGHTS`), so that
+    everything a tiny model must copy sits in tool arguments and answers, and a perception (color)
+    task is solved by code that prints the color it measures."""
     conversation = _Conversation(record)
-    if record.family == "perception" and recipe == "learning":
+    brief = recipe == "learning"
+    if record.family == "perception" and brief:
         _perception_by_measuring(conversation, record)
     elif record.family == "perception":
         _perception(conversation, record, image_dir)
     elif record.family == "arithmetic":
-        _arithmetic(conversation, record)
+        _arithmetic(conversation, record, brief)
     elif record.family == "lookup":
-        _lookup(conversation, record, text_search, image_search)
+        _lookup(conversation, record, text_search, image_search, brief)
     else:
         raise ValueError(f"{record.id}: no cold-start trajectory for family {record.family!r}")
     return conversation.finish()
@@ -79,8 +83,10 @@ class _Conversation:
         self.messages.append(Message("user", text))
         self.images += images
 
-    def answer(self, think: str) -> None:
-        self._assistant(f"<think> {think} </think>\n<answer>{self.record.answer}</answer>")
+    def answer(self, think: str, text: str | None = None) -> None:
+        """The final turn; its answer is the record's unless the trajectory read another
+        spelling of it from a tool."""
+        self._assistant(f"<think> {think} </think>\n<answer>{text or self.record.answer}</answer>")
 
     def _assistant(self, text: str) -> None:
         self.messages.append(Message("assistant", text))
@@ -124,27 +130,41 @@ def _perception(conversation: _Conversation, record: Record, image_dir: Path) ->
     conversation.answer(f"The zoomed crop of the {region} corner shows {seen} inside the box.")
 
 
-# The learning recipe's colors are pure channels; the corner's background, box and outline are
-# all grey, so the most saturated pixel of the crop is the square's and its strongest channel
-# names the color. Short on purpose: a tiny model learns to write this cell in minutes.
-_MEASURE_COLOR = (
-    "pixel = max(image_1.crop(({left}, {top}, {right}, {bottom})).getdata(), key=lambda p: max(p) - min(p))\n"
-    'print(("red", "green", "blue")[pixel.index(max(pixel))])'
-)
+# The learning recipe's thoughts: one fixed sentence per step, whatever the task.
+BRIEF_THOUGHTS = {
+    "measure": "I will crop the corner and measure the color of its square.",
+    "measured": "The code printed the color.",
+    "compute": "I will compute it with Python.",
+    "computed": "The code printed the result.",
+    "image_search": "I will search for the flag.",
+    "text_search": "I will search for it.",
+    "searched": "The first result says it.",
+}
+
+# The learning recipe's cell. Its colors are pure channels; the corner's background, box and
+# outline are all grey, so the most saturated pixel of the crop is the square's and its strongest
+# channel names the color. Everything a tiny model must carry over is a token found nowhere else
+# in the context, so it can find it by what it is rather than where it is: the region's words
+# (" upper"/" lower", "-left"/"-right" appear only in the question) and the printed color, in
+# capitals (the cell itself names the colors in lower case).
+_MEASURE_COLOR = """row, column = "{region}".split("-")
+x = 0 if column == "left" else image_1.width - {side}
+y = 0 if row == "upper" else image_1.height - {side}
+pixel = max(image_1.crop((x, y, x + {side}, y + {side})).get_flattened_data(), key=lambda p: max(p) - min(p))
+print(("red", "green", "blue")[pixel.index(max(pixel))].upper())"""
 
 
 def _perception_by_measuring(conversation: _Conversation, record: Record) -> None:
     if record.metadata["variant"] != "color":
         raise ValueError(f"{record.id}: only color questions can be answered by measuring, not {record.metadata['variant']!r}")
-    region = record.metadata["region"]
-    left, top, right, bottom = record.metadata["crop_box"]
-    code = _MEASURE_COLOR.format(left=left, top=top, right=right, bottom=bottom)
-    conversation.code(f"I will crop the {region} corner and measure the color of its square.", code)
+    left, _, right, _ = record.metadata["crop_box"]
+    code = _MEASURE_COLOR.format(region=record.metadata["region"], side=right - left)
+    conversation.code(BRIEF_THOUGHTS["measure"], code)
     stdout, _ = _run_cell(code, record.images)
-    if stdout.strip() != record.answer:
+    if stdout.strip().lower() != record.answer:
         raise ValueError(f"{record.id}: the measuring cell printed {stdout.strip()!r}, but the answer is {record.answer!r}")
     conversation.observe(render_code_observation(stdout, "", 0))
-    conversation.answer("The code printed the color of the square.")
+    conversation.answer(BRIEF_THOUGHTS["measured"], stdout.strip())
 
 
 def direct_answer_trajectory(record: Record) -> SFTRecord:
@@ -155,16 +175,17 @@ def direct_answer_trajectory(record: Record) -> SFTRecord:
     return conversation.finish()
 
 
-def _arithmetic(conversation: _Conversation, record: Record) -> None:
+def _arithmetic(conversation: _Conversation, record: Record, brief: bool) -> None:
     expression = record.metadata["expression"]
     code = f"print({expression})"
-    conversation.code(f"I need the exact value of {expression}. I will compute it with Python.", code)
+    think = BRIEF_THOUGHTS["compute"] if brief else f"I need the exact value of {expression}. I will compute it with Python."
+    conversation.code(think, code)
     stdout, _ = _run_cell(code, record.images)
     result = stdout.strip()
     if result != record.answer:
         raise ValueError(f"{record.id}: {code} printed {result!r}, but the answer is {record.answer!r}")
     conversation.observe(render_code_observation(stdout, "", 0))
-    conversation.answer(f"The code printed {result}, so {expression} = {result}.")
+    conversation.answer(BRIEF_THOUGHTS["computed"] if brief else f"The code printed {result}, so {expression} = {result}.")
 
 
 def _run_cell(code: str, images: Sequence[Path]) -> tuple[str, list[Image.Image]]:
@@ -180,12 +201,14 @@ def _run_cell(code: str, images: Sequence[Path]) -> tuple[str, list[Image.Image]
         return stdout.getvalue(), [image.copy() for image in shown]
 
 
-def _lookup(conversation: _Conversation, record: Record, text_search: TextSearch, image_search: ImageSearch) -> None:
+def _lookup(
+    conversation: _Conversation, record: Record, text_search: TextSearch, image_search: ImageSearch, brief: bool
+) -> None:
     entity, attribute, query = (record.metadata[key] for key in ("entity", "attribute", "query"))
     if record.metadata["variant"] == "flag":
         conversation.tool_call(
-            "I do not recognize the flag in the image. I will run an image search to find out "
-            "which island it belongs to.",
+            BRIEF_THOUGHTS["image_search"] if brief else
+            "I do not recognize the flag in the image. I will run an image search to find out which island it belongs to.",
             {"name": IMAGE_SEARCH},
         )
         results = image_search.search(record.images[0], SEARCH_TOP_K)
@@ -199,9 +222,12 @@ def _lookup(conversation: _Conversation, record: Record, text_search: TextSearch
         )
     else:
         think = f"I do not know the {attribute} of {entity}. I will search for it."
-    conversation.tool_call(think, {"name": TEXT_SEARCH, "arguments": {"query": query}})
+    conversation.tool_call(BRIEF_THOUGHTS["text_search"] if brief else think, {"name": TEXT_SEARCH, "arguments": {"query": query}})
     hits = text_search.search(query, SEARCH_TOP_K)
     if not hits or record.answer not in hits[0].snippet:
         raise ValueError(f"{record.id}: the top search hit for {query!r} does not state {record.answer!r}")
     conversation.observe(render_text_search(query, hits))
-    conversation.answer(f'The first result, "{hits[0].title}", says the {attribute} of {entity} is {record.answer}.')
+    conversation.answer(
+        BRIEF_THOUGHTS["searched"] if brief else
+        f'The first result, "{hits[0].title}", says the {attribute} of {entity} is {record.answer}.'
+    )

@@ -40,6 +40,10 @@ def tiny_config() -> Qwen2_5_VLConfig:
             bos_token_id=151643,
             eos_token_id=151645,
             pad_token_id=151643,
+            # 1/sqrt(hidden_size). The 7B's 0.02 suits its width of 3584; at width 64 it leaves
+            # attention near a flat saddle: in the learning recipe, token accuracy on held-out
+            # cold-start trajectories after 25 SFT steps was 0.25 with 0.02 and 0.97 with this.
+            initializer_range=0.125,
         ),
         vision_config=dict(
             depth=2,

@@ -27,9 +27,22 @@ def test_perception_asks_for_colors_and_the_cold_start_measures_them(learning):
     for trajectory in measured:
         task = tasks[trajectory.id]
         code, observation, answer = (m.content for m in trajectory.messages[2:])
-        assert f"image_1.crop({tuple(task.metadata['crop_box'])})" in code and task.answer in ("red", "green", "blue")
-        assert f"stdout:\n```\n{task.answer}\n" in observation  # the cell really printed it
-        assert answer.endswith(f"<answer>{task.answer}</answer>")
+        assert f'"{task.metadata["region"]}".split("-")' in code and task.answer in ("red", "green", "blue")
+        assert f"stdout:\n```\n{task.answer.upper()}\n" in observation  # the cell really printed it
+        assert answer.endswith(f"<answer>{task.answer.upper()}</answer>")
+
+
+def test_thoughts_are_brief_and_arithmetic_has_fixed_widths(learning):
+    thoughts = {
+        m.content.split("</think>")[0] for t in read_sft_records(learning.sft_train) for m in t.messages if m.role == "assistant"
+    }
+    assert len(thoughts) <= 8  # a fixed sentence per step, nothing copied from the task
+    widths = {}
+    for task in read_records(learning.rl_train) + read_records(learning.rl_test):
+        if task.family == "arithmetic":
+            a, op, b = task.metadata["expression"].split()
+            widths.setdefault(op, set()).add((len(a), len(b), len(task.answer)))
+    assert widths == {"*": {(4, 2, 6)}, "+": {(5, 5, 6)}, "-": {(5, 5, 5)}}
 
 
 def test_no_tool_share_answers_at_once_only_in_its_family(learning):
