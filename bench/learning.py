@@ -7,8 +7,8 @@ Runs the learning recipe exactly as a user would (README, "Learning proof"):
     python jobs/eval.py +experiment=learning_eval ckpt=<checkpoint>       # before SFT, after SFT, after RL
 
 and reports, on held-out tasks at each stage: format validity, accuracy per family, tool calls per
-trajectory by family and tool kind, and wall time. The cold start is deliberately imperfect (most
-perception trajectories answer without a tool), so what RL adds is measured against the SFT
+trajectory by family and tool kind, and wall time. The cold start is deliberately imperfect (half
+the perception trajectories answer without a tool), so what RL adds is measured against the SFT
 checkpoint it starts from, in the same run. The plot (RL reward and tool calls per step, as the
 paper's Figure 8) lands in <out>/eval_after_rl/plots/training_curves.png; the last line is
 `RESULT {json}`.
