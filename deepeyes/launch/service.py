@@ -224,7 +224,7 @@ def local_services(services: Sequence[LocalService], ready_timeout_s: float = 30
     previous = signal.getsignal(signal.SIGTERM)
     in_main_thread = _is_main_thread()
     if in_main_thread:
-        signal.signal(signal.SIGTERM, _interrupt_like_ctrl_c)
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     started: list[LocalService] = []
     try:
         for service in services:
@@ -244,13 +244,8 @@ def python_module(module: str, *args: object) -> list[str]:
     return [sys.executable, "-m", module, *(str(a) for a in args)]
 
 
-def _interrupt_like_ctrl_c(signum, frame) -> None:
-    """Deliver SIGTERM as SIGINT. Inside `asyncio.run` (rollouts), asyncio then cancels the main
-    task; a KeyboardInterrupt raised from this handler could land inside asyncio's internals,
-    which can hang the exit (Python docs, asyncio "Handling Keyboard Interruption"; a CI run
-    under load once waited over 60 s for a SIGTERMed job). Elsewhere Python's own SIGINT handler
-    raises KeyboardInterrupt, as before."""
-    signal.raise_signal(signal.SIGINT)
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _is_main_thread() -> bool:

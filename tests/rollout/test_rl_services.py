@@ -52,6 +52,9 @@ def test_interrupting_the_job_stops_its_services(tmp_path, sig):
         [sys.executable, "jobs/rl.py", *overrides, "grpo.steps=1000", "logger.mode=disabled",
          f"hydra.run.dir={tmp_path}"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # SIGINT as Ctrl-C delivers it: a shell that started pytest in the background (`&`
+        # without job control) makes its children ignore SIGINT, and the job would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 240
