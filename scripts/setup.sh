@@ -20,7 +20,9 @@ fi
 if ! "$PYTHON" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
   "$PYTHON" -m pip install -q torch==2.13.0
 fi
-if ! "$PYTHON" -c 'import deepeyes, pytest, hypothesis' 2>/dev/null \
+# Installed means pip knows the package (`import deepeyes` alone succeeds from the checkout), and a
+# machine may come with pytest already there.
+if ! "$PYTHON" -c 'import importlib.metadata as m; [m.distribution(d) for d in ("deepeyes", "pytest", "hypothesis")]' 2>/dev/null \
    || ! "$PYTHON" -m pip check >/dev/null 2>&1; then
   "$PYTHON" -m pip install -q -e ".[dev]"
 fi
