@@ -188,6 +188,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    # After warmup: "constant" (the paper's RL) or "cosine" down to 0 at the run's last step, so a
+    # short high-lr run ends on settled weights rather than wherever its last noisy step left them.
+    schedule: str = "constant"
 
 
 @dataclass
@@ -397,6 +400,7 @@ def register_configs() -> None:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "optim.schedule": ("constant", "cosine"),
     "data.on_bad_record": ("raise", "skip"),
     "data.sample_recipe": ("default", "learning"),
     "rollout.backend": ("hf", "vllm"),

@@ -336,7 +336,7 @@ def train_grpo(cfg: RLJobConfig) -> Path:
     stop = StopSignal.install()  # Slurm's SIGUSR2: checkpoint at the end of this step, then stop for a requeue
     try:
         for step in range(start, cfg.grpo.steps):
-            set_learning_rate(trainer.optimizer, cfg.optim, step)
+            set_learning_rate(trainer.optimizer, cfg.optim, step, cfg.grpo.steps)
             metrics, trajectories = trainer.step(step)
             if logger is not None:
                 logger.log(metrics, step=step + 1)

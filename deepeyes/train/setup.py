@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,9 +136,16 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int) -> float:
-    """Linear warmup over `warmup_steps`, then constant (the paper's RL and SFT schedules)."""
-    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """The rate for optimizer step `step` (0-based) of `total_steps`: linear warmup over
+    `warmup_steps`, then constant (the paper's RL and SFT schedules) or a cosine decay to 0."""
+    if step < cfg.warmup_steps:
+        lr = cfg.lr * (step + 1) / cfg.warmup_steps
+    elif cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        lr = cfg.lr
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr

@@ -178,7 +178,7 @@ def train_sft(cfg: SFTJobConfig) -> Path:
             if step <= start:
                 continue  # done before the resume
             started = time.perf_counter()
-            lr = set_learning_rate(trainer.optimizer, cfg.optim, step - 1)
+            lr = set_learning_rate(trainer.optimizer, cfg.optim, step - 1, total)
             metrics = trainer.update(batch)
             if logger is not None:
                 metrics |= {"sft/lr": lr, "sft/epoch": epoch, "timing/step_s": time.perf_counter() - started}

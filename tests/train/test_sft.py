@@ -1,18 +1,21 @@
 """Cold-start SFT on the tiny model: it learns the trajectories, and bad samples are accounted for."""
 
 import json
+import math
 import os
 import threading
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from hydra import compose, initialize_config_dir
 
-from deepeyes.config import register_configs, to_object
+from deepeyes.config import OptimConfig, register_configs, to_object
 from deepeyes.data import read_sft_records, write_sft_records
 from deepeyes.launch.preemption import STOP_SIGNAL, Preempted
 from deepeyes.model import load_model
+from deepeyes.train.setup import set_learning_rate
 from deepeyes.train.sft import train_sft
 from tests.paths import CONF_DIR
 
@@ -75,3 +78,15 @@ def test_a_preempted_sft_run_saves_and_resumes_exactly(tmp_path, sample_data):
     assert all(want[name].equal(got[name]) for name in want)
     losses = lambda run: {r["step"]: r["sft/loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "sft/loss" in r}  # noqa: E731
     assert losses("stopped") == losses("whole")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_warms_up_then_follows_its_schedule(schedule):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule=schedule)
+    rates = [set_learning_rate(optimizer, cfg, step, total_steps=6) for step in range(6)]
+    assert rates[:3] == [0.5, 1.0, 1.0] and optimizer.param_groups[0]["lr"] == rates[-1]
+    if schedule == "constant":
+        assert rates[3:] == [1.0, 1.0, 1.0]
+    else:  # from 1 after warmup down towards 0 at the last step
+        assert rates[2:] == pytest.approx([1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4)])
