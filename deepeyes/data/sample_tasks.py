@@ -17,9 +17,10 @@ Everything is drawn from seeded `random.Random` streams and our own bitmap font,
 parameters give byte-identical files. Lookup islands in the test split never appear in train.
 
 The "learning" recipe (bench/learning.py) makes perception learnable by a tiny model in minutes:
-every perception question asks for a color (red, green or blue), and the cold-start code crops
-the named corner and prints the strongest channel of its most saturated pixel, so the answer is
-one word copied from stdout. `no_tool` makes the cold start deliberately imperfect: per family, that share of the
+every perception question asks for the color (red, green or blue) of the one square drawn in the
+image's corners, and the cold-start code crops the image row by row and prints, for every pixel
+row of the square, the strongest channel of its most saturated pixel, so the answer is one word
+that stdout repeats. `no_tool` makes the cold start deliberately imperfect: per family, that share of the
 trajectories answers at once without any tool, leaving reinforcement learning something to fix.
 
 Layout of a generated dataset (image paths in every file are relative to that file)::
@@ -53,7 +54,7 @@ from deepeyes.data.writers import write_records, write_sft_records
 
 # Part of the cache key: bump whenever the generated files change, including when
 # deepeyes.tools.search ranks differently (trajectories embed its results).
-GENERATOR_VERSION = 3  # 3: learning recipe with brief thoughts, fixed-width arithmetic, upper/lower regions
+GENERATOR_VERSION = 5  # 5: learning recipe with one colored square per image, measured row by row
 
 FAMILIES = ("perception", "arithmetic", "lookup")
 RECIPES = ("default", "learning")
@@ -210,9 +211,7 @@ def ensure_sample_data(
 PERCEPTION_SIZE = 224
 CORNER = 56  # side of the corner square the agent should crop
 _BOX = 20  # the small box inside the corner square
-# "upper"/"lower" rather than "top"/"bottom": the DeepEyesV2 system prompt says " top" twice, and
-# a question's region words should be the only ones in the context (the learning recipe's cell
-# copies them).
+# The corners as questions name them.
 _REGIONS = {
     "upper-left": (0, 0),
     "upper-right": (PERCEPTION_SIZE - CORNER, 0),
@@ -234,13 +233,15 @@ def _perception_tasks(root: Path, split: str, count: int, rng: random.Random, re
         variant = variants[index % len(variants)]
         image = Image.new("RGB", (PERCEPTION_SIZE,) * 2, tuple(rng.randint(200, 240) for _ in range(3)))
         _draw_clutter(image, rng)
-        if recipe == "learning":  # corners may repeat a color: only three to choose from
-            contents = [rng.choice(LEARNING_COLORS) for _ in _REGIONS]
+        if recipe == "learning":  # only the asked corner's box holds a square; the others are empty
+            target = rng.randrange(len(_REGIONS))
+            contents = [rng.choice(LEARNING_COLORS) if i == target else None for i in range(len(_REGIONS))]
         else:
             contents = rng.sample("0123456789" if variant == "digit" else sorted(COLORS), len(_REGIONS))
         for region, content in zip(_REGIONS, contents):
             _draw_corner_box(image, region, variant, content, rng)
-        target = rng.randrange(len(_REGIONS))
+        if recipe != "learning":  # drawn after the boxes, as before the learning recipe existed
+            target = rng.randrange(len(_REGIONS))
         region, answer = list(_REGIONS)[target], contents[target]
         if variant == "digit":
             question = f"What digit is written in the small box in the {region} corner of the image?"
@@ -277,11 +278,13 @@ def _draw_clutter(image: Image.Image, rng: random.Random) -> None:
         shape((x0, y0, x1, y1), fill=color)
 
 
-def _draw_corner_box(image: Image.Image, region: str, variant: str, content: str, rng: random.Random) -> None:
+def _draw_corner_box(image: Image.Image, region: str, variant: str, content: str | None, rng: random.Random) -> None:
     left, top = _REGIONS[region]
     x = left + rng.randint(2, CORNER - _BOX - 2)
     y = top + rng.randint(2, CORNER - _BOX - 2)
     ImageDraw.Draw(image).rectangle((x, y, x + _BOX - 1, y + _BOX - 1), fill=(250, 250, 250), outline=(120, 120, 120))
+    if content is None:
+        return
     if variant == "digit":
         glyphs.draw_text(image, (x + (_BOX - glyphs.GLYPH_WIDTH) // 2, y + (_BOX - glyphs.GLYPH_HEIGHT) // 2), content, 1, INK)
     else:

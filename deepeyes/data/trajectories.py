@@ -132,7 +132,7 @@ def _perception(conversation: _Conversation, record: Record, image_dir: Path) ->
 
 # The learning recipe's thoughts: one fixed sentence per step, whatever the task.
 BRIEF_THOUGHTS = {
-    "measure": "I will crop the corner and measure the color of its square.",
+    "measure": "I will crop the image row by row and measure the color of the square.",
     "measured": "The code printed the color.",
     "compute": "I will compute it with Python.",
     "computed": "The code printed the result.",
@@ -141,30 +141,31 @@ BRIEF_THOUGHTS = {
     "searched": "The first result says it.",
 }
 
-# The learning recipe's cell. Its colors are pure channels; the corner's background, box and
-# outline are all grey, so the most saturated pixel of the crop is the square's and its strongest
-# channel names the color. Everything a tiny model must carry over is a token found nowhere else
-# in the context, so it can find it by what it is rather than where it is: the region's words
-# (" upper"/" lower", "-left"/"-right" appear only in the question) and the printed color, in
-# capitals (the cell itself names the colors in lower case).
-_MEASURE_COLOR = """row, column = "{region}".split("-")
-x = 0 if column == "left" else image_1.width - {side}
-y = 0 if row == "upper" else image_1.height - {side}
-pixel = max(image_1.crop((x, y, x + {side}, y + {side})).get_flattened_data(), key=lambda p: max(p) - min(p))
-print(("red", "green", "blue")[pixel.index(max(pixel))].upper())"""
+# The learning recipe's cell. Its colors are pure channels and only the asked corner's box holds a
+# square; the background, boxes and outlines are near grey and the clutter is muted (saturation at
+# most 110, green's is 130). So the image's pixel rows that cross the square are exactly those
+# with a pixel more saturated than 120, and that pixel's strongest channel names the color: the
+# cell prints it once per row of the square (6 times), in capitals (it names the colors in lower
+# case). The repetition is what lets a tiny model learn to carry the color over: the answer
+# position sees it among ~1300 tokens of context (the system prompt alone is 950); with one
+# occurrence its teacher-forced copy accuracy stayed at chance for 200 SFT steps, with several it
+# reached 1.0 on held-out trajectories by step 125.
+_MEASURE_COLOR = """for row in range(image_1.height):
+    pixel = max(image_1.crop((0, row, image_1.width, row + 1)).get_flattened_data(), key=lambda p: max(p) - min(p))
+    if max(pixel) - min(pixel) > 120:
+        print(("red", "green", "blue")[pixel.index(max(pixel))].upper())"""
 
 
 def _perception_by_measuring(conversation: _Conversation, record: Record) -> None:
     if record.metadata["variant"] != "color":
         raise ValueError(f"{record.id}: only color questions can be answered by measuring, not {record.metadata['variant']!r}")
-    left, _, right, _ = record.metadata["crop_box"]
-    code = _MEASURE_COLOR.format(region=record.metadata["region"], side=right - left)
+    code = _MEASURE_COLOR
     conversation.code(BRIEF_THOUGHTS["measure"], code)
     stdout, _ = _run_cell(code, record.images)
-    if stdout.strip().lower() != record.answer:
-        raise ValueError(f"{record.id}: the measuring cell printed {stdout.strip()!r}, but the answer is {record.answer!r}")
+    if set(stdout.split()) != {record.answer.upper()}:
+        raise ValueError(f"{record.id}: the measuring cell printed {stdout!r}, but the answer is {record.answer!r}")
     conversation.observe(render_code_observation(stdout, "", 0))
-    conversation.answer(BRIEF_THOUGHTS["measured"], stdout.strip())
+    conversation.answer(BRIEF_THOUGHTS["measured"], record.answer.upper())
 
 
 def direct_answer_trajectory(record: Record) -> SFTRecord:

@@ -27,8 +27,9 @@ def test_perception_asks_for_colors_and_the_cold_start_measures_them(learning):
     for trajectory in measured:
         task = tasks[trajectory.id]
         code, observation, answer = (m.content for m in trajectory.messages[2:])
-        assert f'"{task.metadata["region"]}".split("-")' in code and task.answer in ("red", "green", "blue")
-        assert f"stdout:\n```\n{task.answer.upper()}\n" in observation  # the cell really printed it
+        assert ".crop(" in code and task.answer in ("red", "green", "blue")
+        # The cell really printed it, once per pixel row of the square (and nothing else).
+        assert f"stdout:\n```\n{(task.answer.upper() + chr(10)) * 6}\n```" in observation
         assert answer.endswith(f"<answer>{task.answer.upper()}</answer>")
 
 
