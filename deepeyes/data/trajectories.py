@@ -159,9 +159,8 @@ _MEASURE_COLOR = """for row in range(image_1.height):
 def _perception_by_measuring(conversation: _Conversation, record: Record) -> None:
     if record.metadata["variant"] != "color":
         raise ValueError(f"{record.id}: only color questions can be answered by measuring, not {record.metadata['variant']!r}")
-    code = _MEASURE_COLOR
-    conversation.code(BRIEF_THOUGHTS["measure"], code)
-    stdout, _ = _run_cell(code, record.images)
+    conversation.code(BRIEF_THOUGHTS["measure"], _MEASURE_COLOR)
+    stdout, _ = _run_cell(_MEASURE_COLOR, record.images)
     if set(stdout.split()) != {record.answer.upper()}:
         raise ValueError(f"{record.id}: the measuring cell printed {stdout!r}, but the answer is {record.answer!r}")
     conversation.observe(render_code_observation(stdout, "", 0))
