@@ -20,7 +20,11 @@ The "learning" recipe (bench/learning.py) makes perception learnable by a tiny m
 every perception question asks for the color (red, green or blue) of the one square drawn in the
 image's corners, and the cold-start code crops the image row by row and prints, for every pixel
 row of the square, the strongest channel of its most saturated pixel, so the answer is one word
-that stdout repeats. `no_tool` makes the cold start deliberately imperfect: per family, that share of the
+that stdout repeats. A quarter of its lookups ask about an island no page or flag index knows: the
+right answer is UNKNOWN_ANSWER, reached by searching and finding only other islands. A tiny model
+cannot copy an unseen island's name in minutes, so its queries miss and its searches return other
+islands; these tasks show what a careful agent does then (answer that the search found nothing)
+instead of leaving it in a state no trajectory covered (it ended the turn at once). `no_tool` makes the cold start deliberately imperfect: per family, that share of the
 trajectories answers at once without any tool, leaving reinforcement learning something to fix.
 
 Layout of a generated dataset (image paths in every file are relative to that file)::
@@ -54,7 +58,7 @@ from deepeyes.data.writers import write_records, write_sft_records
 
 # Part of the cache key: bump whenever the generated files change, including when
 # deepeyes.tools.search ranks differently (trajectories embed its results).
-GENERATOR_VERSION = 5  # 5: learning recipe with one colored square per image, measured row by row
+GENERATOR_VERSION = 6  # 6: learning recipe with lookups about unlisted islands
 
 FAMILIES = ("perception", "arithmetic", "lookup")
 RECIPES = ("default", "learning")
@@ -122,8 +126,14 @@ def generate_sample_data(
     islands = _make_islands(random.Random(f"{seed}:islands"), n_per_family + n_test_per_family + 8)
     train_islands = islands[:n_per_family]
     test_islands = islands[n_per_family : n_per_family + n_test_per_family]
-    _write_corpus(dataset.corpus, islands, random.Random(f"{seed}:corpus"))
-    _write_flags_and_image_index(dataset, islands, random.Random(f"{seed}:image-index"))
+    unlisted = {island.name for split in (train_islands, test_islands) for index, island in enumerate(split)
+                if _lookup_variant(index, recipe) == "unlisted"}
+    listed = [island for island in islands if island.name not in unlisted]
+    _write_corpus(dataset.corpus, listed, random.Random(f"{seed}:corpus"))
+    _write_flags_and_image_index(dataset, listed, random.Random(f"{seed}:image-index"))
+    for island in islands:
+        if island.name in unlisted:  # its flag is the task's image, but no image search knows it
+            _save(_draw_flag(island.flag, FLAG_SIZE), _flag_path(dataset.root, island))
 
     for path, split, count, split_islands in (
         (dataset.rl_train, "train", n_per_family, train_islands),
@@ -132,7 +142,7 @@ def generate_sample_data(
         by_family = [
             _perception_tasks(dataset.root, split, count, random.Random(f"{seed}:perception:{split}"), recipe),
             _arithmetic_tasks(dataset.root, split, count, random.Random(f"{seed}:arithmetic:{split}"), recipe),
-            _lookup_tasks(dataset.root, split, split_islands),
+            _lookup_tasks(dataset.root, split, split_islands, recipe),
         ]
         # Interleaved so that any prefix of the file is balanced across families.
         write_records(path, [task for group in zip(*by_family) for task in group])
@@ -346,6 +356,7 @@ THUMBNAIL_SIZE = (84, 56)
 IMAGE_SEARCH_RESULTS = 3
 
 # (question template, search query template) per attribute.
+UNKNOWN_ANSWER = "unknown"  # the answer to a lookup about an island no page knows
 LOOKUP_ATTRIBUTES = {
     "capital": ("What is the capital of {subject}?", "capital of {name}"),
     "currency": ("What is the currency of {subject}?", "currency of {name}"),
@@ -408,19 +419,27 @@ def _make_islands(rng: random.Random, count: int) -> list[Island]:
     return islands
 
 
-def _lookup_tasks(root: Path, split: str, islands: list[Island]) -> list[Record]:
+def _lookup_variant(index: int, recipe: str) -> str:
+    """How the `index`-th lookup of a split names its island: by name, only by its flag, or (a
+    quarter of the learning recipe's) by the name of an island the corpus does not list."""
+    if recipe == "learning" and index % 4 == 2:
+        return "unlisted"
+    return ("named", "flag")[index % 2]
+
+
+def _lookup_tasks(root: Path, split: str, islands: list[Island], recipe: str) -> list[Record]:
     tasks = []
     for index, island in enumerate(islands):
         attribute = list(LOOKUP_ATTRIBUTES)[index % len(LOOKUP_ATTRIBUTES)]
-        variant = ("named", "flag")[index % 2]
-        subject = f"the island of {island.name}" if variant == "named" else "the island whose flag is shown in the image"
+        variant = _lookup_variant(index, recipe)
+        subject = "the island whose flag is shown in the image" if variant == "flag" else f"the island of {island.name}"
         question, query = LOOKUP_ATTRIBUTES[attribute]
         tasks.append(
             Record(
                 id=f"lookup-{split}-{index:05d}",
                 question=question.format(subject=subject),
                 images=(_flag_path(root, island),),
-                answer=island.fact(attribute),
+                answer=UNKNOWN_ANSWER if variant == "unlisted" else island.fact(attribute),
                 family="lookup",
                 data_source=DATA_SOURCE,
                 metadata={

@@ -139,6 +139,7 @@ BRIEF_THOUGHTS = {
     "image_search": "I will search for the flag.",
     "text_search": "I will search for it.",
     "searched": "The first result says it.",
+    "not_found": "No result is about it.",
 }
 
 # The learning recipe's cell. Its colors are pure channels and only the asked corner's box holds a
@@ -224,6 +225,12 @@ def _lookup(
         think = f"I do not know the {attribute} of {entity}. I will search for it."
     conversation.tool_call(BRIEF_THOUGHTS["text_search"] if brief else think, {"name": TEXT_SEARCH, "arguments": {"query": query}})
     hits = text_search.search(query, SEARCH_TOP_K)
+    if record.metadata["variant"] == "unlisted":
+        if any(entity in f"{hit.title} {hit.snippet}" for hit in hits):
+            raise ValueError(f"{record.id}: search for {query!r} finds {entity}, which no page should name")
+        conversation.observe(render_text_search(query, hits))
+        conversation.answer(BRIEF_THOUGHTS["not_found"] if brief else f"No result is about {entity}: its {attribute} is unknown.")
+        return
     if not hits or record.answer not in hits[0].snippet:
         raise ValueError(f"{record.id}: the top search hit for {query!r} does not state {record.answer!r}")
     conversation.observe(render_text_search(query, hits))

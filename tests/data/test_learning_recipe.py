@@ -2,7 +2,7 @@
 
 import pytest
 
-from deepeyes.agent.protocol import Answer, CodeCall, parse_action
+from deepeyes.agent.protocol import Answer, CodeCall, SearchCall, parse_action
 from deepeyes.data import generate_sample_data, read_records, read_sft_records
 from deepeyes.data.sample_tasks import ensure_sample_data
 
@@ -37,13 +37,31 @@ def test_thoughts_are_brief_and_arithmetic_has_fixed_widths(learning):
     thoughts = {
         m.content.split("</think>")[0] for t in read_sft_records(learning.sft_train) for m in t.messages if m.role == "assistant"
     }
-    assert len(thoughts) <= 8  # a fixed sentence per step, nothing copied from the task
+    assert len(thoughts) <= 9  # a fixed sentence per step, nothing copied from the task
     widths = {}
     for task in read_records(learning.rl_train) + read_records(learning.rl_test):
         if task.family == "arithmetic":
             a, op, b = task.metadata["expression"].split()
             widths.setdefault(op, set()).add((len(a), len(b), len(task.answer)))
     assert widths == {"*": {(4, 2, 6)}, "+": {(5, 5, 6)}, "-": {(5, 5, 5)}}
+
+
+def test_a_quarter_of_lookups_ask_about_islands_no_search_finds(learning):
+    tasks = {r.id: r for r in read_records(learning.rl_train)}
+    lookups = [t for t in read_sft_records(learning.sft_train) if t.family == "lookup"]
+    unlisted = [t for t in lookups if tasks[t.id].metadata["variant"] == "unlisted"]
+    assert len(unlisted) == 2  # 8 lookups
+    corpus = learning.corpus.read_text()
+    for trajectory in unlisted:
+        name = tasks[trajectory.id].metadata["entity"]
+        assert name in tasks[trajectory.id].question and name not in corpus
+        assert actions(trajectory) == [SearchCall, Answer]
+        # It searched the right name and read five pages about other islands.
+        assert trajectory.messages[3].content.count("islands.example/wiki/") == 5
+        assert trajectory.messages[-1].content.endswith("<answer>unknown</answer>")
+    # The other lookups still find their answer in the first result.
+    answered = [t for t in lookups if t not in unlisted]
+    assert all(tasks[t.id].answer in t.messages[-2].content.split("2. [")[0] for t in answered)
 
 
 def test_no_tool_share_answers_at_once_only_in_its_family(learning):
