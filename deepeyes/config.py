@@ -201,7 +201,6 @@ class GRPOConfig:
     micro_batch_size: int = 2  # trajectories per forward/backward
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.28
-    kl_coef: float = 0.0  # the paper trains without a KL term
 
 
 @dataclass
