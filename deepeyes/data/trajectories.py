@@ -4,7 +4,8 @@ Each trajectory is the conversation a competent agent would have: think, call on
 the real result, answer. Tool results are real: each code cell is executed (in-process, with
 the notebook's `image_1`.. and `display()`), the images it displays are saved as PNGs, and
 search observations are what the given search objects return. A trajectory whose observations
-do not contain its answer is a bug in the generator and raises, so SFT never teaches guessing.
+do not contain its answer is a bug in the generator and raises, so SFT never teaches guessing
+(a lookup about an unlisted island answers "unknown" only when no result names that island).
 """
 
 from __future__ import annotations
