@@ -97,14 +97,16 @@ class Qwen2_5_VLMegatronModel(MegatronModule):
         decoder_input = self._embed(batch) if self.pre_process else None
         rotary = language.rotary_pos_emb(batch.positions, language.mrope_section)
         mask, packed = None, None
-        if batch.cu_seqlens is not None and batch.cu_seqlens.is_cuda:
+        half_precision = self.config.params_dtype in (torch.float16, torch.bfloat16)
+        if batch.cu_seqlens is not None and batch.cu_seqlens.is_cuda and half_precision:
             # Flash attention per sequence (spec.SDPAttention); megatron passes an "sbhd"
-            # PackedSeqParams through to core attention untouched.
+            # PackedSeqParams through to core attention untouched. The flash kernel takes half
+            # precision only: an fp32 model (the tiny one's default) takes the masked path below.
             cu, longest = batch.cu_seqlens, batch.max_seqlen
             packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                      max_seqlen_q=longest, max_seqlen_kv=longest)
         elif batch.cu_seqlens is not None:
-            mask = block_causal_mask(batch.cu_seqlens)  # no varlen kernel on the CPU: SDPA with a mask
+            mask = block_causal_mask(batch.cu_seqlens)  # no varlen kernel here: SDPA with a mask
         hidden = language.decoder(hidden_states=decoder_input, attention_mask=mask, rotary_pos_emb=rotary,
                                   packed_seq_params=packed)
         if not self.post_process:
