@@ -1,10 +1,11 @@
 """The learning proof in CI: bench/learning.py with half its questions, fixed seed.
 
-It asserts only the direction of the effect (the bench itself checks the issue's targets): the
-cold start teaches the protocol, and RL from it turns perception guesses into crop-and-measure
-calls, which raises perception accuracy, while no family loses accuracy. About 16 minutes on 2
-cores: the recipe's 300 SFT steps are what the tool path needs (after 200 the crop-and-measure
-rollouts were right 1 time in 6, and RL turned away from cropping).
+It asserts the direction of the effect (the bench itself checks the issue's targets): the cold
+start teaches the protocol (valid format on at least 90% of the questions), and RL from it turns
+perception guesses into crop-and-measure calls, which raises perception accuracy, while no family
+loses more than one question. About 13 minutes on 2 cores: the recipe's 300 SFT steps are what
+the tool path needs (after 200 the crop-and-measure rollouts were right 1 time in 6, and RL
+turned away from cropping).
 """
 
 import json
@@ -25,7 +26,7 @@ def test_rl_after_an_imperfect_cold_start_learns_to_crop_for_perception(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
     before, sft, rl = (result["stages"][s] for s in ("before_sft", "after_sft", "after_rl"))
-    assert before["format_rate"] < 0.5 < sft["format_rate"]
+    assert before["format_rate"] < 0.5 and sft["format_rate"] >= 0.9
     crop = result["right_tool_calls_per_trajectory"]
     assert crop["after_rl"]["perception"] > crop["after_sft"]["perception"]
     gain = result["gain_points_after_rl_vs_sft"]
