@@ -1,6 +1,9 @@
-"""The training forward's LM head: only at each sequence's trained positions (what
-`deepeyes.train.forward.token_logprobs` does) vs over every position from the batch's first
-trained token (the usual `logits_to_keep` slice), same model, same batch, same run.
+"""The training forward (`deepeyes.train.forward.token_logprobs`) against two baselines, same
+model, same batch, same run:
+
+- its LM head only at each sequence's trained positions vs over every position from the batch's
+  first trained token (the usual `logits_to_keep` slice);
+- its body under plain causal attention (rows are right-padded) vs under the padding mask.
 
     python bench/sft_forward.py          # last line: RESULT {json}
 """
@@ -17,7 +20,7 @@ from deepeyes.agent.chat import ChatEncoder
 from deepeyes.config import DataConfig, ModelConfig
 from deepeyes.data import read_sft_records
 from deepeyes.model import model_inputs, rope_position_ids
-from deepeyes.train.forward import token_logprobs
+from deepeyes.train.forward import sequence_inputs, token_logprobs
 from deepeyes.train.setup import data_paths, load_policy
 from deepeyes.train.sft import encode_sft_dataset
 
@@ -42,6 +45,15 @@ def sliced_head_logprobs(model, pixels, sequences, pad_id):
     return logprobs[mask.bool()]
 
 
+def masked_body_logprobs(model, pixels, sequences, pad_id):
+    """Baseline: the same gathered head, with the body's attention under the padding mask."""
+    inputs = sequence_inputs(pixels, sequences, pad_id)
+    hidden = model.model(**inputs, position_ids=rope_position_ids(model, inputs)).last_hidden_state
+    rows, positions = zip(*[(row, t - 1) for row, s in enumerate(sequences) for t, m in enumerate(s.mask) if m])
+    targets = inputs["input_ids"][torch.tensor(rows), torch.tensor(positions) + 1]
+    return -F.cross_entropy(model.lm_head(hidden[torch.tensor(rows), torch.tensor(positions)]), targets, reduction="none")
+
+
 def timed(step) -> tuple[float, float, float]:
     """Median wall, user and system seconds of one forward + backward."""
     walls, users, systems = [], [], []
@@ -59,7 +71,8 @@ def main() -> None:
     policy = load_policy(ModelConfig())
     records = read_sft_records(data_paths(DataConfig()).sft)
     samples, _ = encode_sft_dataset(records, ChatEncoder(policy.tokenizer, policy.pixels.tokens), 4096)
-    batch = samples[:MICRO_BATCH]
+    # Lengths spread over the data's range: rows padded as a shuffled training batch's are.
+    batch = sorted(samples, key=lambda s: len(s.ids))[:: len(samples) // MICRO_BATCH][:MICRO_BATCH]
     model, pad = policy.model.train(), policy.tokenizer.pad_token_id
 
     def gathered():
@@ -70,18 +83,25 @@ def main() -> None:
         model.zero_grad()
         sliced_head_logprobs(model, policy.pixels, batch, pad).sum().backward()
 
+    def masked():
+        model.zero_grad()
+        masked_body_logprobs(model, policy.pixels, batch, pad).sum().backward()
+
     model.zero_grad()
-    same = torch.allclose(torch.cat(token_logprobs(model, policy.pixels, batch, pad)),
-                          sliced_head_logprobs(model, policy.pixels, batch, pad), atol=1e-4)
-    gathered(), sliced()  # warm-up
+    ours = torch.cat(token_logprobs(model, policy.pixels, batch, pad))
+    same = all(torch.allclose(ours, baseline(model, policy.pixels, batch, pad), atol=1e-4)
+               for baseline in (sliced_head_logprobs, masked_body_logprobs))
+    gathered(), sliced(), masked()  # warm-up
     g_wall, g_user, g_sys = timed(gathered)
     s_wall, s_user, s_sys = timed(sliced)
-    print(f"gathered head: {g_wall:.3f} s (user {g_user:.2f}, sys {g_sys:.2f}); "
-          f"sliced head: {s_wall:.3f} s (user {s_user:.2f}, sys {s_sys:.2f})")
+    m_wall, _, _ = timed(masked)
+    print(f"ours: {g_wall:.3f} s (user {g_user:.2f}, sys {g_sys:.2f}); "
+          f"sliced head: {s_wall:.3f} s (user {s_user:.2f}, sys {s_sys:.2f}); masked body: {m_wall:.3f} s")
     print("RESULT " + json.dumps({
         "micro_batch": MICRO_BATCH, "trained_tokens": sum(sum(s.mask) for s in batch),
         "sequence_tokens": sum(len(s.ids) for s in batch), "same_logprobs": same,
         "gathered_s": round(g_wall, 4), "sliced_s": round(s_wall, 4), "speedup": round(s_wall / g_wall, 3),
+        "masked_body_s": round(m_wall, 4), "speedup_vs_masked_body": round(m_wall / g_wall, 3),
         "sys_s_ratio": round(s_sys / max(g_sys, 1e-6), 3),
     }))
 

@@ -24,8 +24,9 @@ that stdout repeats. A quarter of its lookups ask about an island no page or fla
 right answer is UNKNOWN_ANSWER, reached by searching and finding only other islands. A tiny model
 cannot copy an unseen island's name in minutes, so its queries miss and its searches return other
 islands; these tasks show what a careful agent does then (answer that the search found nothing)
-instead of leaving it in a state no trajectory covered (it ended the turn at once). `no_tool` makes the cold start deliberately imperfect: per family, that share of the
-trajectories answers at once without any tool, leaving reinforcement learning something to fix.
+instead of leaving it in a state no trajectory covered (it ended the turn at once). `no_tool`
+makes the cold start deliberately imperfect: per family, that share of the trajectories answers
+at once without any tool, leaving reinforcement learning something to fix.
 
 Layout of a generated dataset (image paths in every file are relative to that file)::
 
