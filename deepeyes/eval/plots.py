@@ -54,17 +54,29 @@ TRAINING_CURVES = {
 
 def plot_training_curves(metrics_jsonl: Path, path: Path) -> Path:
     """Response length, reward and tool calls per trajectory over RL steps, from a run's
-    metrics.jsonl (`deepeyes.train.run_logger`)."""
+    metrics.jsonl (`deepeyes.train.run_logger`), and rollout accuracy per task family where the
+    run logged it: the mix of families varies from step to step, so the mean reward alone hides
+    which family improved."""
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     rows = [row for row in rows if "reward/mean" in row]
     if not rows:
         raise ValueError(f"{metrics_jsonl}: no RL step metrics (reward/mean) to plot")
     steps = [row["step"] for row in rows]
-    fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(4 * len(TRAINING_CURVES), 3))
+    families = sorted({key for row in rows for key in row if key.startswith("accuracy/")})
+    panels = len(TRAINING_CURVES) + bool(families)
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3))
     for ax, (title, keys) in zip(axes, TRAINING_CURVES.items()):
         ax.plot(steps, [sum(row.get(key, 0.0) for key in keys) for row in rows], marker="o", markersize=3)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+    if families:
+        ax = axes[-1]
+        for key in families:  # a family absent from a step's prompts has no point there
+            ax.plot(*zip(*[(row["step"], row[key]) for row in rows if key in row]), marker="o", markersize=3,
+                    label=key.removeprefix("accuracy/"))
+        ax.set_title("rollout accuracy by family", fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

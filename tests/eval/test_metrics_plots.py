@@ -73,7 +73,14 @@ def test_training_curves_from_metrics_jsonl(tmp_path):
              "tools/search_calls": 0.25, "tools/image_search_calls": 0.0} for s in (1, 2, 3)]
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert_drawn(plot_training_curves(metrics, tmp_path / "training.png"))
+    plain = np.asarray(Image.open(plot_training_curves(metrics, tmp_path / "training.png")))
+    assert_drawn(tmp_path / "training.png")
+    # Per-family accuracy, where logged, gets a panel of its own (a family may miss a step).
+    rows[0] |= {"accuracy/perception": 0.25, "accuracy/lookup": 0.0}
+    rows[1] |= {"accuracy/perception": 0.5}
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    by_family = np.asarray(Image.open(plot_training_curves(metrics, tmp_path / "families.png")))
+    assert by_family.shape[1] > plain.shape[1]
     metrics.write_text(json.dumps({"step": 0, "eval/x/accuracy": 0.5}) + "\n")
     with pytest.raises(ValueError, match="no RL step metrics"):
         plot_training_curves(metrics, tmp_path / "none.png")
