@@ -19,6 +19,7 @@ paper's Figure 8) lands in <out>/eval_after_rl/plots/training_curves.png; the la
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import subprocess
@@ -36,12 +37,26 @@ RIGHT_TOOL = {"perception": "crop", "arithmetic": "numerical", "lookup": "text_s
 TARGETS = {"format_after_sft": 0.95, "gain_points": 20.0, "total_s": 15 * 60}
 
 
+def allocator_env() -> dict[str, str]:
+    """The environment with tcmalloc preloaded, where installed (Debian's libtcmalloc-minimal4).
+
+    glibc's malloc maps every block above 32 MiB afresh and unmaps it when freed, so each pass over
+    the tiny model's logits (a few hundred positions x 152k vocabulary, 170 MB) first pays a page
+    fault per 4 KiB page; tcmalloc reuses the freed memory. The SFT step takes about 0.8x the time
+    (bench/sft_forward.py --allocators). The jobs' results do not depend on it.
+    """
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal")
+    if not tcmalloc or "LD_PRELOAD" in os.environ:
+        return dict(os.environ)
+    return os.environ | {"LD_PRELOAD": tcmalloc}
+
+
 def run_job(job: str, run_dir: Path, overrides: list[str]) -> float:
     """`python jobs/<job>.py <overrides>` with its run directory at `run_dir`; its wall time."""
     command = [sys.executable, str(REPO / "jobs" / f"{job}.py"), *overrides, f"hydra.run.dir={run_dir}"]
     print("$", " ".join(command[1:]), flush=True)
     started = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
+    subprocess.run(command, cwd=REPO, check=True, env=allocator_env())
     return time.perf_counter() - started
 
 

