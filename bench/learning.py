@@ -42,8 +42,8 @@ def allocator_env() -> dict[str, str]:
 
     glibc's malloc maps every block above 32 MiB afresh and unmaps it when freed, so each pass over
     the tiny model's logits (a few hundred positions x 152k vocabulary, 170 MB) first pays a page
-    fault per 4 KiB page; tcmalloc reuses the freed memory. The SFT step takes about 0.8x the time
-    (bench/sft_forward.py --allocators). The jobs' results do not depend on it.
+    fault per 4 KiB page; tcmalloc reuses the freed memory. The SFT step takes 0.63x the time
+    (bench/cpu_allocator.py); the jobs' results are the same.
     """
     tcmalloc = ctypes.util.find_library("tcmalloc_minimal")
     if not tcmalloc or "LD_PRELOAD" in os.environ:

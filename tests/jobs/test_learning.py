@@ -3,7 +3,7 @@
 It asserts the direction of the effect (the bench itself checks the issue's targets): the cold
 start teaches the protocol (valid format on at least 90% of the questions), and RL from it turns
 perception guesses into crop-and-measure calls, which raises perception accuracy, while no family
-loses more than one question. About 13 minutes on 2 cores: the recipe's 300 SFT steps are what
+loses more than one question. About 8 minutes on 2 cores: the recipe's 300 SFT steps are what
 the tool path needs (after 200 the crop-and-measure rollouts were right 1 time in 6, and RL
 turned away from cropping).
 """
