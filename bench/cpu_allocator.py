@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     tcmalloc = allocator_env()
-    if "LD_PRELOAD" not in tcmalloc:
+    if "tcmalloc" not in tcmalloc.get("LD_PRELOAD", ""):
         sys.exit("tcmalloc not found: install Debian's libtcmalloc-minimal4 (scripts/setup.sh)")
     glibc = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
     times = {"glibc": [], "tcmalloc": []}

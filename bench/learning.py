@@ -45,10 +45,10 @@ def allocator_env() -> dict[str, str]:
     fault per 4 KiB page; tcmalloc reuses the freed memory. The SFT step takes 0.63x the time
     (bench/cpu_allocator.py); the jobs' results are the same.
     """
-    tcmalloc = ctypes.util.find_library("tcmalloc_minimal")
-    if not tcmalloc or "LD_PRELOAD" in os.environ:
+    tcmalloc, preload = ctypes.util.find_library("tcmalloc_minimal"), os.environ.get("LD_PRELOAD", "")
+    if not tcmalloc or "tcmalloc" in preload:
         return dict(os.environ)
-    return os.environ | {"LD_PRELOAD": tcmalloc}
+    return os.environ | {"LD_PRELOAD": f"{tcmalloc} {preload}".strip()}
 
 
 def run_job(job: str, run_dir: Path, overrides: list[str]) -> float:
