@@ -36,7 +36,7 @@ from deepeyes.agent.loop import EpisodeLimits, episode_seed, rollout
 from deepeyes.agent.tool_session import Observation
 from deepeyes.agent.trajectory import ToolCall, Trajectory
 from deepeyes.data import ensure_sample_data, read_records
-from deepeyes.launch.service import (
+from deepeyes.service import (
     LocalService, free_port, local_services, new_token_file, read_token, service_app,
 )
 from deepeyes.model import ensure_tiny_model, load_processor

@@ -35,7 +35,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from deepeyes.launch.service import auth_headers
+from deepeyes.service import auth_headers
 from deepeyes.tools import LocalSandbox, SandboxLimits
 
 SNIPPET = (  # what the model does most: zoom into a region and look at it

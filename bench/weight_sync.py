@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from deepeyes.config import ModelConfig
-from deepeyes.launch.service import LocalService, free_port, local_services, new_token_file, python_module, read_token
+from deepeyes.service import LocalService, free_port, local_services, new_token_file, python_module, read_token
 from deepeyes.model import ensure_tiny_model
 from deepeyes.rollout.client import RolloutClient
 from deepeyes.rollout.weight_sync import publish_weights

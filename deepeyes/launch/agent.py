@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepeyes.launch.plan import HOST, PORT, TOKEN_FILE, LaunchPlan, Role
-from deepeyes.launch.preemption import REQUEUE_EXIT_CODE, STOP_SIGNAL
-from deepeyes.launch.service import LOOPBACK, LocalService, read_token
+from deepeyes.train.preemption import REQUEUE_EXIT_CODE, STOP_SIGNAL
+from deepeyes.service import LOOPBACK, LocalService, read_token
 
 log = logging.getLogger(__name__)
 

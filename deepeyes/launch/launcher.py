@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from deepeyes.config import to_object
 from deepeyes.launch.plan import LaunchPlan, build_plan
 from deepeyes.launch.trainer import run_training
-from deepeyes.launch.service import new_token_file
+from deepeyes.service import new_token_file
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from omegaconf import OmegaConf
 from deepeyes.config import RLJobConfig, SFTJobConfig, to_object
 from deepeyes.launch.agent import wait_for_all_nodes
 from deepeyes.launch.plan import LaunchPlan
-from deepeyes.launch.preemption import REQUEUE_EXIT_CODE, Preempted
+from deepeyes.train.preemption import REQUEUE_EXIT_CODE, Preempted
 
 SCHEMAS = {"rl": RLJobConfig, "sft": SFTJobConfig}
-TRAINING_LOOPS = {"rl": ("deepeyes.train.grpo", "train_grpo"), "sft": ("deepeyes.train.sft", "train_sft")}
+TRAINING_LOOPS = {"rl": ("deepeyes.train.rl", "train_grpo"), "sft": ("deepeyes.train.sft", "train_sft")}
 
 log = logging.getLogger(__name__)
 

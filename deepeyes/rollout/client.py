@@ -18,7 +18,7 @@ from typing import Sequence
 
 import aiohttp
 
-from deepeyes.launch.service import auth_headers
+from deepeyes.service import auth_headers
 from deepeyes.rollout.api import GenerateRequest, GenerateResult, request_to_json, result_from_json
 
 log = logging.getLogger(__name__)

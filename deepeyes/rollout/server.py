@@ -3,7 +3,7 @@
     python -m deepeyes.rollout.server --backend hf --model PATH --port P --token-file F \
         [--host 127.0.0.1] [--weights PUBLISHED.safetensors --weight-version K] [--threads 1]
 
-Endpoints (every one needs the job's token, see `deepeyes.launch.service`):
+Endpoints (every one needs the job's token, see `deepeyes.service`):
 
     POST /generate  {input_ids, images: [path], sampling: {max_new_tokens, temperature, top_p,
                      stop, seed}, min_weight_version}
@@ -34,7 +34,7 @@ from pathlib import Path
 from aiohttp import web
 
 from deepeyes.agent.chat import ChatEncoder
-from deepeyes.launch.service import add_service_args, error_response, read_token, serve, service_app
+from deepeyes.service import add_service_args, error_response, read_token, serve, service_app
 from deepeyes.rollout.api import BadRequest, request_from_json, result_to_json
 from deepeyes.rollout.openai_api import chat_completion_json, chat_request_from_json, error_json
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from deepeyes.config import RLJobConfig
-from deepeyes.launch.service import (
+from deepeyes.service import (
     LocalService, free_port, local_services, new_token_file, python_module, read_token,
 )
 

@@ -46,7 +46,7 @@ from deepeyes.config import SynthJobConfig, TeacherConfig
 from deepeyes.data import IMAGE_PLACEHOLDER, Message, Record, SFTRecord
 from deepeyes.data.writers import sft_record_row
 from deepeyes.eval.tool_use import tool_kinds
-from deepeyes.launch.service import LocalService, free_port, local_services, new_token_file, read_token
+from deepeyes.service import LocalService, free_port, local_services, new_token_file, read_token
 from deepeyes.model import ensure_tiny_model, load_processor
 from deepeyes.model.pixels import PixelCache
 from deepeyes.reward import compute_reward

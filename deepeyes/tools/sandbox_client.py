@@ -21,7 +21,7 @@ from typing import Sequence
 import aiohttp
 
 from deepeyes.config import CodeToolConfig
-from deepeyes.launch.service import LocalService, auth_headers, free_port, new_token_file, python_module, read_token
+from deepeyes.service import LocalService, auth_headers, free_port, new_token_file, python_module, read_token
 
 ISOLATIONS = ("namespaces", "none")
 
@@ -117,7 +117,7 @@ class LocalSandbox(SandboxClient):
     """A sandbox daemon this process starts and stops: what a job without a launcher uses.
 
     Stop it with `close()` or a `with` block; should this process die first, the daemon gets
-    SIGTERM with it (see `deepeyes.launch.service.LocalService`).
+    SIGTERM with it (see `deepeyes.service.LocalService`).
     """
 
     def __init__(

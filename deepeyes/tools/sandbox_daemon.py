@@ -3,7 +3,7 @@
     python -m deepeyes.tools.sandbox_daemon --port PORT --token-file FILE --scratch-root DIR \\
         [--max-sessions 64] [--idle-timeout-s 600] [--timeout-s 20] [--memory-mb 1024] ...
 
-It listens on loopback only (a `deepeyes.launch.service` app: every request needs the job's
+It listens on loopback only (a `deepeyes.service` app: every request needs the job's
 token; `GET /ready` answers 200 once sessions can start) and speaks JSON:
 
     POST   /sessions           {"images": [path, ...], "out_dir": path}  → {"session": id}
@@ -50,7 +50,7 @@ from pathlib import Path
 from aiohttp import web
 
 from deepeyes.data.image_store import ImageStore
-from deepeyes.launch.service import add_service_args, error_response, read_token, serve, service_app
+from deepeyes.service import add_service_args, error_response, read_token, serve, service_app
 from deepeyes.tools.sandbox_client import ISOLATIONS, SandboxLimits
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ import aiohttp
 from aiohttp import web
 
 from deepeyes.agent.protocol import TextHit
-from deepeyes.launch.service import add_service_args, auth_headers, error_response, read_token, serve, service_app
+from deepeyes.service import add_service_args, auth_headers, error_response, read_token, serve, service_app
 from deepeyes.tools.search import LocalImageSearch, LocalTextSearch, sha256_file
 
 log = logging.getLogger("deepeyes.tools.search_service")

@@ -1,7 +1,8 @@
 """GRPO training: rollout → reward → advantages → policy update → new weights, step after step.
 
-`train_grpo` is the whole job; `grpo_step` is one step and reads top to bottom. This trainer is
-plain PyTorch on the Hugging Face model: it is the reference other trainers are checked against.
+`GRPOTrainer.step` is one step and reads top to bottom; the job around it is
+deepeyes.train.rl.train_grpo. This trainer is plain PyTorch on the Hugging Face model: it is the
+reference other trainers are checked against.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.loop import EpisodeLimits, rollout
@@ -24,7 +24,6 @@ from deepeyes.agent.runtime import build_engine, build_toolbox
 from deepeyes.agent.tool_session import Toolbox, clear_scratch
 from deepeyes.agent.trajectory import Trajectory
 from deepeyes.config import RLJobConfig
-from deepeyes.launch.preemption import Preempted, StopSignal
 from deepeyes.model import ensure_tiny_model, load_processor
 from deepeyes.reward import Grader, accuracy, compute_reward
 from deepeyes.reward.format import MAX_ANSWER_CHARS, final_answer, model_text
@@ -35,14 +34,13 @@ from deepeyes.rollout.services import JUDGE, ROLLOUT, SEARCH, ServiceEndpoints, 
 from deepeyes.rollout.weight_sync import WeightSync
 from deepeyes.tools.search_service import SearchClient
 from deepeyes.train.checkpoint import (
-    TrainerState, latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state,
+    TrainerState, load_trainer_state, rng_state, save_checkpoint, set_rng_state,
 )
 from deepeyes.train.forward import TokenSequence, token_logprobs
 from deepeyes.train.losses import clipped_policy_loss, grpo_advantages
-from deepeyes.train.run_logger import RunLogger
 from deepeyes.train.sampler import MixtureSampler, realized_mix
 from deepeyes.train.setup import (
-    Policy, build_optimizer, clip_and_step, data_paths, load_policy, seed_everything, set_learning_rate, task_sampler,
+    Policy, clip_and_step, data_paths, task_sampler,
 )
 
 log = logging.getLogger(__name__)
@@ -255,17 +253,6 @@ def rollout_metrics(trajectories: list[Trajectory], step: int) -> dict[str, floa
     return metrics
 
 
-def build_trainer(cfg: RLJobConfig, out_dir: Path, init_from: str | None) -> GRPOTrainer:
-    """Policy, optimizer and the rollout side, wired together (the megatron backend: see
-    deepeyes.train.megatron.grpo.build_megatron_trainer)."""
-    policy = load_policy(cfg.model, init_from)
-    if cfg.trainer.backend == "megatron":
-        from deepeyes.train.megatron.grpo import build_megatron_trainer  # imports megatron-core only when asked for
-
-        return build_megatron_trainer(cfg, out_dir, policy)
-    return GRPOTrainer(cfg, policy, build_optimizer(policy.model, cfg.optim), **rollout_side(cfg, out_dir, policy))
-
-
 def rollout_side(cfg: RLJobConfig, out_dir: Path, policy: Policy) -> dict:
     """GRPOTrainer's rollout fields: data sampler, rollout engine and tools; with `rollout.servers`
     > 0 (or under the launcher) the engine, search and judge are services (see `rl_services`)."""
@@ -310,57 +297,6 @@ def _service_clients(cfg: RLJobConfig, endpoints: ServiceEndpoints | None, out_d
             load_processor(judge_model).tokenizer, cfg.reward.judge.timeout_s, cfg.reward.judge.max_new_tokens,
         )
     return engine, weight_sync, search, judge
-
-
-def train_grpo(cfg: RLJobConfig) -> Path:
-    """The RL job on this machine; returns the final checkpoint directory.
-
-    A run restarted in the same `run.out_dir` resumes from its latest checkpoint: weights,
-    optimizer, data position, RNG and the wandb run.
-    """
-    out_dir = Path(cfg.run.out_dir)
-    seed_everything(cfg.run.seed)
-    resume = latest_checkpoint(out_dir)
-    trainer = build_trainer(cfg, out_dir, str(resume) if resume else cfg.run.init_from)
-    start, run_id = 0, None
-    if resume is not None:
-        state = trainer.restore(resume)
-        start, run_id = state.step, state.run_id
-        log.info("resuming from %s at step %d", resume, start)
-    # Servers may have started from another checkpoint (the launcher's model path, or before a
-    # resume): from here on they serve the trainer's weights, labelled with its step.
-    trainer.publish_weights(start, everything=True)
-    logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id, resumed_at=start) if trainer.leader else None
-    console = Console()
-    checkpoint = resume
-    stop = StopSignal.install()  # Slurm's SIGUSR2: checkpoint at the end of this step, then stop for a requeue
-    try:
-        for step in range(start, cfg.grpo.steps):
-            set_learning_rate(trainer.optimizer, cfg.optim, step, cfg.grpo.steps)
-            metrics, trajectories = trainer.step(step)
-            if logger is not None:
-                logger.log(metrics, step=step + 1)
-                write_rollouts(out_dir / "rollouts" / f"step_{step + 1:06d}.jsonl", trajectories)
-                console.print(
-                    f"[bold]step {step + 1}/{cfg.grpo.steps}[/] reward {metrics['reward/mean']:.3f} "
-                    f"acc {metrics['reward/accuracy']:.3f} format {metrics['reward/format_rate']:.3f} "
-                    f"code {metrics['tools/code_calls']:.2f} search {metrics['tools/search_calls']:.2f} "
-                    f"img {metrics['tools/image_search_calls']:.2f} turns {metrics['rollout/turns']:.2f} "
-                    f"({metrics['timing/step_s']:.1f}s)"
-                )
-            last = step + 1 == cfg.grpo.steps
-            stopping = trainer.agree(stop.requested)
-            if last or stopping or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                checkpoint = trainer.save(out_dir, step + 1, logger and logger.run_id)
-                log.info("saved %s", checkpoint)
-            if stopping and not last:
-                raise Preempted(f"stopped after step {step + 1} on the stop signal; resume from {checkpoint}")
-    finally:
-        stop.restore()
-        if logger is not None:
-            logger.finish()
-        trainer.close()  # publishes in flight, then the service processes this run started
-    return checkpoint
 
 
 def write_rollouts(path: Path, trajectories: list[Trajectory]) -> None:

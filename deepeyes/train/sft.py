@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.config import SFTJobConfig
 from deepeyes.data import read_sft_records
-from deepeyes.launch.preemption import Preempted, StopSignal
+from deepeyes.train.preemption import Preempted, StopSignal
 from deepeyes.train.checkpoint import (
     TrainerState, latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state,
 )

@@ -217,7 +217,7 @@ def resume(rank: int, world: int, port: int, save_layout: ParallelLayout, load_l
 def grpo_update(rank: int, world: int, port: int, out_dir: str, overrides: list[str], results) -> None:
     """The reference GRPO update and the Megatron one on the same scored trajectories."""
     from tests.train.test_grpo import rl_config
-    from deepeyes.train.grpo import build_trainer
+    from deepeyes.train.rl import build_trainer
     from deepeyes.train.losses import grpo_advantages
 
     join(rank, world, port)
@@ -243,7 +243,8 @@ def rl_job(rank: int, world: int, port: int, out_dir: str, overrides: list[str],
     earns no reward, so within each group the first rollout is scored 1 and the second 0 (the
     policy then moves)."""
     from tests.train.test_grpo import rl_config
-    from deepeyes.train.grpo import GRPOTrainer, train_grpo
+    from deepeyes.train.grpo import GRPOTrainer
+    from deepeyes.train.rl import train_grpo
 
     collect = GRPOTrainer.collect
 
@@ -265,7 +266,7 @@ def sft_job(rank: int, world: int, port: int, out_dir: str, overrides: list[str]
     """`python jobs/sft.py trainer=megatron` as one rank; with `stop`, Slurm's stop signal reaches
     every rank once step 1 is logged, and the rank reports how the run ended."""
     from tests.train.test_sft import sft_config, stop_once_step_1_is_logged
-    from deepeyes.launch.preemption import Preempted
+    from deepeyes.train.preemption import Preempted
     from deepeyes.train.sft import train_sft
 
     join(rank, world, port)

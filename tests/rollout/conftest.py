@@ -2,7 +2,7 @@
 
 import pytest
 
-from deepeyes.launch.service import LocalService, free_port, local_services, new_token_file, python_module, read_token
+from deepeyes.service import LocalService, free_port, local_services, new_token_file, python_module, read_token
 
 
 def rollout_server(name, model_dir, token_file, log_dir, *extra):

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from deepeyes.launch.service import free_port, local_services, read_token
+from deepeyes.service import free_port, local_services, read_token
 from deepeyes.rollout.api import GenerateResult
 from deepeyes.rollout.client import RolloutClient
 from deepeyes.rollout.judge import JudgeClient

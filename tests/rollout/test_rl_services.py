@@ -11,7 +11,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from deepeyes.train.grpo import train_grpo
+from deepeyes.train.rl import train_grpo
 from tests.paths import REPO
 from tests.train.test_grpo import SMALL, rl_config
 

@@ -14,7 +14,7 @@ from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.protocol import SYSTEM_PROMPT, user_prompt
 from deepeyes.config import ModelConfig
 from deepeyes.data import read_records
-from deepeyes.launch.service import auth_headers, read_token
+from deepeyes.service import auth_headers, read_token
 from deepeyes.rollout.api import GenerateRequest, SamplingParams
 from deepeyes.rollout.client import RolloutClient, RolloutUnavailable
 from deepeyes.rollout.hf_engine import HFRolloutEngine

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deepeyes.launch.service import free_port, new_token_file
+from deepeyes.service import free_port, new_token_file
 from deepeyes.rollout.api import SamplingParams
 from deepeyes.rollout.vllm_engine import INSTALL_HINT, finish_reason, sampled_logprobs, sampling_kwargs
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from PIL import Image
 
-from deepeyes.launch.service import LOOPBACK, free_port, service_app
+from deepeyes.service import LOOPBACK, free_port, service_app
 
 
 @dataclass(frozen=True)

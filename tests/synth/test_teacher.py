@@ -13,7 +13,7 @@ import pytest
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.config import TeacherConfig
 from deepeyes.data import read_sft_records
-from deepeyes.launch.service import local_services, new_token_file, read_token
+from deepeyes.service import local_services, new_token_file, read_token
 from deepeyes.model import load_processor
 from deepeyes.model.pixels import PixelCache
 from deepeyes.rollout.api import GenerateRequest, SamplingParams

@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +20,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from deepeyes.launch.service import LocalService, auth_headers, free_port, local_services, new_token_file, read_token
+from deepeyes.service import LocalService, auth_headers, free_port, local_services, new_token_file, read_token
 from deepeyes.tools import LocalSandbox, SandboxClient, SandboxError, SandboxLimits, daemon_command
 from deepeyes.tools.sandbox_daemon import SandboxDaemon
 

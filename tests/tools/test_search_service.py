@@ -11,7 +11,7 @@ from aiohttp import web
 
 from deepeyes.agent import protocol
 from deepeyes.agent.tool_session import Toolbox
-from deepeyes.launch.service import (
+from deepeyes.service import (
     LocalService, free_port, local_services, new_token_file, python_module, read_token,
 )
 from deepeyes.tools import LocalImageSearch, LocalTextSearch, SandboxClient

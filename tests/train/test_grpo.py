@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from deepeyes.config import register_configs, to_object
-from deepeyes.train.grpo import build_trainer, train_grpo
+from deepeyes.train.rl import build_trainer, train_grpo
 from deepeyes.train.losses import grpo_advantages
 from tests.paths import CONF_DIR
 

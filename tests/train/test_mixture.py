@@ -118,7 +118,7 @@ def test_rl_tasks_are_drawn_from_the_sources_by_weight(sample_data, tmp_path):
 
 @pytest.mark.slow
 def test_sft_and_rl_jobs_log_the_realized_mix_of_every_step(sample_data, tmp_path):
-    from deepeyes.train.grpo import train_grpo
+    from deepeyes.train.rl import train_grpo
     from deepeyes.train.sft import train_sft
 
     sft_paths = split_by_family(read_sft_records(sample_data.sft_train), tmp_path, write_sft_records)

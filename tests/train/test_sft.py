@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from deepeyes.config import OptimConfig, register_configs, to_object
 from deepeyes.data import read_sft_records, write_sft_records
-from deepeyes.launch.preemption import STOP_SIGNAL, Preempted
+from deepeyes.train.preemption import STOP_SIGNAL, Preempted
 from deepeyes.model import load_model
 from deepeyes.train.setup import set_learning_rate
 from deepeyes.train.sft import train_sft

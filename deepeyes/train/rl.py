@@ -1,0 +1,91 @@
+"""The RL job: build the trainer for the configured backend, then step, log and checkpoint.
+
+`train_grpo` is the whole job and reads top to bottom; one step is `GRPOTrainer.step`
+(deepeyes.train.grpo, the plain-PyTorch reference) or its megatron-core twin
+(deepeyes.train.megatron.grpo). This module sits above both, so neither imports the other's job.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rich.console import Console
+
+from deepeyes.config import RLJobConfig
+from deepeyes.train.checkpoint import latest_checkpoint
+from deepeyes.train.grpo import GRPOTrainer, rollout_side, write_rollouts
+from deepeyes.train.preemption import Preempted, StopSignal
+from deepeyes.train.run_logger import RunLogger
+from deepeyes.train.setup import (
+    build_optimizer,
+    load_policy,
+    seed_everything,
+    set_learning_rate,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_trainer(cfg: RLJobConfig, out_dir: Path, init_from: str | None) -> GRPOTrainer:
+    """Policy, optimizer and the rollout side, wired together (the megatron backend: see
+    deepeyes.train.megatron.grpo.build_megatron_trainer)."""
+    policy = load_policy(cfg.model, init_from)
+    if cfg.trainer.backend == "megatron":
+        from deepeyes.train.megatron.grpo import (
+            build_megatron_trainer,  # imports megatron-core only when asked for
+        )
+
+        return build_megatron_trainer(cfg, out_dir, policy)
+    return GRPOTrainer(cfg, policy, build_optimizer(policy.model, cfg.optim), **rollout_side(cfg, out_dir, policy))
+
+
+def train_grpo(cfg: RLJobConfig) -> Path:
+    """The RL job on this machine; returns the final checkpoint directory.
+
+    A run restarted in the same `run.out_dir` resumes from its latest checkpoint: weights,
+    optimizer, data position, RNG and the wandb run.
+    """
+    out_dir = Path(cfg.run.out_dir)
+    seed_everything(cfg.run.seed)
+    resume = latest_checkpoint(out_dir)
+    trainer = build_trainer(cfg, out_dir, str(resume) if resume else cfg.run.init_from)
+    start, run_id = 0, None
+    if resume is not None:
+        state = trainer.restore(resume)
+        start, run_id = state.step, state.run_id
+        log.info("resuming from %s at step %d", resume, start)
+    # Servers may have started from another checkpoint (the launcher's model path, or before a
+    # resume): from here on they serve the trainer's weights, labelled with its step.
+    trainer.publish_weights(start, everything=True)
+    logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id, resumed_at=start) if trainer.leader else None
+    console = Console()
+    checkpoint = resume
+    stop = StopSignal.install()  # Slurm's SIGUSR2: checkpoint at the end of this step, then stop for a requeue
+    try:
+        for step in range(start, cfg.grpo.steps):
+            set_learning_rate(trainer.optimizer, cfg.optim, step, cfg.grpo.steps)
+            metrics, trajectories = trainer.step(step)
+            if logger is not None:
+                logger.log(metrics, step=step + 1)
+                write_rollouts(out_dir / "rollouts" / f"step_{step + 1:06d}.jsonl", trajectories)
+                console.print(
+                    f"[bold]step {step + 1}/{cfg.grpo.steps}[/] reward {metrics['reward/mean']:.3f} "
+                    f"acc {metrics['reward/accuracy']:.3f} format {metrics['reward/format_rate']:.3f} "
+                    f"code {metrics['tools/code_calls']:.2f} search {metrics['tools/search_calls']:.2f} "
+                    f"img {metrics['tools/image_search_calls']:.2f} turns {metrics['rollout/turns']:.2f} "
+                    f"({metrics['timing/step_s']:.1f}s)"
+                )
+            last = step + 1 == cfg.grpo.steps
+            stopping = trainer.agree(stop.requested)
+            if last or stopping or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                checkpoint = trainer.save(out_dir, step + 1, logger and logger.run_id)
+                log.info("saved %s", checkpoint)
+            if stopping and not last:
+                raise Preempted(f"stopped after step {step + 1} on the stop signal; resume from {checkpoint}")
+    finally:
+        stop.restore()
+        if logger is not None:
+            logger.finish()
+        trainer.close()  # publishes in flight, then the service processes this run started
+    return checkpoint
