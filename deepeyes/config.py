@@ -123,6 +123,11 @@ class RolloutConfig:
     # trainer's process (the reference path). Under Slurm the launch plan places the servers.
     servers: int = 1
     server_threads: int = 1  # torch threads per server process
+    # GPUs per rollout engine (vLLM tensor parallelism); a rollout node runs gpus_per_node / this engines.
+    tensor_parallel: int = 1
+    # How new weights reach the rollout engines after each step: "file" (a safetensors file on the
+    # shared filesystem, loaded by every server) | "broadcast" (torch.distributed from the trainer's leader).
+    weight_sync: str = "file"
     # Rollouts may come from weights this many optimizer steps old; 0 = strictly on-policy.
     max_staleness: int = 0
     request_timeout_s: float = 600.0
