@@ -145,7 +145,8 @@ def test_rl_trains_on_the_first_trainer_nodes_and_serves_rollouts_on_the_rest(tm
 def test_the_memory_estimate_follows_the_measured_image_path_costs(tmp_path):
     def memory(*overrides):
         cfg = job_config("cluster=slurm", "nodes=2", "cluster.gpus_per_node=8", "trainer=hf", "model=qwen2_5_vl_7b",
-                         "model.path=/m", *overrides)
+                         "model.path=/m", "grpo.prompts_per_step=256", "rollout.n=16", "rollout.max_response_tokens=16384",
+                         *overrides)
         plan = build_plan("rl", cfg, tmp_path)
         return {(r.node, r.name): r.memory_gb for r in plan.roles}
 
