@@ -7,12 +7,16 @@ before a Slurm queue wait — not hours later inside a job.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,6 +105,9 @@ class DataConfig:
     sample_recipe: str = "default"
     sample_no_tool: dict[str, float] = field(default_factory=dict)
     on_bad_record: str = "raise"  # "raise" | "skip" (counted and logged)
+    # False (the paper presets): a file the job needs that is unset or lies in the bundled sample
+    # data is an error, so a paper-sized run never trains on the toy tasks by accident.
+    allow_sample: bool = True
     # Mixtures (deepeyes.train.sampler.MixtureSampler): each sample comes from a source drawn with
     # probability weight / total weight; set, they replace `train` (RL) or `sft` (SFT). The
     # realized mix of every step is logged.
@@ -390,9 +397,30 @@ class SynthJobConfig(AgentJobConfig):
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
+# A preset marks a key the user must set (a path, the run's length) as `${required:}`: a `???` in a
+# preset cannot do it, as OmegaConf keeps the value it merges `???` onto (the group's `null`).
+REQUIRED = "${required:}"
+
+
+def _required(*, _node_) -> None:
+    raise MissingMandatoryValue(f"config {_node_._get_full_key(None)} is required: set it on the command line")
+
+
+def _required_keys(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a config container (unresolved) still holding REQUIRED."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return [prefix] if node == REQUIRED else []
+    return [key for name, value in items for key in _required_keys(value, f"{prefix}.{name}" if prefix else str(name))]
+
+
 def register_configs() -> None:
     """Make the schemas available to conf/*.yaml as `rl_schema`, `sft_schema`, `eval_schema`,
-    `filter_schema`, `prepare_data_schema` and `synthesize_schema`."""
+    `filter_schema`, `prepare_data_schema` and `synthesize_schema`, and the `required` mark."""
+    OmegaConf.register_new_resolver("required", _required, replace=True)
     store = ConfigStore.instance()
     store.store(name="rl_schema", node=RLJobConfig)
     store.store(name="sft_schema", node=SFTJobConfig)
@@ -424,6 +452,13 @@ _CHOICES = {
 
 def to_object(cfg: DictConfig) -> Any:
     """The composed config as its dataclass, after checks a type alone cannot express."""
+    # The preset's required keys first: listing `???` ones resolves the config, which stops at the first.
+    missing = _required_keys(OmegaConf.to_container(cfg, resolve=False)) or sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise MissingMandatoryValue(
+            f"config needs {', '.join(missing)} (the preset requires them): set each on the command line, "
+            f"e.g. {missing[0]}=<value>"
+        )
     job = OmegaConf.to_object(cfg)
     model = getattr(job, "model", None)
     if model is not None and model.path is None and model.name != "tiny":
@@ -442,7 +477,72 @@ def to_object(cfg: DictConfig) -> Any:
     benchmark = getattr(job, "benchmark", None)
     if benchmark is not None and benchmark.path is None and benchmark.format != "records":
         raise ValueError(f"benchmark={benchmark.name} needs benchmark.path=<its {benchmark.format} file>")
+    trainer = getattr(job, "trainer", None)
+    if trainer is not None:
+        _check_trainer(trainer)
+    if data is not None and not data.allow_sample:
+        _refuse_sample_data(job)
+    elif isinstance(job, (RLJobConfig, SFTJobConfig)) and job.model.name != "tiny" and data.name == "sample":
+        log.warning("model=%s trains on the bundled toy data (data=sample) with the small default recipe; the "
+                    "paper's recipe is +experiment=deepeyesv2_<size>_sft / deepeyesv2_<size>_rl", job.model.name)
     return job
+
+
+def _check_trainer(trainer: TrainerConfig) -> None:
+    for key in ("tensor_parallel", "pipeline_parallel", "virtual_pipeline"):
+        if getattr(trainer, key) < 1:
+            raise ValueError(f"config trainer.{key}={getattr(trainer, key)}: must be >= 1")
+    if trainer.backend == "hf":  # one process on the HF model: the megatron settings would be silently ignored
+        megatron_only = {
+            "tensor_parallel": trainer.tensor_parallel > 1, "pipeline_parallel": trainer.pipeline_parallel > 1,
+            "virtual_pipeline": trainer.virtual_pipeline > 1, "sequence_parallel": trainer.sequence_parallel,
+            "recompute": trainer.recompute, "distributed_optimizer": trainer.distributed_optimizer,
+        }
+        for key, is_set in megatron_only.items():
+            if is_set:
+                raise ValueError(f"config trainer.{key}={getattr(trainer, key)} needs trainer=megatron (trainer=hf is one process)")
+    if trainer.sequence_parallel and trainer.tensor_parallel == 1:
+        raise ValueError("config trainer.sequence_parallel=true needs trainer.tensor_parallel > 1")
+    if trainer.virtual_pipeline > 1 and trainer.pipeline_parallel == 1:
+        raise ValueError(f"config trainer.virtual_pipeline={trainer.virtual_pipeline} needs trainer.pipeline_parallel > 1")
+
+
+def _refuse_sample_data(job: Any) -> None:
+    """With data.allow_sample=false: every file the job reads is configured, and none is the
+    bundled sample data (which fills in for unset files otherwise)."""
+    data, needed = job.data, {}
+    if isinstance(job, SFTJobConfig) and not data.sft_mix:
+        needed["data.sft"] = data.sft
+    if isinstance(job, RLJobConfig):
+        if not data.train_mix:
+            needed["data.train"] = data.train
+        if job.tools.search_backend == "local":
+            needed["data.corpus"] = data.corpus
+        if job.tools.image_search_backend == "local":
+            needed["data.image_index"] = data.image_index
+    needed |= {f"{key}[{i}]": source.path for key, mix in (("data.train_mix", data.train_mix), ("data.sft_mix", data.sft_mix))
+               for i, source in enumerate(mix)}
+    for key, path in needed.items():
+        if path is None:
+            raise ValueError(
+                f"config {key} is not set, and data.allow_sample=false refuses the bundled toy data that would "
+                f"stand in for it: set {key}=<file> (jobs/prepare_data.py writes it), or data.allow_sample=true"
+            )
+        if _in_sample_data(path):
+            raise ValueError(
+                f"config {key}={path} is the bundled toy data, which data.allow_sample=false refuses "
+                "(set data.allow_sample=true to train on it anyway)"
+            )
+
+
+def _in_sample_data(path: str) -> bool:
+    from deepeyes.cache import cache_root
+
+    try:
+        relative = Path(path).resolve().relative_to((cache_root() / "data").resolve())
+    except ValueError:
+        return False
+    return relative.parts[0].startswith("sample-") if relative.parts else False
 
 
 def _check_mixture(key: str, sources: list[SourceConfig], single: Optional[str], single_key: str) -> None:

@@ -8,7 +8,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import MissingMandatoryValue, ValidationError
 
+from deepeyes.agent.protocol import STOP_STRINGS
 from deepeyes.config import RLJobConfig, register_configs, to_object
+from deepeyes.data import ensure_sample_data
+from deepeyes.launch.plan import build_plan
 from tests.paths import CONF_DIR, REPO
 
 
@@ -25,16 +28,87 @@ def test_the_embedded_default_is_the_tiny_model_on_this_machine():
     assert (cfg.cluster.name, cfg.model.name, cfg.data.name, cfg.logger.mode) == ("local", "tiny", "sample", "offline")
 
 
-@pytest.mark.parametrize("model", ["qwen2_5_vl_7b", "qwen2_5_vl_32b"])
-def test_paper_models_bring_the_paper_settings(model):
-    rl = composed("rl", f"model={model}", "model.path=/models/x")
-    assert (rl.grpo.prompts_per_step, rl.rollout.n, rl.optim.lr) == (256, 16, 1e-6)
-    assert (rl.rollout.max_response_tokens, rl.rollout.max_turns) == (16384, 9)
-    sft = composed("sft", f"model={model}", "model.path=/models/x")
-    assert (sft.optim.lr, sft.sft.epochs, sft.sft.cutoff_len) == (1e-5, 3, 20480)
-    assert (sft.model.max_pixels, sft.model.freeze_vision) == (262144, True)
+PAPER_REQUIRED = {
+    "rl": {"model.path": "/models/sft", "data.train": "/data/rl_train.jsonl", "data.image_index": "/data/image_index.jsonl",
+           "reward.judge.model": "/models/Qwen2.5-72B-Instruct", "grpo.steps": "100"},
+    "sft": {"model.path": "/models/Qwen2.5-VL", "data.sft": "/data/sft.jsonl"},
+}
+PAPER_PRESETS = [("rl", "7b"), ("rl", "32b"), ("sft", "7b"), ("sft", "32b")]
+
+
+def paper(job, size, *overrides, leave_out=()):
+    given = [f"{key}={value}" for key, value in PAPER_REQUIRED[job].items() if key not in leave_out]
+    return composed(job, f"+experiment=deepeyesv2_{size}_{job}", *given, *overrides)
+
+
+@pytest.mark.parametrize("job, size", PAPER_PRESETS)
+def test_paper_presets_resolve_to_the_release_settings_on_8_gpu_nodes(job, size, tmp_path):
+    cfg = to_object(paper(job, size))
+    assert cfg.model.name == f"qwen2_5_vl_{size}" and (cfg.model.max_pixels, cfg.model.freeze_vision) == (262144, True)
+    assert (cfg.cluster.name, cfg.cluster.nodes, cfg.cluster.gpus_per_node) == ("slurm", 8, 8)
+    assert cfg.cluster.time_min >= 24 * 60 and cfg.cluster.max_requeues >= 10 and cfg.run.save_every > 0
+    assert cfg.trainer.backend == "megatron" and cfg.trainer.distributed_optimizer and cfg.trainer.recompute
+    assert cfg.trainer.tensor_parallel == {"7b": 4, "32b": 8}[size] and cfg.data.allow_sample is False
+    assert cfg.logger.mode == "online"
+    if job == "rl":
+        assert (cfg.grpo.prompts_per_step, cfg.rollout.n, cfg.grpo.mini_batch_size, cfg.optim.lr) == (256, 16, 32 * 16, 1e-6)
+        assert (cfg.rollout.max_turns, cfg.rollout.max_turn_tokens, cfg.rollout.max_response_tokens) == (9, 8192, 16384)
+        assert (cfg.grpo.clip_ratio_low, cfg.grpo.clip_ratio_high) == (0.2, 0.2)  # verl's clip; no KL term exists
+        assert cfg.rollout.backend == "vllm" and cfg.rollout.tensor_parallel == {"7b": 1, "32b": 2}[size]
+        assert cfg.reward.judge.enabled and cfg.reward.judge.model == "/models/Qwen2.5-72B-Instruct"
+        assert STOP_STRINGS == ("</code>", "</tool_call>")  # the release's custom_stop
+    else:
+        assert (cfg.optim.lr, cfg.optim.schedule, cfg.sft.epochs, cfg.sft.max_steps) == (1e-5, "cosine", 3, 0)
+        assert cfg.sft.cutoff_len == {"7b": 20480, "32b": 16384}[size]  # the release's 7B and 32B configs
+    # The launch plan takes it: TP x PP divides the trainer ranks, roles fit the nodes.
+    plan = build_plan(job, cfg, tmp_path)
+    trainers = [role for role in plan.roles if role.name == "trainer"]
+    assert trainers[0].world_size % (cfg.trainer.tensor_parallel * cfg.trainer.pipeline_parallel) == 0
     # The command line still wins over the preset.
-    assert composed("rl", f"model={model}", "rollout.n=8").rollout.n == 8
+    assert to_object(paper(job, size, "trainer.tensor_parallel=2")).trainer.tensor_parallel == 2
+
+
+@pytest.mark.parametrize("job, size", PAPER_PRESETS)
+def test_a_paper_preset_names_every_required_key_left_unset(job, size):
+    with pytest.raises(MissingMandatoryValue, match="config needs " + ", ".join(PAPER_REQUIRED[job])):
+        to_object(composed(job, f"+experiment=deepeyesv2_{size}_{job}"))
+    for key in PAPER_REQUIRED[job]:
+        with pytest.raises(MissingMandatoryValue, match=rf"config needs {key} \(the preset requires"):
+            to_object(paper(job, size, leave_out=(key,)))
+
+
+def test_a_paper_preset_refuses_the_bundled_toy_data_unless_allowed(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPEYES_CACHE", str(tmp_path))
+    toy = ensure_sample_data(n_per_family=2)
+    with pytest.raises(ValueError, match=r"data.sft=.*is the bundled toy data.*data.allow_sample=true"):
+        to_object(paper("sft", "7b", f"data.sft={toy.sft_train}"))
+    with pytest.raises(ValueError, match=r"data.train=.*is the bundled toy data"):
+        to_object(paper("rl", "7b", f"data.train={toy.rl_train}"))
+    with pytest.raises(ValueError, match=r"data.corpus is not set.*refuses the bundled toy data"):
+        to_object(paper("rl", "7b", "tools.search_backend=local"))  # local search would read the toy corpus
+    with pytest.raises(ValueError, match=r"data.sft_mix\[1\]=.*is the bundled toy data"):
+        to_object(paper("sft", "7b", "data.sft=null",
+                        f"data.sft_mix=[{{name: a, path: /data/a.jsonl}}, {{name: b, path: {toy.sft_train}}}]"))
+    allowed = to_object(paper("sft", "7b", f"data.sft={toy.sft_train}", "data.allow_sample=true"))
+    assert allowed.data.sft == str(toy.sft_train)
+
+
+def test_a_paper_model_alone_is_the_model_only_and_says_where_the_recipe_is(caplog):
+    cfg = to_object(composed("rl", "model=qwen2_5_vl_7b", "model.path=/models/x"))
+    assert (cfg.grpo.steps, cfg.rollout.backend, cfg.data.name) == (3, "hf", "sample")
+    assert "+experiment=deepeyesv2_<size>_sft / deepeyesv2_<size>_rl" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(["trainer=hf", "trainer.distributed_optimizer=true"], "trainer.distributed_optimizer=True needs trainer=megatron"),
+     (["trainer=hf", "trainer.tensor_parallel=2"], "trainer.tensor_parallel=2 needs trainer=megatron"),
+     (["trainer.sequence_parallel=true"], "sequence_parallel=true needs trainer.tensor_parallel > 1"),
+     (["trainer.pipeline_parallel=0"], "trainer.pipeline_parallel=0: must be >= 1")],
+)
+def test_trainer_settings_that_would_do_nothing_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        to_object(composed("rl", *overrides))
 
 
 def test_a_paper_model_without_a_checkpoint_path_is_refused():
