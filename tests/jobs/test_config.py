@@ -54,7 +54,7 @@ def test_paper_presets_resolve_to_the_release_settings_on_8_gpu_nodes(job, size,
         assert (cfg.grpo.prompts_per_step, cfg.rollout.n, cfg.grpo.mini_batch_size, cfg.optim.lr) == (256, 16, 32 * 16, 1e-6)
         assert (cfg.rollout.max_turns, cfg.rollout.max_turn_tokens, cfg.rollout.max_response_tokens) == (9, 8192, 16384)
         assert (cfg.grpo.clip_ratio_low, cfg.grpo.clip_ratio_high) == (0.2, 0.2)  # verl's clip; no KL term exists
-        assert cfg.rollout.backend == "vllm" and cfg.rollout.tensor_parallel == {"7b": 1, "32b": 2}[size]
+        assert cfg.rollout.backend == "vllm" and cfg.rollout.tensor_parallel == {"7b": 1, "32b": 4}[size]
         assert cfg.reward.judge.enabled and cfg.reward.judge.model == "/models/Qwen2.5-72B-Instruct"
         assert STOP_STRINGS == ("</code>", "</tool_call>")  # the release's custom_stop
     else:
