@@ -37,13 +37,34 @@ bound) cancel. The extrapolation to the paper's batch (256 prompts x 16 rollouts
 node, which holds every trajectory of the step, is the half-batch peak plus growth x the
 trajectories added, at this bench's token count per trajectory (the paper's responses are longer:
 their token lists add the same to both modes). Last line: `RESULT {json}`; target `growth_ratio` (store / baseline, PSS) <= 0.05.
+
+Loading (`--loading [--smoke] [--hidden 1024] [--layers 8] [--tp 2] [--pp 2]`): the host memory of a
+trainer node while its megatron ranks load the checkpoint, 4 ranks on gloo, each a fresh process:
+
+- full:       what the trainer did before rank-local loading: every rank loads the whole HF model
+              (`from_pretrained`) and copies its slices out of it (and keeps it, as the policy did);
+- rank_local: every rank builds a weightless (meta) HF model and reads only its slices from the
+              safetensors files (deepeyes.model.load.CheckpointTensors).
+
+The checkpoint is synthetic: the tiny model's builder (deepeyes.model.tiny.tiny_config) widened
+to `--hidden` and `--layers`, saved in several safetensors files as released checkpoints are, once
+in float32 and once in bfloat16; the ranks train in bfloat16. transformers 5 memory-maps a
+checkpoint whose dtype it keeps, so the full load then costs a rank only the file pages it touches
+(its slices, shared with the ranks that read the same pages); a checkpoint it must convert is
+materialized whole in every rank. Each rank reports its own PSS (psutil memory_full_info) before
+loading, after it, and at its peak (sampled every 10 ms), and its share: the bytes of the
+parameters it holds (its layers' TP slices, the vision tower on the first stage). Target: every
+rank's rank_local PSS growth within 1.5 x its share, for both checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -254,12 +275,23 @@ def main() -> None:
     parser.add_argument("--max-pixels", type=int, default=262144, help="per image (Qwen2.5-VL-7B in the paper)")
     parser.add_argument("--pixel-cache-mb", type=int, default=256)
     parser.add_argument("--max-sessions", type=int, default=64)
+    parser.add_argument("--loading", action="store_true", help="measure rank-local checkpoint loading instead")
+    parser.add_argument("--smoke", action="store_true", help="--loading at a small shape (hidden 256, 4 layers)")
+    parser.add_argument("--hidden", type=int, default=1024, help="--loading: the synthetic model's width")
+    parser.add_argument("--layers", type=int, default=8, help="--loading: its language-model layers")
+    parser.add_argument("--tp", type=int, default=2, help="--loading: tensor parallel size (4 ranks in all)")
+    parser.add_argument("--pp", type=int, default=2, help="--loading: pipeline parallel size")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=("store", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--loading-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("store", "baseline", "full", "rank_local"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.loading_worker:
+        return loading_worker(args)
+    if args.loading:
+        return loading_main(args)
 
     from tqdm import tqdm
 
@@ -309,6 +341,145 @@ def main() -> None:
         result["store"]["trainer_rss_bytes_per_trajectory"] / result["baseline"]["trainer_rss_bytes_per_trajectory"], 4
     )
     result["target_met"] = result["growth_ratio"] <= 0.05
+    print("RESULT " + json.dumps(result))
+
+
+
+LOADING_RANKS = 4
+
+
+def synthetic_checkpoint(path: Path, hidden: int, layers: int, tensor_parallel: int, dtype: str) -> Path:
+    """The tiny model's architecture at width `hidden` (head dim 64, 4 query heads per key/value
+    group) and `layers` layers, random weights in `dtype`, saved in 256 MB safetensors files."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from deepeyes.model.tiny import tiny_config
+
+    config = tiny_config()
+    text = config.text_config
+    heads = hidden // 64
+    text.hidden_size, text.intermediate_size = hidden, hidden * 11 // 4
+    text.num_hidden_layers, text.layer_types = layers, ["full_attention"] * layers
+    text.num_attention_heads, text.num_key_value_heads = heads, max(heads // 4, tensor_parallel)
+    text.rope_parameters["mrope_section"] = [8, 12, 12]  # head dim 64: 32 rotary frequencies
+    config.vision_config.out_hidden_size = hidden  # the merger feeds the language model
+    torch.manual_seed(0)
+    torch.set_default_dtype(getattr(torch, dtype))
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(path, max_shard_size="256MB")
+    return path
+
+
+def loading_worker(args: argparse.Namespace) -> None:
+    """One rank (RANK etc. in the environment): load its chunks the `args.mode` way; prints DONE {json}."""
+    import torch
+    import torch.distributed as dist
+
+    from deepeyes.model import load_model
+    from deepeyes.model.load import CheckpointTensors
+    from deepeyes.model.megatron.spec import ParallelLayout, transformer_config
+    from deepeyes.train.megatron.engine import load_chunks
+    from deepeyes.train.megatron.parallel import init_parallel
+
+    torch.set_num_threads(1)
+    path = Path(args.root)
+    layout = ParallelLayout(tensor=args.tp, pipeline=args.pp)
+    init_parallel(layout, seed=0)
+    me = psutil.Process()
+    gc.collect()
+    before = me.memory_full_info().pss
+    peak = [before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], me.memory_full_info().pss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    if args.mode == "full":  # kept alive, as the policy kept it
+        hf_model = load_model(path, dtype=torch.bfloat16)
+        weights = None
+    else:
+        hf_model = load_model(path, dtype=torch.bfloat16, weights=False)
+        weights = CheckpointTensors(path)
+    config = transformer_config(hf_model.config.text_config, layout, torch.bfloat16)
+    config.perform_initialization = False  # as the engine does
+    chunks = load_chunks(hf_model, config, torch.device("cpu"), weights)
+    if weights is not None:
+        weights.close()
+    seconds = time.perf_counter() - started
+    gc.collect()
+    after = me.memory_full_info().pss
+    stop.set()
+    sampler.join()
+    share = sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters())
+    dist.barrier()
+    print("DONE " + json.dumps({"rank": dist.get_rank(), "before": before, "after": after, "peak": max(peak[0], after),
+                                "share": share, "load_s": seconds}), flush=True)
+    dist.destroy_process_group()
+
+
+def measure_loading(args: argparse.Namespace, mode: str, model_dir: Path) -> list[dict]:
+    """The ranks' reports (by rank) for one way of loading, each rank a fresh process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, __file__, "--loading-worker", "--mode", mode, "--root", str(model_dir),
+               "--tp", str(args.tp), "--pp", str(args.pp)]
+    ranks = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=os.environ | {
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(LOADING_RANKS),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        })
+        for rank in range(LOADING_RANKS)
+    ]
+    reports = []
+    for rank, process in enumerate(ranks):
+        out, _ = process.communicate()
+        done = [line for line in out.splitlines() if line.startswith("DONE ")]
+        if process.returncode or not done:
+            raise RuntimeError(f"{mode} loading: rank {rank} failed (exit {process.returncode})")
+        reports.append(json.loads(done[-1][5:]))
+    return sorted(reports, key=lambda r: r["rank"])
+
+
+def loading_main(args: argparse.Namespace) -> None:
+    if args.smoke:
+        args.hidden, args.layers = 256, 4
+    if args.tp * args.pp != LOADING_RANKS:
+        raise SystemExit(f"--tp x --pp must be {LOADING_RANKS} (one model replica over the 4 ranks)")
+    mb = lambda n: round(n / 2**20, 1)  # noqa: E731
+    result = {"shape": {"hidden": args.hidden, "layers": args.layers, "tp": args.tp, "pp": args.pp,
+                        "ranks": LOADING_RANKS, "train_dtype": "bfloat16"}}
+    for checkpoint_dtype in ("float32", "bfloat16"):
+        with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:  # on disk: the page cache is not the bench's
+            model_dir = synthetic_checkpoint(Path(tmp) / "model", args.hidden, args.layers, args.tp, checkpoint_dtype)
+            runs = {mode: measure_loading(args, mode, model_dir) for mode in ("full", "rank_local")}
+            checkpoint = result[f"{checkpoint_dtype}_checkpoint"] = {
+                "file_mb": mb(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")))}
+        for mode, reports in runs.items():
+            growth = [r["after"] - r["before"] for r in reports]
+            peak = [r["peak"] - r["before"] for r in reports]
+            checkpoint[mode] = {
+                "share_mb": [mb(r["share"]) for r in reports],
+                "pss_growth_mb": [mb(g) for g in growth],
+                "peak_pss_growth_mb": [mb(p) for p in peak],
+                "growth_over_share": [round(g / r["share"], 3) for g, r in zip(growth, reports)],
+                "peak_over_share": [round(p / r["share"], 3) for p, r in zip(peak, reports)],
+                "node_pss_growth_mb": mb(sum(growth)),
+                "load_s": [round(r["load_s"], 2) for r in reports],
+            }
+            print(f"{checkpoint_dtype} checkpoint, {mode}: {json.dumps(checkpoint[mode])}", flush=True)
+        checkpoint["node_ratio"] = round(checkpoint["rank_local"]["node_pss_growth_mb"]
+                                         / checkpoint["full"]["node_pss_growth_mb"], 3)
+    result["max_rank_local_growth_over_share"] = max(
+        max(result[f"{d}_checkpoint"]["rank_local"]["growth_over_share"]) for d in ("float32", "bfloat16"))
+    result["target_met"] = result["max_rank_local_growth_over_share"] <= 1.5
     print("RESULT " + json.dumps(result))
 
 

@@ -10,10 +10,13 @@ given `mm_token_type_ids` (0 text, 1 image, 2 video) along with `image_grid_thw`
 it silently uses 1-D positions. `model_inputs` always supplies them.
 """
 
+import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
+from safetensors import safe_open
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from deepeyes.model.processor import Qwen2_5_VLImageOnlyProcessor
 
@@ -21,9 +24,71 @@ IMAGE_TOKEN_ID = 151655  # <|image_pad|>
 MERGE_SIZE = 2  # Qwen2.5-VL merges 2x2 vision patches into one language-model token
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen2_5_VLForConditionalGeneration:
-    """The model at `path`, in eval mode as `from_pretrained` leaves it (training calls `.train()`)."""
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
+               weights: bool = True) -> Qwen2_5_VLForConditionalGeneration:
+    """The model at `path`, in eval mode as `from_pretrained` leaves it (training calls `.train()`).
+
+    `weights=False`: its config and structure on the meta device, no weights and no memory — for
+    a megatron rank, which reads only its own slices of the checkpoint (`CheckpointTensors`).
+    """
+    if weights:
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig.from_pretrained(str(path)), dtype=dtype)
+    return model.eval()
+
+
+class CheckpointTensors(Mapping):
+    """The tensors of an HF checkpoint directory under the model's own parameter names, read lazily.
+
+    `tensors[name]` is a safetensors slice: `tensors[name][rows]` or `[:, cols]` reads only those
+    bytes from disk, `[:]` the whole tensor. A megatron rank thus holds its own share of the
+    weights, not a copy of the whole model. Released Qwen2.5-VL checkpoints store the legacy names
+    (`model.layers.*`, `visual.*`) that transformers renames on load (`model.language_model.*`,
+    `model.visual.*`); both layouts are read.
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
+        self._where: dict[str, tuple] = {}  # model name -> (open file, name in the file)
+        for file in files:
+            handle = safe_open(str(path / file), framework="pt")
+            for stored in handle.keys():
+                self._where[_model_name(stored)] = (handle, stored)
+
+    def __getitem__(self, name: str):
+        handle, stored = self._where[name]
+        return handle.get_slice(stored)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        """Drop the open files (and their memory maps)."""
+        self._where.clear()
+
+
+def _model_name(stored: str) -> str:
+    """The parameter name transformers gives a stored tensor (its conversion mapping for
+    Qwen2_5_VLForConditionalGeneration): visual.* -> model.visual.*, model.* -> model.language_model.*."""
+    if stored.startswith("visual."):
+        return "model." + stored
+    if stored.startswith("model.") and not stored.startswith(("model.language_model.", "model.visual.")):
+        return "model.language_model." + stored.removeprefix("model.")
+    return stored
 
 
 def load_processor(path: str | Path) -> Qwen2_5_VLImageOnlyProcessor:

@@ -7,6 +7,11 @@
 The model directory loads with plain `from_pretrained(path)` (evaluation, the next stage's
 `run.init_from`, vLLM). A checkpoint is written to a temporary name and renamed, so a job
 killed mid-save never leaves a half checkpoint behind `latest`.
+
+Every trainer saves and restores through `save_checkpoint` / `restore_checkpoint`; what differs
+is where its weights and optimizer go, a `ModelCheckpoint`: `HFModelCheckpoint` here (the
+reference trainers: the optimizer in trainer_state.pt) or the megatron one
+(deepeyes.train.megatron.checkpoint: a resharding distributed checkpoint beside the HF directory).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -40,18 +45,75 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(out_dir: Path, model, processor, state: TrainerState) -> Path:
+class ModelCheckpoint(Protocol):
+    """A trainer's weights and optimizer in a checkpoint directory (the rest is common)."""
+
+    leader: bool  # this process writes the directory's shared files (one-process trainers: always)
+
+    def write(self, directory: Path) -> dict[str, Any] | None:
+        """Write the weights (and the optimizer, or return its state for trainer_state.pt) into
+        `directory`, which the leader created (collective for a multi-rank trainer)."""
+
+    def read(self, checkpoint: Path, state: TrainerState) -> None:
+        """Restore the weights and optimizer that `write` saved (collective for a multi-rank trainer)."""
+
+    def barrier(self) -> None:
+        """Wait for every rank (nothing for a one-process trainer)."""
+
+
+@dataclass
+class HFModelCheckpoint:
+    """The reference trainers' part: the HF model directory; the optimizer state in trainer_state.pt.
+    On restore the weights are already in (the policy was loaded from the checkpoint)."""
+
+    model: Any
+    processor: Any
+    optimizer: torch.optim.Optimizer
+    leader: bool = True
+
+    def write(self, directory: Path) -> dict[str, Any]:
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+        return self.optimizer.state_dict()
+
+    def read(self, checkpoint: Path, state: TrainerState) -> None:
+        self.optimizer.load_state_dict(state.optimizer)
+
+    def barrier(self) -> None:
+        pass
+
+
+def save_checkpoint(out_dir: Path, step: int, run_id: str | None, model: ModelCheckpoint, sampler=None) -> Path:
+    """The checkpoint after `step` optimizer steps: `model`'s weights and optimizer, the data
+    position (`sampler`'s; None when the step alone gives it), RNG and run id; then `latest`
+    names it. Every rank of a multi-rank trainer calls it. Returns its directory."""
     root = Path(out_dir) / "checkpoints"
-    final = root / f"step_{state.step:06d}"
-    partial = root / f".partial_step_{state.step:06d}"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    processor.save_pretrained(partial)
-    torch.save(state.__dict__, partial / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    (root / "latest").write_text(final.name)
+    final = root / f"step_{step:06d}"
+    partial = root / f".partial_step_{step:06d}"
+    if model.leader:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    model.barrier()
+    optimizer = model.write(partial)
+    if model.leader:
+        state = TrainerState(step, optimizer, sampler.state_dict() if sampler is not None else None, run_id, rng_state())
+        torch.save(state.__dict__, partial / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        (root / "latest").write_text(final.name)
+    model.barrier()
     return final
+
+
+def restore_checkpoint(checkpoint: Path, model: ModelCheckpoint, sampler=None) -> TrainerState:
+    """Weights and optimizer (`model`), data position (into `sampler`, when given) and RNG from
+    `checkpoint`; returns its trainer state (step, run id)."""
+    state = load_trainer_state(checkpoint)
+    model.read(checkpoint, state)
+    if sampler is not None:
+        sampler.load_state_dict(state.data)
+    set_rng_state(state.rng)
+    return state
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

@@ -33,9 +33,7 @@ from deepeyes.rollout.judge import JudgeClient
 from deepeyes.rollout.services import JUDGE, ROLLOUT, SEARCH, ServiceEndpoints, rl_services
 from deepeyes.rollout.weight_sync import WeightSync
 from deepeyes.tools.search_service import SearchClient
-from deepeyes.train.checkpoint import (
-    TrainerState, load_trainer_state, rng_state, save_checkpoint, set_rng_state,
-)
+from deepeyes.train.checkpoint import HFModelCheckpoint, TrainerState, restore_checkpoint, save_checkpoint
 from deepeyes.train.forward import TokenSequence, token_logprobs
 from deepeyes.train.losses import clipped_policy_loss, grpo_advantages
 from deepeyes.train.sampler import MixtureSampler, realized_mix
@@ -72,16 +70,15 @@ class GRPOTrainer:
 
     def save(self, out_dir: Path, step: int, run_id: str | None) -> Path:
         """Checkpoint after `step` optimizer steps: HF model directory + optimizer, data position, RNG."""
-        state = TrainerState(step, self.optimizer.state_dict(), self.sampler.state_dict(), run_id, rng_state())
-        return save_checkpoint(out_dir, self.policy.model, self.policy.processor, state)
+        return save_checkpoint(out_dir, step, run_id, self.model_checkpoint(), self.sampler)
 
     def restore(self, checkpoint: Path) -> TrainerState:
         """Optimizer, data position and RNG from `checkpoint` (the weights were loaded with the policy)."""
-        state = load_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(state.optimizer)
-        self.sampler.load_state_dict(state.data)
-        set_rng_state(state.rng)
-        return state
+        return restore_checkpoint(checkpoint, self.model_checkpoint(), self.sampler)
+
+    def model_checkpoint(self):
+        """Where this trainer's weights and optimizer go in a checkpoint."""
+        return HFModelCheckpoint(self.policy.model, self.policy.processor, self.optimizer)
 
     def step(self, step: int) -> tuple[dict[str, float], list[Trajectory]]:
         """One GRPO step; returns its metrics and its scored trajectories."""

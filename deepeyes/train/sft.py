@@ -21,7 +21,7 @@ from deepeyes.config import SFTJobConfig
 from deepeyes.data import read_sft_records
 from deepeyes.train.preemption import Preempted, StopSignal
 from deepeyes.train.checkpoint import (
-    TrainerState, latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state,
+    HFModelCheckpoint, TrainerState, latest_checkpoint, restore_checkpoint, save_checkpoint,
 )
 from deepeyes.train.forward import TokenSequence, token_logprobs
 from deepeyes.train.run_logger import RunLogger
@@ -132,15 +132,15 @@ class SFTTrainer:
         return stop_requested
 
     def save(self, out_dir: Path, step: int, run_id: str | None) -> Path:
-        # The data position is the step: the schedule is a function of the seed.
-        state = TrainerState(step, self.optimizer.state_dict(), None, run_id, rng_state())
-        return save_checkpoint(out_dir, self.policy.model, self.policy.processor, state)
+        # No sampler: the data position is the step (the schedule is a function of the seed).
+        return save_checkpoint(out_dir, step, run_id, self.model_checkpoint())
 
     def restore(self, checkpoint: Path) -> TrainerState:
-        state = load_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(state.optimizer)
-        set_rng_state(state.rng)
-        return state
+        return restore_checkpoint(checkpoint, self.model_checkpoint())
+
+    def model_checkpoint(self):
+        """Where this trainer's weights and optimizer go in a checkpoint."""
+        return HFModelCheckpoint(self.policy.model, self.policy.processor, self.optimizer)
 
 
 def train_sft(cfg: SFTJobConfig) -> Path:

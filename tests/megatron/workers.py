@@ -19,13 +19,15 @@ from deepeyes.data import ensure_sample_data, read_sft_records
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from deepeyes.model import IMAGE_TOKEN_ID, ensure_tiny_model, load_model, load_processor
+from deepeyes.model.load import CheckpointTensors
 from deepeyes.model.tiny import tiny_config
 from deepeyes.model.pixels import PixelCache
 from deepeyes.model.megatron.convert import save_hf_checkpoint
 from deepeyes.model.megatron.spec import ParallelLayout
 from deepeyes.train.forward import TokenSequence, token_logprobs
-from deepeyes.train.checkpoint import TrainerState, rng_state
-from deepeyes.train.megatron.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
+from deepeyes.train.checkpoint import restore_checkpoint, save_checkpoint
+from deepeyes.train.megatron.checkpoint import MegatronModelCheckpoint
+from deepeyes.train.sampler import MixtureSampler
 from deepeyes.train.megatron.engine import MegatronEngine, OptimSettings
 from deepeyes.train.megatron.parallel import init_parallel
 from deepeyes.train.setup import build_optimizer, clip_and_step
@@ -197,17 +199,20 @@ def resume(rank: int, world: int, port: int, save_layout: ParallelLayout, load_l
     engine = MegatronEngine(load_model(path), pixels, save_layout, settings)
     engine.forward_backward(first, MICRO, sft_loss(first))
     engine.step(LR)
-    state = TrainerState(1, None, {"epoch": 0, "position": 4}, None, rng_state())
-    checkpoint = save_megatron_checkpoint(Path(out_dir), engine, processor, state)
+    sampler = MixtureSampler({"tasks": list(range(10))}, {"tasks": 1.0}, seed=0)
+    sampler.take(4)  # the data position saved with the step
+    checkpoint = save_checkpoint(Path(out_dir), 1, "run-1", MegatronModelCheckpoint(engine, processor), sampler)
     expected, expected_params = next_loss(engine)
 
     init_parallel(load_layout, seed=0)
     engine = MegatronEngine(load_model(path), pixels, load_layout, settings)  # fresh weights, then the checkpoint
-    restored = load_megatron_checkpoint(checkpoint, engine)
+    fresh = MixtureSampler({"tasks": list(range(10))}, {"tasks": 1.0}, seed=0)
+    restored = restore_checkpoint(checkpoint, MegatronModelCheckpoint(engine, processor), fresh)
     got, got_params = next_loss(engine)
     if rank == 0:
         results.put({
-            "loss_diff": abs(got - expected), "step": restored.step, "data": restored.data,
+            "loss_diff": abs(got - expected), "step": restored.step, "run_id": restored.run_id,
+            "next_tasks": (fresh.take(3), sampler.take(3)),
             "param_diff": max((got_params[k] - v).abs().max().item() for k, v in expected_params.items()),
         })
     dist.barrier()
@@ -278,4 +283,55 @@ def sft_job(rank: int, world: int, port: int, out_dir: str, overrides: list[str]
         outcome = f"preempted: {preempted}"
     if rank == 0:
         results.put(outcome)
+    dist.destroy_process_group()
+
+
+def rank_local_loading(rank: int, world: int, port: int, layouts: list[ParallelLayout], model_dir: str,
+                       results) -> None:
+    """Per layout: the engine loaded from the whole HF state dict and the one loaded from this
+    rank's own slices of the safetensors files (CheckpointTensors) hold the same parameters."""
+    join(rank, world, port)
+    path = Path(model_dir)
+    processor = load_processor(path)
+    pixels = PixelCache(processor.image_processor, 3136, 50176)
+    settings = OptimSettings(LR, 0.0, (0.9, 0.999), 1.0, False)
+    report = []
+    for layout in layouts:
+        init_parallel(layout, seed=0)
+        full = MegatronEngine(load_model(path), pixels, layout, settings)
+        tensors = CheckpointTensors(path)
+        local = MegatronEngine(load_model(path, weights=False), pixels, layout, settings, weights=tensors)
+        tensors.close()
+        pairs = [(name, a, b) for chunk_a, chunk_b in zip(full.chunks, local.chunks)
+                 for (name, a), (_, b) in zip(chunk_a.module.named_parameters(), chunk_b.module.named_parameters(),
+                                              strict=True)]
+        differ = [name for name, a, b in pairs if not torch.equal(a, b)]
+        trainable = [name for name, a, b in pairs if a.requires_grad != b.requires_grad]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {"compared": len(pairs), "differ": differ, "requires_grad_differ": trainable,
+                                          "vision": any(name.startswith("visual.") for name, _, _ in pairs)})
+        report.append(gathered)
+    if rank == 0:
+        results.put(report)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def engine_logs(rank: int, world: int, port: int, debug: bool, results) -> None:
+    """The log records (level, logger, first line) of building an engine, with INFO logging as
+    Hydra sets it up, and the engine's logger at DEBUG when `debug`."""
+    import logging
+
+    join(rank, world, port)
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append((record.levelname, record.name, record.getMessage().split("\n")[0]))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    if debug:
+        logging.getLogger("deepeyes.train.megatron.engine").setLevel(logging.DEBUG)
+    path = ensure_tiny_model()
+    init_parallel(ParallelLayout(), seed=0)
+    MegatronEngine(load_model(path), PixelCache(load_processor(path).image_processor, 3136, 50176), ParallelLayout(),
+                   OptimSettings(LR, 0.0, (0.9, 0.999), 1.0, True))
+    results.put(records)
     dist.destroy_process_group()

@@ -16,6 +16,7 @@ tower is the HF module itself and keeps its HF names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -65,19 +66,28 @@ def _qkv_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) 
     return torch.cat(per_group, dim=1).reshape(-1, *tail)
 
 
-def _shard(kind: str, hf: list[torch.Tensor], text, rank: int, size: int) -> torch.Tensor:
-    """This tensor-parallel rank's slice of a megatron parameter, from its HF tensors."""
+def _read_shard(kind: str, hf: list, shape: torch.Size, text, rank: int) -> torch.Tensor:
+    """This tensor-parallel rank's slice (of `shape`) of a megatron parameter, reading only the
+    rows or columns of its HF tensors that the slice holds (`hf`: tensors or safetensors slices)."""
     if kind.startswith("self_attention.linear_qkv"):
-        return _qkv_groups(*hf, text.num_key_value_heads).chunk(size, dim=0)[rank]
+        head_dim = text.hidden_size // text.num_attention_heads
+        q_rows = text.num_attention_heads // text.num_key_value_heads * head_dim  # query rows per group
+        groups = shape[0] // (q_rows + 2 * head_dim)  # this rank's whole key/value groups
+        first = rank * groups
+        q, k, v = hf
+        return _qkv_groups(q[first * q_rows : (first + groups) * q_rows],
+                           k[first * head_dim : (first + groups) * head_dim],
+                           v[first * head_dim : (first + groups) * head_dim], groups)
     if kind == "mlp.linear_fc1.weight":
+        rows = shape[0] // 2
         gate, up = hf
-        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]])
+        return torch.cat([gate[rank * rows : (rank + 1) * rows], up[rank * rows : (rank + 1) * rows]])
     (tensor,) = hf
     if kind in ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight"):
-        return tensor.chunk(size, dim=1)[rank]
+        return tensor[:, rank * shape[1] : (rank + 1) * shape[1]]
     if kind in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        return tensor.chunk(size, dim=0)[rank]
-    return tensor  # norms: replicated
+        return tensor[rank * shape[0] : (rank + 1) * shape[0]]
+    return tensor[:]  # norms: replicated
 
 
 def _unshard(kind: str, shards: list[torch.Tensor], text) -> list[torch.Tensor]:
@@ -99,14 +109,15 @@ def _unshard(kind: str, shards: list[torch.Tensor], text) -> list[torch.Tensor]:
     return [shards[0]]
 
 
-def load_hf_weights(chunks, hf_state: dict[str, torch.Tensor], hf_config: Qwen2_5_VLConfig) -> None:
-    """Copy an HF Qwen2.5-VL state dict into this rank's model chunks (its TP slice, its layers).
+def load_hf_weights(chunks, hf_state: Mapping, hf_config: Qwen2_5_VLConfig) -> None:
+    """Copy this rank's part of an HF Qwen2.5-VL checkpoint into its model chunks: its TP slice of
+    its layers, and the vision tower on the first stage.
 
-    Every language-model parameter of the chunks must be found; vision weights load into the
-    vision tower the first stage holds.
+    `hf_state` maps HF parameter names to tensors (a state dict) or to lazy slices
+    (deepeyes.model.load.CheckpointTensors); only the slices this rank holds are read from it.
+    Every language-model parameter of the chunks must be found.
     """
     rank = parallel_state.get_tensor_model_parallel_rank()
-    size = parallel_state.get_tensor_model_parallel_world_size()
     text = hf_config.text_config
     with torch.no_grad():
         for chunk in chunks:
@@ -116,12 +127,12 @@ def load_hf_weights(chunks, hf_state: dict[str, torch.Tensor], hf_config: Qwen2_
                 missing = [n for n in hf_names if n not in hf_state]
                 if missing:
                     raise KeyError(f"HF checkpoint lacks {missing} (needed for megatron {name})")
-                value = _shard(kind, [hf_state[n] for n in hf_names], text, rank, size)
+                value = _read_shard(kind, [hf_state[n] for n in hf_names], param.shape, text, rank)
                 if value.shape != param.shape:
                     raise ValueError(f"{name}: checkpoint gives {tuple(value.shape)}, model has {tuple(param.shape)}")
                 param.copy_(value)
             if chunk.visual is not None:
-                visual = {k.removeprefix("model.visual."): v for k, v in hf_state.items() if k.startswith("model.visual.")}
+                visual = {k.removeprefix("model.visual."): hf_state[k][:] for k in hf_state if k.startswith("model.visual.")}
                 chunk.visual.load_state_dict(visual, strict=True)
 
 

@@ -15,10 +15,10 @@ global rank 0 (the only generators the data order and the dropout-free model con
 
 from __future__ import annotations
 
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
@@ -34,36 +34,38 @@ def _sharded_state(engine: MegatronEngine, is_loading: bool) -> dict:
     return {"model": model, "optimizer": engine.optimizer.sharded_state_dict(model, is_loading=is_loading)}
 
 
-def save_megatron_checkpoint(out_dir: Path, engine: MegatronEngine, processor, state: TrainerState) -> Path:
-    """Write the step's checkpoint (collective: every rank calls it); returns its directory."""
-    root = Path(out_dir) / "checkpoints"
-    final = root / f"step_{state.step:06d}"
-    partial = root / f".partial_step_{state.step:06d}"
-    hf_state = engine.hf_state()
-    if dist.get_rank() == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        (partial / "megatron").mkdir(parents=True)
-        save_hf_checkpoint(hf_state, engine.hf_config, partial)
-        processor.save_pretrained(partial)
-        torch.save({**state.__dict__, "optimizer": None}, partial / "trainer_state.pt")
-    dist.barrier()
-    dist_checkpointing.save(_sharded_state(engine, is_loading=False), str(partial / "megatron"))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        (root / "latest").write_text(final.name)
-    dist.barrier()
-    return final
+@dataclass
+class MegatronModelCheckpoint:
+    """The megatron trainers' part of a checkpoint (deepeyes.train.checkpoint.save_checkpoint):
+    the HF directory gathered on global rank 0 and the distributed checkpoint of model and
+    optimizer in megatron/, which restores at any layout. Every rank calls its methods."""
 
+    engine: MegatronEngine
+    processor: Any
 
-def load_megatron_checkpoint(checkpoint: Path, engine: MegatronEngine) -> TrainerState:
-    """Restore model and optimizer into `engine` (any layout) and return the trainer state."""
-    loaded = dist_checkpointing.load(_sharded_state(engine, is_loading=True), str(Path(checkpoint) / "megatron"))
-    for i, chunk in enumerate(engine.chunks):
-        prefix = f"chunk{i}." if len(engine.chunks) > 1 else ""
-        chunk.module.load_state_dict(
-            {k.removeprefix(prefix): v for k, v in loaded["model"].items() if k.startswith(prefix)}, strict=True
-        )
-    engine.optimizer.load_state_dict(loaded["optimizer"])
-    return TrainerState(**torch.load(Path(checkpoint) / "trainer_state.pt", weights_only=False))
+    @property
+    def leader(self) -> bool:
+        return dist.get_rank() == 0
+
+    def write(self, directory: Path) -> None:
+        hf_state = self.engine.hf_state()  # gathered on rank 0
+        if self.leader:
+            save_hf_checkpoint(hf_state, self.engine.hf_config, directory)
+            self.processor.save_pretrained(directory)
+            (directory / "megatron").mkdir()
+        dist.barrier()
+        dist_checkpointing.save(_sharded_state(self.engine, is_loading=False), str(directory / "megatron"))
+        dist.barrier()  # every rank's shards are written before the leader renames the directory
+
+    def read(self, checkpoint: Path, state: TrainerState) -> None:
+        engine = self.engine
+        loaded = dist_checkpointing.load(_sharded_state(engine, is_loading=True), str(Path(checkpoint) / "megatron"))
+        for i, chunk in enumerate(engine.chunks):
+            prefix = f"chunk{i}." if len(engine.chunks) > 1 else ""
+            chunk.module.load_state_dict(
+                {k.removeprefix(prefix): v for k, v in loaded["model"].items() if k.startswith(prefix)}, strict=True
+            )
+        engine.optimizer.load_state_dict(loaded["optimizer"])
+
+    def barrier(self) -> None:
+        dist.barrier()

@@ -13,7 +13,8 @@ over the whole mini-batch — with the work split over tensor, pipeline and data
 
 from __future__ import annotations
 
-import copy
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
@@ -24,13 +25,22 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer import TransformerConfig
 
+from deepeyes.model.load import CheckpointTensors
 from deepeyes.model.megatron.convert import export_hf_state, load_hf_weights
-from deepeyes.model.megatron.model import build_model_chunks
+from deepeyes.model.megatron.model import Qwen2_5_VLMegatronModel, build_model_chunks
 from deepeyes.model.megatron.spec import ParallelLayout, transformer_config
 from deepeyes.model.pixels import PixelCache
 from deepeyes.train.forward import TokenSequence
 from deepeyes.train.megatron.batch import pack, split_by_sequence
+
+log = logging.getLogger(__name__)
+
+# megatron-core logs, at INFO, the name of every parameter of every gradient bucket and its DDP and
+# optimizer configs: library internals, shown only when this module logs at DEBUG
+# (hydra.verbose=deepeyes.train.megatron.engine, or hydra.verbose=true).
+_CHATTY_LOGGERS = ("megatron.core.distributed", "megatron.core.optimizer")
 
 # loss_fn(logprobs of each sequence's masked tokens, indices of those sequences in the mini-batch)
 #   -> (sum of token losses, number of trained tokens, {metric: summed value})
@@ -50,7 +60,10 @@ class MegatronEngine:
     """Model chunks of one rank, wrapped for data parallelism, with their optimizer."""
 
     def __init__(self, hf_model, pixels: PixelCache, layout: ParallelLayout, optim: OptimSettings,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, weights: Mapping | None = None):
+        """`hf_model` gives the config and which parameters train; its weights, or `weights` when
+        given (deepeyes.model.load.CheckpointTensors: this rank reads only its own slices, so
+        `hf_model` can be a weightless meta model), are copied into this rank's chunks."""
         self.hf_config = hf_model.config
         self.pixels = pixels
         self.layout = layout
@@ -58,16 +71,16 @@ class MegatronEngine:
         # Per-token loss: gradients are summed over ranks and micro-batches, then divided by
         # the trained-token count of the whole mini-batch (see the module docstring).
         self.config.calculate_per_token_loss = True
+        # Every parameter is overwritten by the checkpoint: megatron-core's own initialization
+        # would only cost time (and on the CPU a full-size fp32 master copy of each weight).
+        self.config.perform_initialization = False
         # The chunks live on this rank's GPU (megatron-core builds its layers there; our norms
-        # and the HF vision tower are moved), or on the CPU without CUDA. The HF model stays
-        # where the caller keeps it (the in-process rollout engine reads it): a vision tower
-        # on another device is copied, not moved.
+        # and the vision tower are moved), or on the CPU without CUDA.
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        visual = hf_model.model.visual
-        if next(visual.parameters()).device != self.device:
-            visual = copy.deepcopy(visual)
-        chunks = [chunk.to(self.device) for chunk in build_model_chunks(self.config, hf_model.config, visual)]
-        load_hf_weights(chunks, hf_model.state_dict(), hf_model.config)
+        chunks = load_chunks(hf_model, self.config, self.device, weights)
+        if not log.isEnabledFor(logging.DEBUG):
+            for name in _CHATTY_LOGGERS:
+                logging.getLogger(name).setLevel(logging.WARNING)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=optim.distributed, overlap_grad_reduce=False,
         )
@@ -195,8 +208,29 @@ class MegatronEngine:
         return export_hf_state([c.module for c in self.chunks], self.hf_config, select)
 
 
+def load_chunks(hf_model, config: TransformerConfig, device: torch.device,
+                weights: Mapping | None = None) -> list[Qwen2_5_VLMegatronModel]:
+    """This rank's model chunks on `device`, holding its part of the checkpoint: read from
+    `weights` (CheckpointTensors: only this rank's slices, so `hf_model` may be a weightless meta
+    model) or copied from `hf_model`'s own. `hf_model` gives the config and which vision parameters train."""
+    visual = None
+    if parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        # A tower of the rank's own: the HF model stays as the caller keeps it (the in-process
+        # rollout engine reads it).
+        hf_visual = hf_model.model.visual
+        with torch.device(device):
+            visual = type(hf_visual)._from_config(hf_model.config.vision_config, dtype=config.params_dtype)
+        for own, original in zip(visual.parameters(), hf_visual.parameters(), strict=True):
+            own.requires_grad_(original.requires_grad)
+        visual.train(hf_visual.training)
+    chunks = [chunk.to(device) for chunk in build_model_chunks(config, hf_model.config, visual)]
+    load_hf_weights(chunks, hf_model.state_dict() if weights is None else weights, hf_model.config)
+    return chunks
+
+
 def build_engine(policy, trainer_cfg, optim_cfg, seed: int) -> MegatronEngine:
-    """Join the process groups `trainer_cfg` asks for and build the engine on `policy` (from load_policy)."""
+    """Join the process groups `trainer_cfg` asks for and build the engine on `policy` (from
+    load_policy; its model may be weightless: the engine reads its slices from `policy.path`)."""
     from deepeyes.train.megatron.parallel import init_parallel
 
     layout = ParallelLayout(
@@ -207,4 +241,8 @@ def build_engine(policy, trainer_cfg, optim_cfg, seed: int) -> MegatronEngine:
     init_parallel(layout, seed)
     settings = OptimSettings(optim_cfg.lr, optim_cfg.weight_decay, tuple(optim_cfg.betas), optim_cfg.grad_clip,
                              trainer_cfg.distributed_optimizer)
-    return MegatronEngine(policy.model, policy.pixels, layout, settings, policy.model.dtype)
+    weights = CheckpointTensors(policy.path)  # each rank reads its own slices, not the whole model
+    try:
+        return MegatronEngine(policy.model, policy.pixels, layout, settings, policy.model.dtype, weights)
+    finally:
+        weights.close()

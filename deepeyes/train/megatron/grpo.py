@@ -28,11 +28,10 @@ import torch.distributed as dist
 
 from deepeyes.agent.trajectory import Trajectory
 from deepeyes.config import RLJobConfig
-from deepeyes.train.checkpoint import TrainerState, rng_state, set_rng_state
 from deepeyes.train.forward import TokenSequence
 from deepeyes.train.grpo import GRPOTrainer, rollout_side
 from deepeyes.train.losses import clipped_policy_loss
-from deepeyes.train.megatron.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
+from deepeyes.train.megatron.checkpoint import MegatronModelCheckpoint
 from deepeyes.train.megatron.engine import MegatronEngine, build_engine
 from deepeyes.train.megatron.parallel import from_leader
 from deepeyes.train.setup import Policy
@@ -129,18 +128,10 @@ class MegatronGRPOTrainer(GRPOTrainer):
             for key, value in totals.items()
         } | {"policy/lr": self.optimizer.param_groups[0]["lr"]}
 
-    def save(self, out_dir: Path, step: int, run_id: str | None) -> Path:
-        """HF directory + megatron distributed checkpoint (model, optimizer) + trainer state (collective)."""
-        data = self.sampler.state_dict() if self.leader else None
-        state = TrainerState(step, None, data, run_id, rng_state())
-        return save_megatron_checkpoint(out_dir, self.megatron, self.policy.processor, state)
-
-    def restore(self, checkpoint: Path) -> TrainerState:
-        state = load_megatron_checkpoint(checkpoint, self.megatron)  # any TP/PP/DP layout
-        if self.leader:
-            self.sampler.load_state_dict(state.data)
-        set_rng_state(state.rng)
-        return state
+    def model_checkpoint(self) -> MegatronModelCheckpoint:
+        """HF directory + megatron distributed checkpoint (model, optimizer; restores at any TP/PP/DP
+        layout); save and restore are collective. The sampler is the leader's alone."""
+        return MegatronModelCheckpoint(self.megatron, self.policy.processor)
 
 
 def build_megatron_trainer(cfg: RLJobConfig, out_dir: Path, policy: Policy) -> MegatronGRPOTrainer:

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from deepeyes.config import SFTJobConfig
-from deepeyes.train.checkpoint import TrainerState, rng_state, set_rng_state
+from deepeyes.train.checkpoint import TrainerState, restore_checkpoint, save_checkpoint
 from deepeyes.train.forward import TokenSequence
-from deepeyes.train.megatron.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
+from deepeyes.train.megatron.checkpoint import MegatronModelCheckpoint
 from deepeyes.train.megatron.engine import build_engine
 from deepeyes.train.megatron.parallel import from_leader
 from deepeyes.train.setup import Policy
@@ -49,10 +49,8 @@ class MegatronSFTTrainer:
         return from_leader(stop_requested)
 
     def save(self, out_dir: Path, step: int, run_id: str | None) -> Path:
-        state = TrainerState(step, None, None, run_id, rng_state())  # the data position is the step
-        return save_megatron_checkpoint(out_dir, self.engine, self.policy.processor, state)
+        # No sampler: the data position is the step. Collective; restores at any TP/PP/DP layout.
+        return save_checkpoint(out_dir, step, run_id, MegatronModelCheckpoint(self.engine, self.policy.processor))
 
     def restore(self, checkpoint: Path) -> TrainerState:
-        state = load_megatron_checkpoint(checkpoint, self.engine)  # any TP/PP/DP layout
-        set_rng_state(state.rng)
-        return state
+        return restore_checkpoint(checkpoint, MegatronModelCheckpoint(self.engine, self.policy.processor))
