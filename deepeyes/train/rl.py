@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -30,7 +31,10 @@ log = logging.getLogger(__name__)
 def build_trainer(cfg: RLJobConfig, out_dir: Path, init_from: str | None) -> GRPOTrainer:
     """Policy, optimizer and the rollout side, wired together (the megatron backend: see
     deepeyes.train.megatron.grpo.build_megatron_trainer)."""
-    policy = load_policy(cfg.model, init_from)
+    # Megatron ranks read their own slices of the checkpoint; the leader (global rank 0) also keeps
+    # the whole HF model, which its rollout side generates from or publishes.
+    leader = int(os.environ.get("RANK", "0")) == 0
+    policy = load_policy(cfg.model, init_from, weights=cfg.trainer.backend != "megatron" or leader)
     if cfg.trainer.backend == "megatron":
         from deepeyes.train.megatron.grpo import (
             build_megatron_trainer,  # imports megatron-core only when asked for

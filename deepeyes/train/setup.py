@@ -41,16 +41,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_policy(cfg: ModelConfig, init_from: str | None = None) -> Policy:
+def load_policy(cfg: ModelConfig, init_from: str | None = None, weights: bool = True) -> Policy:
     """The model to train: `init_from` (a previous stage's checkpoint, its `latest` pointer or its
     run directory), else `model.path`, else the tiny offline model. All go through the same
-    `from_pretrained(path)` loading."""
+    `from_pretrained(path)` loading. `weights=False`: a weightless (meta) model, for a megatron
+    rank that reads only its own slices from `Policy.path`."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     path = resolve_checkpoint(Path(init_from or cfg.path or ensure_tiny_model()))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {path} has no config.json (model.path / run.init_from)")
-    model = load_model(path, dtype=_DTYPES[cfg.dtype])
+    model = load_model(path, dtype=_DTYPES[cfg.dtype], weights=weights)
     processor = load_processor(path)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)  # vision tower and merger, as in the paper

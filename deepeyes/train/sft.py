@@ -153,7 +153,9 @@ def train_sft(cfg: SFTJobConfig) -> Path:
     out_dir = Path(cfg.run.out_dir)
     seed_everything(cfg.run.seed)
     resume = latest_checkpoint(out_dir)
-    policy = load_policy(cfg.model, str(resume) if resume else cfg.run.init_from)
+    # Megatron ranks read their own slices of the checkpoint (deepeyes.train.megatron.engine.build_engine).
+    policy = load_policy(cfg.model, str(resume) if resume else cfg.run.init_from,
+                         weights=cfg.trainer.backend != "megatron")
     if cfg.trainer.backend == "megatron":
         from deepeyes.train.megatron.sft import MegatronSFTTrainer  # imports megatron-core only when asked for
 
