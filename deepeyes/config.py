@@ -16,6 +16,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from deepeyes.cache import cache_root
+
 log = logging.getLogger(__name__)
 
 
@@ -536,8 +538,6 @@ def _refuse_sample_data(job: Any) -> None:
 
 
 def _in_sample_data(path: str) -> bool:
-    from deepeyes.cache import cache_root
-
     try:
         relative = Path(path).resolve().relative_to((cache_root() / "data").resolve())
     except ValueError:
