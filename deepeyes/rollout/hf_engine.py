@@ -189,7 +189,11 @@ class HFRolloutEngine:
                 for name, tensor in bucket:
                     params[name].copy_(tensor)
 
-        receive_buckets(self._weight_group, names, dtype_names, shapes, packed, load)
+        def into(name: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+            param = None if mismatched else params[name]
+            return param.data if param is not None and param.dtype == dtype and param.is_contiguous() else None
+
+        receive_buckets(self._weight_group, names, dtype_names, shapes, packed, load, into)
         if mismatched:
             raise ValueError(f"broadcast weights do not fit the served model: {'; '.join(mismatched[:5])}")
 

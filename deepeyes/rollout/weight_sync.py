@@ -113,6 +113,14 @@ class WeightGroup:
         self._communicator = communicator  # gloo: a ProcessGroupGloo; cuda: vLLM's PyNcclCommunicator
         self._store = store  # rank 0 hosts the rendezvous store: kept alive with the group
         self.device = device
+        self._staging: torch.Tensor | None = None
+
+    def staging(self, size: int) -> torch.Tensor:
+        """A bucket of `size` bytes, reused from one bucket and one version to the next: its pages
+        are touched once per job, not once per step (on a CPU that halves a bucket's cost)."""
+        if self._staging is None or self._staging.numel() < size:
+            self._staging = torch.empty(size, dtype=torch.uint8, device=self.device)
+        return self._staging[:size]
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         """Rank 0's `tensor` into every rank's `tensor` (same shape and dtype on each)."""
@@ -128,7 +136,7 @@ class WeightGroup:
 
     def close(self) -> None:
         """Leave the group: a peer waiting on this rank then fails at once instead of timing out."""
-        self._communicator = self._store = None
+        self._communicator = self._store = self._staging = None
 
 
 def join_weight_group(master_address: str, master_port: int, rank: int, world_size: int, device: torch.device,
@@ -166,32 +174,42 @@ def send_buckets(group: WeightGroup, tensors: Iterable[tuple[str, torch.Tensor]]
             group.broadcast(tensor.detach().to(group.device).contiguous())
             sent += tensor.numel() * tensor.element_size()
         return sent
-    bucket: list[torch.Tensor] = []
+    def flush(pieces: list[torch.Tensor], size: int) -> None:
+        bucket, offset = group.staging(size), 0
+        for piece in pieces:
+            bucket[offset:offset + piece.numel()].copy_(piece)
+            offset += piece.numel()
+        group.broadcast(bucket)
+
+    pieces: list[torch.Tensor] = []
     size = 0
     for _, tensor in tensors:
-        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        bucket.append(flat)
-        size += flat.numel()
+        pieces.append(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+        size += pieces[-1].numel()
         if size > bucket_bytes:
-            group.broadcast(torch.cat(bucket).to(group.device))
-            sent, bucket, size = sent + size, [], 0
-    if bucket:
-        group.broadcast(torch.cat(bucket).to(group.device))
+            flush(pieces, size)
+            sent, pieces, size = sent + size, [], 0
+    if pieces:
+        flush(pieces, size)
         sent += size
     return sent
 
 
 def receive_buckets(group: WeightGroup, names: list[str], dtype_names: list[str], shapes: list[list[int]],
                     packed: bool, load: Callable[[list[tuple[str, torch.Tensor]]], None],
+                    into: Callable[[str, list[int], torch.dtype], torch.Tensor | None] = lambda *_: None,
                     bucket_bytes: int = BUCKET_BYTES) -> None:
     """The receiving side of `send_buckets`: `load` gets each bucket's (name, tensor) pairs as
-    they arrive (views of the bucket, valid during the call)."""
+    they arrive (views of the bucket, valid during the call). Unpacked, a tensor that `into`
+    places (the parameter itself, say) is received there, with no copy and no `load`."""
     dtypes = [weight_dtype(name) for name in dtype_names]
     if not packed:
         for name, dtype, shape in zip(names, dtypes, shapes):
-            tensor = torch.empty(shape, dtype=dtype, device=group.device)
+            target = into(name, shape, dtype)
+            tensor = target if target is not None else torch.empty(shape, dtype=dtype, device=group.device)
             group.broadcast(tensor)
-            load([(name, tensor)])
+            if target is None:
+                load([(name, tensor)])
         return
     entries: list[tuple[str, torch.dtype, list[int], int]] = []
     size = 0
@@ -200,7 +218,7 @@ def receive_buckets(group: WeightGroup, names: list[str], dtype_names: list[str]
         entries.append((name, dtype, shape, nbytes))
         size += nbytes
         if size > bucket_bytes or index == len(names) - 1:
-            bucket = torch.empty(size, dtype=torch.uint8, device=group.device)
+            bucket = group.staging(size)
             group.broadcast(bucket)
             pieces = bucket.split([entry[3] for entry in entries])
             load([(n, piece.view(d).view(s)) for (n, d, s, _), piece in zip(entries, pieces)])
@@ -299,11 +317,14 @@ class BroadcastWeightSync(WeightSync):
     docstring for the protocol). Runs only on the trainer's leader."""
 
     def __init__(self, client_factory, master_address: str, max_staleness: int = 0, timeout_s: float = 600.0,
-                 packed: bool = True):
+                 packed: bool | None = None):
         super().__init__(client_factory, root=Path(), max_staleness=max_staleness)
         self.master_address = master_address  # MASTER_ADDR of the trainer's node, where servers connect
         self.timeout = timedelta(seconds=timeout_s)
-        self.packed = packed  # False: one broadcast per tensor (no bucket copy; slower for many small tensors)
+        # Packed (vLLM's choice for NCCL): few large broadcasts, at the cost of a copy into a bucket on
+        # each side. Unpacked: one broadcast per tensor, received straight into the parameters by the hf
+        # backend; on CPU, where a copy costs as much as the transfer, the faster (bench/weight_sync.py).
+        self.packed = packed if packed is not None else torch.cuda.is_available()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.group_id: str | None = None
         self.formations = 0  # times the group was formed (1 + re-formations)

@@ -89,8 +89,9 @@ def test_broadcast_leaves_every_server_bit_equal_to_the_trainer_after_each_step_
     servers = [rollout_server(f"rollout{i}", tiny_dir, token_file, tmp_path) for i in range(2)]
     with local_services(servers, ready_timeout_s=120):
         policy = load_policy(ModelConfig(), str(tiny_dir))
+        # Packed buckets, vLLM's NCCL format (the other test runs the unpacked, in-place path).
         sync = BroadcastWeightSync(lambda: RolloutClient([s.url for s in servers], read_token(token_file)),
-                                   LOOPBACK, timeout_s=60)
+                                   LOOPBACK, timeout_s=60, packed=True)
         try:
             sync.publish(policy.model, 0, everything=True)  # as a job starts: the group forms once
             assert served_digests(servers) == [weights_digest(policy.model)] * 2
