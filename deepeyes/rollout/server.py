@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import logging
 import os
 import shutil
@@ -195,9 +196,12 @@ class RolloutServer:
                                        f"(expected {', '.join(fields)}, 0 < rank_offset < world_size)")
         self.weight_group = None
         started = time.perf_counter()
-        try:
-            await asyncio.to_thread(self.engine.init_weight_transfer, body["master_address"], body["master_port"],
-                                    body["rank_offset"], body["world_size"])
+        join = (body["master_address"], body["master_port"], body["rank_offset"], body["world_size"])
+        try:  # it blocks until every rank has joined: off the event loop (vLLM's engine has it async)
+            if inspect.iscoroutinefunction(self.engine.init_weight_transfer):
+                await self.engine.init_weight_transfer(*join)
+            else:
+                await asyncio.to_thread(self.engine.init_weight_transfer, *join)
         except Exception as error:
             log.exception("could not join the weight-broadcast group")
             return web.json_response({"error": f"joining the weight group failed: {error}", "kind": "weights"}, status=500)
