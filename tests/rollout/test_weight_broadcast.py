@@ -4,9 +4,10 @@ over a group of its own beside the trainer's default group; every server must th
 trainer's weights bit for bit (SHA-256 of every parameter), also after a server restarts, and a
 server killed mid-broadcast must fail nothing silently.
 
-Loopback rather than two Slurm nodes: the test must restart one server and kill another at a
-chosen moment and compare weights after every step, which the launcher (rightly) does not
-expose; tests/launch/test_slurm.py runs the same broadcast through a real two-node job.
+The restart and the kill run on loopback, because the test must restart one server and kill
+another at a chosen moment and read every server's weights after every step, which the launcher
+(rightly) does not expose. The last test runs the same broadcast in a real RL job on three nodes
+of the local Slurm cluster: a 2-rank trainer on one, a rollout server on each of the others.
 """
 
 import json
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ from deepeyes.rollout.client import RolloutClient
 from deepeyes.rollout.weight_sync import BroadcastWeightSync, weights_digest
 from deepeyes.service import LOOPBACK, auth_headers, free_port, local_services, read_token
 from deepeyes.train.setup import load_policy
+from tests.launch.conftest import slurm_cluster  # noqa: F401  (the fixture, for the Slurm job)
 from tests.paths import REPO
 from tests.rollout.conftest import rollout_server
 
@@ -154,3 +157,24 @@ def test_a_server_killed_mid_broadcast_is_counted_and_the_others_get_the_version
             assert sync.formations == 2
         finally:
             sync.close()
+
+
+def test_an_rl_job_on_three_slurm_nodes_moves_its_weights_by_broadcast(slurm_cluster, tmp_path):  # noqa: F811
+    result = subprocess.run(
+        [sys.executable, "jobs/rl.py", "cluster=slurm", "cluster.wait=true", "nodes=3", "cluster.gpus_per_node=2",
+         "cluster.cpus_per_node=2", "grpo.steps=2", "grpo.prompts_per_step=2", "rollout.n=2",
+         "rollout.max_turn_tokens=32", "model.threads=1", "rollout.weight_sync=broadcast", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = (tmp_path / "launch").glob("run_*")
+    nodes = {s["node"]: s for s in map(json.loads, map(Path.read_text, run.glob("node_*.json")))}
+    rollout_nodes = [n for n, summary in nodes.items() if "rollout" in summary["roles"]]
+    assert sorted(rollout_nodes) == [1, 2] and "trainer" in nodes[0]["roles"]
+    assert len(list(run.glob("trainer_node0*.log"))) == 2  # a 2-rank trainer; its leader broadcasts
+    assert "trainer + 2 servers" in (run / "trainer_node0.log").read_text()
+    for node in rollout_nodes:
+        (log,) = run.glob(f"rollout_node{node}*.log")
+        text = log.read_text()
+        assert "joined weight-broadcast group" in text and "received weight version 2" in text, log
+    assert not list(tmp_path.glob("weights/*.safetensors"))  # no file moved the weights
