@@ -1,6 +1,7 @@
 """Step time of the async agent loop against a per-turn-barrier loop, with heavy-tailed tool latency.
 
     python bench/agent_loop.py [--prompts 8] [--n 4] [--turns 4] [--generate-ms 40] [--seed 0]
+    python bench/agent_loop.py --smoke     # a tiny shape: checks the script runs
 
 A scripted policy server (a real HTTP server in its own process, the rollout wire format, reached
 through `RolloutClient`) answers every turn after `--generate-ms` with a code call, and the last
@@ -81,6 +82,9 @@ class ScriptedTools:
 
     def __init__(self, seed: int):
         self.seed = seed
+
+    def stored(self, record):
+        return record  # no image store: the records' own files stand for the stored copies
 
     def latency(self, name: str, call: int) -> float:
         rng = random.Random(f"{self.seed}/{name}/{call}")
@@ -202,7 +206,10 @@ def main() -> None:
     parser.add_argument("--generate-ms", type=float, default=40.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="2 prompts x 2 rollouts, 2 turns, one repeat")
     args = parser.parse_args()
+    if args.smoke:
+        args.prompts, args.n, args.turns, args.repeats = 2, 2, 2, 1
     with tempfile.TemporaryDirectory() as scratch:
         token_file = new_token_file(Path(scratch))
         port = free_port()

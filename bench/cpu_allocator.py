@@ -6,6 +6,7 @@ hits both alike, and compares the median `timing/step_s` of their metrics.jsonl,
 left out. Needs Debian's libtcmalloc-minimal4 (scripts/setup.sh installs it).
 
     python bench/cpu_allocator.py [--steps 12] [--repeats 2]
+    python bench/cpu_allocator.py --smoke     # a tiny shape: checks the script runs
 
 Last line: `RESULT {json}`; `tcmalloc_over_glibc` below 1 is the speed-up.
 """
@@ -41,7 +42,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a few steps, one run each: checks the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.repeats = WARMUP_STEPS + 2, 1
     tcmalloc = allocator_env()
     if "tcmalloc" not in tcmalloc.get("LD_PRELOAD", ""):
         sys.exit("tcmalloc not found: install Debian's libtcmalloc-minimal4 (scripts/setup.sh)")

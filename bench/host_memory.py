@@ -285,7 +285,10 @@ def main() -> None:
     parser.add_argument("--loading-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("store", "baseline", "full", "rank_local"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="2 small photos, 2 rollouts, 2 turns: checks the script runs")
     args = parser.parse_args()
+    if args.smoke and not args.worker:
+        args.prompts, args.n, args.turns, args.width, args.height, args.max_sessions = 2, 2, 2, 320, 240, 4
     if args.worker:
         return worker(args)
     if args.loading_worker:

@@ -146,7 +146,7 @@ def main() -> None:
     if not cuda and not args.smoke:
         sys.exit("bench/mfu.py measures a GPU: no CUDA device here (`--smoke` runs a tiny shape on the CPU)")
     if args.smoke:
-        args.layers, args.batch, args.seq, args.steps = 2, 2, 256, 2
+        args.layers, args.batch, args.seq, args.steps = 2, 2, 128, 1
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
 
     peak_measured = matmul_tflops(device, 8192 if cuda else 512)

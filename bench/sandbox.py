@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.util
 import io
 import json
 import multiprocessing
@@ -292,7 +293,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40, help="calls per design for the latency figures")
     parser.add_argument("--concurrent-calls", type=int, default=5, help="calls per client and round in the throughput run")
     parser.add_argument("--sessions", type=int, default=16, help="sessions started for start time and memory")
+    parser.add_argument("--smoke", action="store_true", help="a few calls and sessions: checks the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.concurrent_calls, args.sessions = 3, 2, 2
+    if importlib.util.find_spec("jupyter_client") is None:
+        sys.exit("bench/sandbox.py compares against a Jupyter kernel: install the bench extra first, "
+                 "pip install -e '.[bench]' (jupyter_client, ipykernel)")
 
     with tempfile.TemporaryDirectory(prefix="bench-sandbox-") as tmp:
         root = Path(tmp)

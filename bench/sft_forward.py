@@ -6,8 +6,10 @@ model, same batch, same run:
 - its body under plain causal attention (rows are right-padded) vs under the padding mask.
 
     python bench/sft_forward.py          # last line: RESULT {json}
+    python bench/sft_forward.py --smoke  # 2 sequences, 1 timed repeat: checks the script runs
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -54,10 +56,10 @@ def masked_body_logprobs(model, pixels, sequences, pad_id):
     return -F.cross_entropy(model.lm_head(hidden[torch.tensor(rows), torch.tensor(positions)]), targets, reduction="none")
 
 
-def timed(step) -> tuple[float, float, float]:
+def timed(step, repeats: int) -> tuple[float, float, float]:
     """Median wall, user and system seconds of one forward + backward."""
     walls, users, systems = [], [], []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         before, started = os.times(), time.perf_counter()
         step()
         after = os.times()
@@ -68,11 +70,15 @@ def timed(step) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="2 sequences, 1 timed repeat")
+    args = parser.parse_args()
+    micro_batch, repeats = (2, 1) if args.smoke else (MICRO_BATCH, REPEATS)
     policy = load_policy(ModelConfig())
     records = read_sft_records(data_paths(DataConfig()).sft)
     samples, _ = encode_sft_dataset(records, ChatEncoder(policy.tokenizer, policy.pixels.tokens), 4096)
     # Lengths spread over the data's range: rows padded as a shuffled training batch's are.
-    batch = sorted(samples, key=lambda s: len(s.ids))[:: len(samples) // MICRO_BATCH][:MICRO_BATCH]
+    batch = sorted(samples, key=lambda s: len(s.ids))[:: len(samples) // micro_batch][:micro_batch]
     model, pad = policy.model.train(), policy.tokenizer.pad_token_id
 
     def gathered():
@@ -92,13 +98,13 @@ def main() -> None:
     same = all(torch.allclose(ours, baseline(model, policy.pixels, batch, pad), atol=1e-4)
                for baseline in (sliced_head_logprobs, masked_body_logprobs))
     gathered(), sliced(), masked()  # warm-up
-    g_wall, g_user, g_sys = timed(gathered)
-    s_wall, s_user, s_sys = timed(sliced)
-    m_wall, _, _ = timed(masked)
+    g_wall, g_user, g_sys = timed(gathered, repeats)
+    s_wall, s_user, s_sys = timed(sliced, repeats)
+    m_wall, _, _ = timed(masked, repeats)
     print(f"ours: {g_wall:.3f} s (user {g_user:.2f}, sys {g_sys:.2f}); "
           f"sliced head: {s_wall:.3f} s (user {s_user:.2f}, sys {s_sys:.2f}); masked body: {m_wall:.3f} s")
     print("RESULT " + json.dumps({
-        "micro_batch": MICRO_BATCH, "trained_tokens": sum(sum(s.mask) for s in batch),
+        "micro_batch": micro_batch, "trained_tokens": sum(sum(s.mask) for s in batch),
         "sequence_tokens": sum(len(s.ids) for s in batch), "same_logprobs": same,
         "gathered_s": round(g_wall, 4), "sliced_s": round(s_wall, 4), "speedup": round(s_wall / g_wall, 3),
         "masked_body_s": round(m_wall, 4), "speedup_vs_masked_body": round(m_wall / g_wall, 3),

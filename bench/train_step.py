@@ -42,7 +42,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="2 steps of a batch of 2: checks the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.batch, args.micro = 2, 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     path = ensure_tiny_model()

@@ -1,93 +1,136 @@
-"""Weight sync time against a raw copy of the same bytes.
+"""Weight sync time, by broadcast and by file, against a raw torch.distributed broadcast of the same bytes.
 
-    python bench/weight_sync.py [--repeats 5]
+    python bench/weight_sync.py [--repeats 5] [--servers 2]
+    python bench/weight_sync.py --smoke     # one repeat, one server: checks the script runs
 
-- sync: the trainer publishes its trained parameters (`publish_weights`: one safetensors file on
-  the shared filesystem) and a real rollout server process loads them into its model between
-  requests (`RolloutClient.update_weights`), end to end, as after every optimizer step.
-- raw:  the same number of bytes written from memory to a file in the same directory and read
-  back into memory: the floor for moving those bytes through that filesystem.
+The trainer is this process, with the tiny model; its trained parameters go to `--servers` real
+rollout server processes (hf backend) as after every optimizer step, end to end:
+- broadcast: `BroadcastWeightSync.publish` (rollout.weight_sync=broadcast): the /info probe, the
+  /weights/receive calls and the gloo broadcast, one tensor at a time straight into each server's
+  parameters (the CPU default). The group forms once, in a warm-up publish, as once per job.
+- packed:    the same in vLLM's packed buckets (the GPU default): a copy into a bucket on each side.
+- file:      `WeightSync.publish` (rollout.weight_sync=file): one safetensors file written, every
+  server loads it.
+- raw:       `torch.distributed.broadcast` of one buffer of the same bytes from this process to
+  as many helper processes, already joined: the floor for moving those bytes this way.
 
-Runs alternate, and each reports its best. Last line: `RESULT {json}`; target
-`bandwidth_ratio` (raw time / sync time) ≥ 0.5.
+Runs alternate, and each reports its best. The projection scales the measured bandwidth to a 7B
+model's 15.2 GB of bf16 weights. Last line: `RESULT {json}`; target `broadcast_over_raw`
+(raw time / broadcast time) ≥ 0.8.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from deepeyes.config import ModelConfig
-from deepeyes.service import LocalService, free_port, local_services, new_token_file, python_module, read_token
 from deepeyes.model import ensure_tiny_model
 from deepeyes.rollout.client import RolloutClient
-from deepeyes.rollout.weight_sync import publish_weights
+from deepeyes.rollout.weight_sync import BroadcastWeightSync, WeightSync, trained_state
+from deepeyes.service import LOOPBACK, LocalService, free_port, local_services, new_token_file, python_module, read_token
 from deepeyes.train.setup import load_policy
 
+SEVEN_B_BYTES = 15.2e9
 
-def raw_copy(data: bytes, path: Path) -> float:
-    copy = bytearray(data)  # the destination exists and is paged in, as the server's parameters are
-    started = time.perf_counter()
-    with open(path, "wb") as out:
-        out.write(data)
-    with open(path, "rb") as file:
-        file.readinto(copy)
-    seconds = time.perf_counter() - started
-    os.unlink(path)
-    return seconds
-
-
-async def sync(model, root: Path, version: int, client: RolloutClient) -> tuple[float, int]:
-    started = time.perf_counter()
-    published = publish_weights(model, root, version)
-    await client.update_weights(published.version, published.path)
-    return time.perf_counter() - started, published.bytes
+RAW_RECEIVER = """
+import sys, torch, torch.distributed as dist
+port, rank, world, size, repeats = map(int, sys.argv[1:])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+buffer = torch.empty(size, dtype=torch.uint8)
+for _ in range(repeats):
+    dist.broadcast(buffer, 0)
+dist.destroy_process_group()
+"""
 
 
-async def measure(args, url: str, token: str, root: Path) -> dict:
+def new_weights(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        model.lm_head.weight.add_(1e-3)  # new weights every time, as after a step
+
+
+def measure(args, servers: list[LocalService], token: str, root: Path) -> dict:
     policy = load_policy(ModelConfig(), str(ensure_tiny_model()))
-    client = RolloutClient([url], token)
-    sync_s, raw_s = [], []
+    size = sum(t.numel() * t.element_size() for t in trained_state(policy.model).values())
+
+    def clients():
+        return RolloutClient([s.url for s in servers], token)
+
+    broadcast = BroadcastWeightSync(clients, LOOPBACK, timeout_s=120, packed=False)
+    packed = BroadcastWeightSync(clients, LOOPBACK, timeout_s=120, packed=True)
+    file = WeightSync(clients, root)
+    port = free_port()
+    helpers = [subprocess.Popen([sys.executable, "-c", RAW_RECEIVER, str(port), str(rank), str(len(servers) + 1),
+                                 str(size), str(args.repeats)]) for rank in range(1, len(servers) + 1)]
+    dist.init_process_group("gloo", init_method=f"tcp://{LOOPBACK}:{port}", rank=0, world_size=len(servers) + 1)
+    raw_buffer = torch.randint(0, 255, (size,), dtype=torch.uint8)
+    times: dict[str, list[float]] = {"broadcast": [], "packed": [], "file": [], "raw": []}
+    syncs = {"broadcast": broadcast, "packed": packed, "file": file}
+    version = 0
     try:
-        for version in range(1, args.repeats + 1):
-            with torch.no_grad():
-                policy.model.lm_head.weight.add_(1e-3)  # new weights every time, as after a step
-            seconds, size = await sync(policy.model, root, version, client)
-            sync_s.append(seconds)
-            raw_s.append(raw_copy(os.urandom(size), root / "raw.bin"))
+        for _ in range(args.repeats):
+            for name, sync in syncs.items():
+                new_weights(policy.model)
+                version += 1
+                if name != "file":  # the two modes take turns with the servers: an untimed publish re-forms
+                    sync.publish(policy.model, version)  # the group (once per job in a real run)
+                started = time.perf_counter()
+                sync.publish(policy.model, version)
+                times[name].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            dist.broadcast(raw_buffer, 0)
+            times["raw"].append(time.perf_counter() - started)
     finally:
-        await client.close()
-    best_sync, best_raw = min(sync_s), min(raw_s)
+        dist.destroy_process_group()
+        for sync in syncs.values():
+            sync.close()
+        for helper in helpers:
+            helper.wait(timeout=60)
+    best = {name: min(values) for name, values in times.items()}
+    gb_per_s = {name: size / seconds / 1e9 for name, seconds in best.items()}
     return {
-        "bytes": size, "sync_s": round(best_sync, 4), "raw_s": round(best_raw, 4),
-        "sync_gb_per_s": round(size / best_sync / 1e9, 3), "raw_gb_per_s": round(size / best_raw / 1e9, 3),
-        "bandwidth_ratio": round(best_raw / best_sync, 3),
+        "bytes": size, "servers": len(servers),
+        **{f"{name}_s": round(seconds, 4) for name, seconds in best.items()},
+        **{f"{name}_gb_per_s": round(rate, 3) for name, rate in gb_per_s.items()},
+        "broadcast_over_raw": round(best["raw"] / best["broadcast"], 3),
+        "packed_over_raw": round(best["raw"] / best["packed"], 3),
+        "file_over_raw": round(best["raw"] / best["file"], 3),
+        "broadcast_over_file": round(best["file"] / best["broadcast"], 3),
+        "projected_7b_broadcast_s": round(SEVEN_B_BYTES / gb_per_s["broadcast"] / 1e9, 2),
+        "projected_7b_raw_s": round(SEVEN_B_BYTES / gb_per_s["raw"] / 1e9, 2),
+        "projected_7b_file_s": round(SEVEN_B_BYTES / gb_per_s["file"] / 1e9, 2),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="one repeat, one server")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.servers = 1, 1
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         token_file = new_token_file(scratch)
-        port = free_port()
-        argv = python_module("deepeyes.rollout.server", "--backend", "hf", "--model", ensure_tiny_model(),
-                             "--port", port, "--token-file", token_file, "--threads", 1)
-        server = LocalService("rollout", argv, port, read_token(token_file), scratch / "server.log")
-        with local_services([server], ready_timeout_s=120):
-            result = asyncio.run(measure(args, server.url, server.token, scratch / "weights"))
+        servers = []
+        for i in range(args.servers):
+            port = free_port()
+            argv = python_module("deepeyes.rollout.server", "--backend", "hf", "--model", ensure_tiny_model(),
+                                 "--port", port, "--token-file", token_file, "--threads", 1)
+            servers.append(LocalService(f"rollout{i}", argv, port, read_token(token_file), scratch / f"server{i}.log"))
+        with local_services(servers, ready_timeout_s=120):
+            result = measure(args, servers, read_token(token_file), scratch / "weights")
     for key, value in result.items():
-        print(f"{key:>16}: {value}")
+        print(f"{key:>26}: {value}")
     print("RESULT " + json.dumps(result))
 
 

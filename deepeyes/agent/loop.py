@@ -67,7 +67,8 @@ async def run_episode(
                 top_p=limits.top_p,
                 seed=episode_seed(seed, step, group, sample, turn),
             )
-            result = await engine.generate(GenerateRequest(trajectory.input_ids, list(trajectory.images), sampling))
+            result = await engine.generate(GenerateRequest(  # session: every turn to the server holding its prefix
+                trajectory.input_ids, list(trajectory.images), sampling, session=f"step{step}-g{group}-s{sample}"))
             trajectory.extend(result.token_ids, trained=True, logprobs=result.logprobs)
             trajectory.weight_versions.add(result.weight_version)
             text = encoder.decode(result.token_ids)

@@ -7,6 +7,7 @@ never re-tokenizes model output, so training sees exactly what was sampled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,14 +29,39 @@ class GenerateRequest:
     input_ids: list[int]
     images: list[Path]  # every image whose placeholder tokens appear in input_ids, in order
     sampling: SamplingParams
+    # The trajectory this turn belongs to: a client sends every turn of one trajectory to the same
+    # server, whose prefix cache then holds the conversation so far ("" = no affinity).
+    session: str = ""
+
+
+# "eos": the model ended its turn; "stop": a stop string; "length": the token limit;
+# "abort": the engine dropped the request (a weight update or shutdown cut it short);
+# "error": the engine failed on it. The last two are kept as they are, never reported as "eos".
+FINISH_REASONS = ("eos", "stop", "length", "abort", "error")
 
 
 @dataclass(frozen=True)
 class GenerateResult:
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "eos" (model ended its turn) | "stop" (a stop string) | "length"
+    finish_reason: str  # one of FINISH_REASONS
     weight_version: int
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a server accepts: checked before a request joins a batch, so a bad one never fails the
+    others batched with it."""
+
+    vocab_size: int  # every input id is below it
+    max_new_tokens: int  # the configured cap (the rollout limits' tokens per turn)
+    max_input_tokens: int = 1 << 20
+    max_stop_strings: int = 32
+    max_stop_chars: int = 256
+
+
+MAX_SEED = 2**63 - 1  # torch and vLLM take a signed 64-bit seed
+MAX_TEMPERATURE = 100.0
 
 
 class BadRequest(ValueError):
@@ -49,42 +75,71 @@ def request_to_json(request: GenerateRequest, min_weight_version: int = 0) -> di
         "input_ids": list(request.input_ids),
         "images": [str(image) for image in request.images],
         "sampling": sampling,
+        "session": request.session,
         "min_weight_version": min_weight_version,
     }
 
 
-def request_from_json(body: Any) -> tuple[GenerateRequest, int]:
-    """(request, min_weight_version) from a decoded JSON body; BadRequest names what is wrong."""
+def request_from_json(body: Any, limits: RequestLimits | None = None) -> tuple[GenerateRequest, int]:
+    """(request, min_weight_version) from a decoded JSON body, every field range-checked against
+    `limits` (None: types only, for in-process use); BadRequest names what is wrong."""
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     ids = body.get("input_ids")
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+    if not isinstance(ids, list) or not ids or not all(_is_int(i) and i >= 0 for i in ids):
         raise BadRequest("'input_ids' must be a non-empty list of non-negative integers")
+    if limits is not None:
+        if len(ids) > limits.max_input_tokens:
+            raise BadRequest(f"'input_ids' has {len(ids)} tokens; this server takes at most {limits.max_input_tokens}")
+        too_big = max(ids)
+        if too_big >= limits.vocab_size:
+            raise BadRequest(f"'input_ids' holds id {too_big}, outside the vocabulary (size {limits.vocab_size})")
     images = body.get("images", [])
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise BadRequest("'images' must be a list of file paths")
     for image in images:
         if not Path(image).is_file():
             raise BadRequest(f"image {image} does not exist on the server's filesystem")
-    raw = body.get("sampling")
+    session = body.get("session", "")
+    if not isinstance(session, str) or len(session) > 256:
+        raise BadRequest("'session' must be a string of at most 256 characters")
+    sampling = _sampling_from_json(body.get("sampling"), limits)
+    min_version = body.get("min_weight_version", 0)
+    if not _is_int(min_version):
+        raise BadRequest("'min_weight_version' must be an integer")
+    return GenerateRequest(list(ids), [Path(i) for i in images], sampling, session), min_version
+
+
+def _sampling_from_json(raw: Any, limits: RequestLimits | None) -> SamplingParams:
     if not isinstance(raw, dict):
         raise BadRequest("'sampling' must be an object")
-    try:
-        sampling = SamplingParams(
-            max_new_tokens=int(raw["max_new_tokens"]),
-            temperature=float(raw.get("temperature", 1.0)),
-            top_p=float(raw.get("top_p", 1.0)),
-            stop=tuple(str(s) for s in raw.get("stop", STOP_STRINGS)),
-            seed=int(raw.get("seed", 0)),
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        raise BadRequest(f"'sampling' is invalid: {error!r}") from None
-    if sampling.max_new_tokens <= 0 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-        raise BadRequest(f"'sampling' out of range: {sampling}")
-    min_version = body.get("min_weight_version", 0)
-    if not isinstance(min_version, int):
-        raise BadRequest("'min_weight_version' must be an integer")
-    return GenerateRequest(list(ids), [Path(i) for i in images], sampling), min_version
+    max_new, seed = raw.get("max_new_tokens"), raw.get("seed", 0)
+    temperature, top_p = raw.get("temperature", 1.0), raw.get("top_p", 1.0)
+    stop = raw.get("stop", list(STOP_STRINGS))
+    if not _is_int(max_new) or max_new <= 0:
+        raise BadRequest(f"'sampling.max_new_tokens' must be a positive integer, not {max_new!r}")
+    if limits is not None and max_new > limits.max_new_tokens:
+        raise BadRequest(f"'sampling.max_new_tokens' is {max_new}; this server's cap is {limits.max_new_tokens}")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise BadRequest(f"'sampling.seed' must be an integer in [0, 2**63 - 1], not {seed!r}")
+    if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise BadRequest(f"'sampling.temperature' must be a finite number in [0, {MAX_TEMPERATURE}], not {temperature!r}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise BadRequest(f"'sampling.top_p' must be a finite number in (0, 1], not {top_p!r}")
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest("'sampling.stop' must be a list of non-empty strings")
+    if limits is not None and (len(stop) > limits.max_stop_strings or any(len(s) > limits.max_stop_chars for s in stop)):
+        raise BadRequest(f"'sampling.stop' takes at most {limits.max_stop_strings} strings of "
+                         f"{limits.max_stop_chars} characters")
+    return SamplingParams(max_new, float(temperature), float(top_p), tuple(stop), seed)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
 
 
 def result_to_json(result: GenerateResult) -> dict[str, Any]:
@@ -92,6 +147,8 @@ def result_to_json(result: GenerateResult) -> dict[str, Any]:
 
 
 def result_from_json(body: dict[str, Any]) -> GenerateResult:
+    if body.get("finish_reason") not in FINISH_REASONS:
+        raise ValueError(f"unknown finish_reason {body.get('finish_reason')!r} (expected one of {FINISH_REASONS})")
     return GenerateResult(
         token_ids=list(body["token_ids"]), logprobs=[float(v) for v in body["logprobs"]],
         finish_reason=body["finish_reason"], weight_version=int(body["weight_version"]),

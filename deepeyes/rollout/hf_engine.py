@@ -7,12 +7,19 @@ global-RNG sampler), so what a trajectory samples does not depend on which other
 happened to share its batch: a run is reproducible from its seed even though batches form by
 timing. The logprob reported for each token is under the exact distribution it was drawn from
 (temperature and top-p applied).
+
+The same code runs on a CPU (float32, gloo) and on a GPU (the server loads the model in bfloat16
+on CUDA when there is one; weights then arrive over NCCL). Weight updates pause generation: the
+batch in progress finishes, no new batch starts until the new weights are in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +29,9 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from deepeyes.model import model_inputs
 from deepeyes.model.pixels import PixelCache
 from deepeyes.rollout.api import GenerateRequest, GenerateResult, SamplingParams
-from deepeyes.rollout.weight_sync import load_weights
+from deepeyes.rollout.weight_sync import WeightGroup, join_weight_group, load_weights, receive_buckets, weights_digest
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GenerateRequest", "GenerateResult", "HFRolloutEngine", "SamplingParams"]
 
@@ -87,18 +96,25 @@ class HFRolloutEngine:
     Generation runs in a worker thread, so tool calls of other trajectories proceed meanwhile.
     """
 
-    def __init__(self, model, tokenizer, pixels: PixelCache, max_batch: int = 16, batch_wait_ms: float = 5.0):
+    weight_transfer_ranks = 1  # ranks this engine adds to a weight-broadcast group (one process)
+
+    def __init__(self, model, tokenizer, pixels: PixelCache, max_batch: int = 16, batch_wait_ms: float = 5.0,
+                 weight_timeout_s: float = 600.0):
         self.model = model
         self.tokenizer = tokenizer
         self.pixels = pixels
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000
-        self.weight_version = 0
+        self.weight_version = 0  # -1 while a broadcast is incomplete: never served as any version
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.device = next(model.parameters()).device
         self.eos_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
         self.pad_id = tokenizer.pad_token_id
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
-        self._lock = threading.Lock()  # one generate at a time on the shared model
+        self._lock = threading.Lock()  # one generate at a time on the shared model; held while paused
+        self._weight_group: WeightGroup | None = None
+        self._weight_timeout = timedelta(seconds=weight_timeout_s)
         self.batches_served = 0
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
@@ -109,21 +125,89 @@ class HFRolloutEngine:
         await self._queue.put((request, future))
         return await future
 
-    def load_weights(self, path: Path, version: int) -> None:
-        """Switch to published weights between batches: waits for the batch in progress."""
-        with self._lock:
-            load_weights(self.model, path)
+    @contextlib.asynccontextmanager
+    async def paused(self):
+        """Generation paused for the block: the batch in progress finishes, no new batch starts
+        (queued requests wait and are then served with whatever weights the block left)."""
+        await asyncio.to_thread(self._lock.acquire)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    async def update_weights(self, path: Path, version: int) -> None:
+        """Load published weights from a file (the `file` weight sync), generation paused."""
+        async with self.paused():
+            await asyncio.to_thread(load_weights, self.model, path)
             self.weight_version = version
             self.pixels.release()
 
-    async def update_weights(self, path: Path, version: int) -> None:
-        await asyncio.to_thread(self.load_weights, path, version)
+    def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """Join the trainer's weight-broadcast group as rank `rank_offset` (blocks until every rank
+        has joined). A previous group is left first: the trainer re-forms the group when a server
+        restarts."""
+        self.close_weight_transfer()
+        self._weight_group = join_weight_group(master_address, master_port, rank_offset, world_size,
+                                               self.device, self._weight_timeout)
+
+    def close_weight_transfer(self) -> None:
+        if self._weight_group is not None:
+            self._weight_group.close()
+            self._weight_group = None
+
+    @property
+    def in_weight_group(self) -> bool:
+        return self._weight_group is not None
+
+    async def receive_weights(self, version: int, names: list[str], dtype_names: list[str], shapes: list[list[int]],
+                              packed: bool) -> None:
+        """Receive `version` from the trainer's broadcast, bucket by bucket into the parameters,
+        generation paused. If the broadcast breaks midway the weights are a mix of two versions:
+        the engine then reports version -1 (never served) and leaves the group until re-formed."""
+        if self._weight_group is None:
+            raise RuntimeError("no weight-broadcast group: the trainer must call init_weight_transfer first")
+        async with self.paused():
+            try:
+                await asyncio.to_thread(self._receive, names, dtype_names, shapes, packed)
+            except BaseException:
+                self.weight_version = -1
+                self.close_weight_transfer()
+                raise
+            self.weight_version = version
+            self.pixels.release()
+
+    def _receive(self, names: list[str], dtype_names: list[str], shapes: list[list[int]], packed: bool) -> None:
+        params = dict(self.model.named_parameters())
+        mismatched = [f"{name} {shape} (served model: {None if name not in params else list(params[name].shape)})"
+                      for name, shape in zip(names, shapes)
+                      if name not in params or list(params[name].shape) != list(shape)]
+
+        def load(bucket: list[tuple[str, torch.Tensor]]) -> None:
+            if mismatched:
+                return  # still take every bucket, so the trainer and the other servers finish
+            with torch.no_grad():
+                for name, tensor in bucket:
+                    params[name].copy_(tensor)
+
+        def into(name: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+            param = None if mismatched else params[name]
+            return param.data if param is not None and param.dtype == dtype and param.is_contiguous() else None
+
+        receive_buckets(self._weight_group, names, dtype_names, shapes, packed, load, into)
+        if mismatched:
+            raise ValueError(f"broadcast weights do not fit the served model: {'; '.join(mismatched[:5])}")
+
+    def weights_digest(self) -> str:
+        """SHA-256 of the served weights (see `weight_sync.weights_digest`), between batches."""
+        with self._lock:
+            return weights_digest(self.model)
 
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
+        self.close_weight_transfer()
 
     async def _serve(self) -> None:
         while True:
@@ -131,23 +215,31 @@ class HFRolloutEngine:
             await asyncio.sleep(self.batch_wait_s)  # let the other ready coroutines join
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            requests = [request for request, _ in batch]
-            try:
-                results = await asyncio.to_thread(self.generate_batch, requests)
-            except Exception as error:  # every waiter learns of the failure, none hangs
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
+            await self._serve_batch(batch)
+
+    async def _serve_batch(self, batch: list) -> None:
+        """One batched generate; if it fails, each request alone, so one bad request fails only itself."""
+        try:
+            results = await asyncio.to_thread(self.generate_batch, [request for request, _ in batch])
+        except Exception as error:
+            if len(batch) > 1:
+                log.warning("a batch of %d failed (%s); serving its requests one by one", len(batch), error)
+                for item in batch:
+                    await self._serve_batch([item])
+                return
+            if not batch[0][1].done():
+                batch[0][1].set_exception(error)
+            return
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
 
     def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         """One left-padded batched generate over these requests (synchronous)."""
         with self._lock, torch.no_grad():
             self.batches_served += 1
-            inputs = request_inputs(requests, self.pixels, self.pad_id)
+            inputs = {key: value.to(self.device) for key, value in
+                      request_inputs(requests, self.pixels, self.pad_id).items()}
             length = inputs["input_ids"].shape[1]
             sampler = _GumbelSampler(requests, length)
             max_new = max(r.sampling.max_new_tokens for r in requests)

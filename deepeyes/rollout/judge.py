@@ -17,7 +17,7 @@ from collections import Counter
 
 from deepeyes.reward import Grader, accuracy
 from deepeyes.rollout.api import GenerateRequest, SamplingParams
-from deepeyes.rollout.client import RolloutClient, RolloutUnavailable
+from deepeyes.rollout.client import RolloutClient, RolloutRequestFailed, RolloutUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class JudgeClient:
             return self._fall_back("timeout", prediction, ground_truth)
         except RolloutUnavailable:
             return self._fall_back("unavailable", prediction, ground_truth)
+        except RolloutRequestFailed as error:  # the judge server refused or failed this very prompt
+            return self._fall_back(error.kind, prediction, ground_truth)
         verdict = _VERDICT.search(reply)
         if verdict is None:
             return self._fall_back("unparsed", prediction, ground_truth)

@@ -35,12 +35,15 @@ class ServiceEndpoints:
 
 def rollout_server_command(cfg: RLJobConfig, model: Path, port: int, token_file: Path, weight_version: int,
                            threads: int) -> list[str]:
+    # The most a request may ask for: a model turn (rollout limits) or a judge verdict.
+    max_new_tokens = max(cfg.rollout.max_turn_tokens, cfg.reward.judge.max_new_tokens)
     return python_module(
         "deepeyes.rollout.server", "--backend", cfg.rollout.backend, "--model", model, "--port", port,
         "--token-file", token_file, "--weight-version", weight_version, "--dtype", cfg.model.dtype,
         "--max-batch", cfg.rollout.max_batch, "--batch-wait-ms", cfg.rollout.batch_wait_ms,
         "--threads", threads, "--min-pixels", cfg.model.min_pixels, "--max-pixels", cfg.model.max_pixels,
-        "--pixel-cache-mb", cfg.model.pixel_cache_mb,
+        "--pixel-cache-mb", cfg.model.pixel_cache_mb, "--max-new-tokens", max_new_tokens,
+        "--weight-timeout-s", cfg.rollout.request_timeout_s,
     )
 
 

@@ -1,27 +1,59 @@
-"""Weight sync through a shared filesystem: the trainer publishes, rollout servers load.
+"""Weight sync: after each optimizer step the trainer's leader makes version k+1 what the rollout
+servers serve (`rollout.weight_sync`). Only parameters that train move — a frozen vision tower
+never changes. Either way the version bookkeeping is the same: responses carry the version, the
+trainer bounds staleness (`WeightSync.wait_for`), servers refuse requests that need newer weights.
 
-After each optimizer step the trainer writes version k+1 as one safetensors file,
-`<root>/weights_v{k+1:06d}.safetensors` (written beside, then renamed: a reader never sees half a
-file), and tells every server to load it (`RolloutClient.update_weights`). Only parameters that
-train are published — a frozen vision tower never changes, so its bytes never move.
+- `file` (`WeightSync`): version k+1 is one safetensors file, `<root>/weights_v{k+1:06d}.safetensors`
+  on the shared filesystem (written beside, then renamed: a reader never sees half a file), and
+  every server loads it (`RolloutClient.update_weights`).
+- `broadcast` (`BroadcastWeightSync`): the leader broadcasts the parameters to every rollout
+  engine over a process group of its own (rank 0 = the trainer's leader, then each engine's
+  ranks), in buckets. Gloo between CPU processes; NCCL between GPUs through vLLM's communicator,
+  the one vLLM's workers join. The wire format is vLLM's NCCL weight transfer
+  (vllm/distributed/weight_transfer/, 0.33): init info (master_address, master_port, rank_offset,
+  world_size), update info (names, dtype_names, shapes, packed), and in packed mode each bucket is
+  the parameters' bytes end to end, a bucket closing once it holds more than `BUCKET_BYTES`
+  (vLLM's default packed buffer size), so one sender feeds the vLLM and the hf backend alike.
 
-The unit that moves is (version, path). A GPU cluster can replace the file with an NCCL broadcast
-from trainer rank 0 to the rollout ranks behind the same `update_weights(version, ...)` call; the
-version bookkeeping (responses carry the version, the trainer bounds staleness) stays as it is.
+Broadcast protocol, over each server's HTTP API (`deepeyes.rollout.server`):
+  1. GET /info on every server: live servers, their group id and their ranks (`weight_ranks`).
+  2. If the group is missing, or a live server is not in it (it restarted), or a member is gone:
+     re-form it. The leader opens the rendezvous store at MASTER_ADDR on a free port and sends
+     POST /weights/init {master_address, master_port, rank_offset, world_size, group} to each live
+     server; all join (a restarted server so rejoins, and gets the version this publish sends).
+  3. POST /weights/receive {version, names, dtype_names, shapes, packed} to every member while
+     the leader broadcasts the buckets; each server pauses generation, receives, resumes.
+  4. A failure (a server dying mid-broadcast, a timeout) tears the group down — the other
+     receivers stop waiting at once — counts the server, re-forms the group with the live servers
+     and sends again, once. Every wait is bounded by `timeout_s`: an error, never a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
+import math
 import os
 import time
+import uuid
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from deepeyes.service import free_port
+
+log = logging.getLogger(__name__)
+
+BUCKET_BYTES = 1 << 30  # vLLM's DEFAULT_PACKED_BUFFER_SIZE_BYTES: sender and receivers must agree
 
 
 @dataclass(frozen=True)
@@ -70,9 +102,152 @@ def load_weights(model: torch.nn.Module, path: Path) -> int:
     return size
 
 
+# ---- the broadcast group and its wire format --------------------------------------------------
+
+
+class WeightGroup:
+    """A broadcast group of the trainer's leader (rank 0) and the rollout engines, apart from any
+    torch.distributed default group the processes are also in."""
+
+    def __init__(self, communicator: Any, store: Any, device: torch.device):
+        self._communicator = communicator  # gloo: a ProcessGroupGloo; cuda: vLLM's PyNcclCommunicator
+        self._store = store  # rank 0 hosts the rendezvous store: kept alive with the group
+        self.device = device
+        self._staging: torch.Tensor | None = None
+
+    def staging(self, size: int) -> torch.Tensor:
+        """A bucket of `size` bytes, reused from one bucket and one version to the next: its pages
+        are touched once per job, not once per step (on a CPU that halves a bucket's cost)."""
+        if self._staging is None or self._staging.numel() < size:
+            self._staging = torch.empty(size, dtype=torch.uint8, device=self.device)
+        return self._staging[:size]
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Rank 0's `tensor` into every rank's `tensor` (same shape and dtype on each)."""
+        if self._communicator is None:
+            raise RuntimeError("the weight-broadcast group was closed")
+        if self.device.type == "cuda":
+            self._communicator.broadcast(tensor, src=0)
+            torch.cuda.current_stream().synchronize()
+        else:
+            options = dist.BroadcastOptions()
+            options.rootRank = 0
+            self._communicator.broadcast([tensor], options).wait()
+
+    def close(self) -> None:
+        """Leave the group: a peer waiting on this rank then fails at once instead of timing out."""
+        self._communicator = self._store = self._staging = None
+
+
+def join_weight_group(master_address: str, master_port: int, rank: int, world_size: int, device: torch.device,
+                      timeout: timedelta) -> WeightGroup:
+    """Join (rank 0: open) the weight-broadcast group; returns once all `world_size` ranks joined."""
+    if device.type == "cuda":
+        try:  # vLLM's workers join through this rendezvous and communicator: so must we
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+        except ImportError as error:
+            raise ImportError(
+                f"broadcast weight sync between GPUs uses vLLM's NCCL communicator: pip install 'deepeyes[gpu]', "
+                f"or set rollout.weight_sync=file ({error})"
+            ) from None
+        store = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size)
+        return WeightGroup(PyNcclCommunicator(store, device=device), store, device)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    return WeightGroup(dist.ProcessGroupGloo(store, rank, world_size, timeout), store, device)
+
+
+def update_info(tensors: dict[str, torch.Tensor], version: int, packed: bool = True) -> dict[str, Any]:
+    """The receivers' half of a broadcast (vLLM's NCCLWeightTransferUpdateInfo, plus the version)."""
+    return {
+        "version": version, "names": list(tensors), "dtype_names": [str(t.dtype).removeprefix("torch.") for t in tensors.values()],
+        "shapes": [list(t.shape) for t in tensors.values()], "packed": packed,
+    }
+
+
+def send_buckets(group: WeightGroup, tensors: Iterable[tuple[str, torch.Tensor]], packed: bool = True,
+                 bucket_bytes: int = BUCKET_BYTES) -> int:
+    """Broadcast named tensors from rank 0, in the order of the update info; returns the bytes sent."""
+    sent = 0
+    if not packed:
+        for _, tensor in tensors:
+            group.broadcast(tensor.detach().to(group.device).contiguous())
+            sent += tensor.numel() * tensor.element_size()
+        return sent
+    def flush(pieces: list[torch.Tensor], size: int) -> None:
+        bucket, offset = group.staging(size), 0
+        for piece in pieces:
+            bucket[offset:offset + piece.numel()].copy_(piece)
+            offset += piece.numel()
+        group.broadcast(bucket)
+
+    pieces: list[torch.Tensor] = []
+    size = 0
+    for _, tensor in tensors:
+        pieces.append(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+        size += pieces[-1].numel()
+        if size > bucket_bytes:
+            flush(pieces, size)
+            sent, pieces, size = sent + size, [], 0
+    if pieces:
+        flush(pieces, size)
+        sent += size
+    return sent
+
+
+def receive_buckets(group: WeightGroup, names: list[str], dtype_names: list[str], shapes: list[list[int]],
+                    packed: bool, load: Callable[[list[tuple[str, torch.Tensor]]], None],
+                    into: Callable[[str, list[int], torch.dtype], torch.Tensor | None] = lambda *_: None,
+                    bucket_bytes: int = BUCKET_BYTES) -> None:
+    """The receiving side of `send_buckets`: `load` gets each bucket's (name, tensor) pairs as
+    they arrive (views of the bucket, valid during the call). Unpacked, a tensor that `into`
+    places (the parameter itself, say) is received there, with no copy and no `load`."""
+    dtypes = [weight_dtype(name) for name in dtype_names]
+    if not packed:
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            target = into(name, shape, dtype)
+            tensor = target if target is not None else torch.empty(shape, dtype=dtype, device=group.device)
+            group.broadcast(tensor)
+            if target is None:
+                load([(name, tensor)])
+        return
+    entries: list[tuple[str, torch.dtype, list[int], int]] = []
+    size = 0
+    for index, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes)):
+        nbytes = math.prod(shape) * dtype.itemsize
+        entries.append((name, dtype, shape, nbytes))
+        size += nbytes
+        if size > bucket_bytes or index == len(names) - 1:
+            bucket = group.staging(size)
+            group.broadcast(bucket)
+            pieces = bucket.split([entry[3] for entry in entries])
+            load([(n, piece.view(d).view(s)) for (n, d, s, _), piece in zip(entries, pieces)])
+            entries, size = [], 0
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's name, dtype, shape and bytes: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest.update(f"{name}|{param.dtype}|{list(param.shape)}|".encode())
+            digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weight_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype name")
+    return dtype
+
+
+# ---- the trainer's side ---------------------------------------------------------------------
+
+
 class WeightSync:
-    """The trainer's side: after each optimizer step, publish version k+1 and have every rollout
-    server load it, within a staleness bound.
+    """The trainer's side (`file`): after each optimizer step, publish version k+1 and have every
+    rollout server load it, within a staleness bound.
 
     With `max_staleness=0` `publish` returns once every server serves the new version (strictly
     on-policy). With a bound b > 0 the file write and the servers' loads run in a background
@@ -88,6 +263,7 @@ class WeightSync:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
         self.last_seconds = 0.0
         self.last_bytes = 0
+        self.server_failures: Counter[str] = Counter()  # per server: updates it did not take
 
     def publish(self, model: torch.nn.Module, version: int, everything: bool = False) -> None:
         """`everything`: frozen parameters too — once at the start, so servers that loaded another
@@ -113,15 +289,124 @@ class WeightSync:
 
     def _publish(self, snapshot: dict[str, torch.Tensor], version: int) -> None:
         started = time.perf_counter()
-        published = _write(snapshot, self.root, version)
         client = self._client_factory()
 
-        async def push() -> None:
+        async def push() -> int:
             try:
-                await client.update_weights(published.version, published.path)
+                return await self._push(client, snapshot, version)
             finally:
+                self.server_failures.update(client.failures)
                 await client.close()
 
-        asyncio.run(push())
+        self.last_bytes = asyncio.run(push())
         self.last_seconds = time.perf_counter() - started
-        self.last_bytes = published.bytes
+
+    async def _push(self, client, snapshot: dict[str, torch.Tensor], version: int) -> int:
+        published = _write(snapshot, self.root, version)
+        await client.update_weights(published.version, published.path)
+        return published.bytes
+
+
+class BroadcastFailed(RuntimeError):
+    """A broadcast that not every member of the group completed."""
+
+
+class BroadcastWeightSync(WeightSync):
+    """The trainer's side (`broadcast`): the leader broadcasts each version to every rollout engine
+    over a group formed once per job (re-formed when a server restarts or dies; see the module
+    docstring for the protocol). Runs only on the trainer's leader."""
+
+    def __init__(self, client_factory, master_address: str, max_staleness: int = 0, timeout_s: float = 600.0,
+                 packed: bool | None = None):
+        super().__init__(client_factory, root=Path(), max_staleness=max_staleness)
+        self.master_address = master_address  # MASTER_ADDR of the trainer's node, where servers connect
+        self.timeout = timedelta(seconds=timeout_s)
+        # Packed (vLLM's choice for NCCL): few large broadcasts, at the cost of a copy into a bucket on
+        # each side. Unpacked: one broadcast per tensor, received straight into the parameters by the hf
+        # backend; on CPU, where a copy costs as much as the transfer, the faster (bench/weight_sync.py).
+        self.packed = packed if packed is not None else torch.cuda.is_available()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.group_id: str | None = None
+        self.formations = 0  # times the group was formed (1 + re-formations)
+        self._group: WeightGroup | None = None
+        self._members: list[str] = []
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._drop_group()
+
+    async def _push(self, client, snapshot: dict[str, torch.Tensor], version: int) -> int:
+        for attempt in (1, 2):
+            try:
+                await self._ensure_group(client)
+                return await self._send(client, snapshot, version)
+            except BroadcastFailed as error:
+                self._drop_group()
+                if attempt == 2:
+                    raise
+                log.warning("weight broadcast of version %d failed (%s); re-forming the group and sending again",
+                            version, error)
+        raise AssertionError("unreachable")
+
+    async def _ensure_group(self, client) -> None:
+        """Form the group anew unless every live server is in the current one and no member is gone."""
+        infos = await client.post_each("/info", method="GET", timeout_s=60)
+        live = [url for url, info in infos.items() if info is not None and info.get("ready")]
+        if not live:
+            raise BroadcastFailed(f"no rollout server is up to receive weights ({', '.join(client.urls)})")
+        if self._group is not None and live == self._members and all(
+                infos[url].get("weight_group") == self.group_id for url in live):
+            return
+        self._drop_group()
+        ranks = [int(infos[url].get("weight_ranks", 1)) for url in live]
+        world_size = 1 + sum(ranks)
+        port = _free_port()
+        group_id = uuid.uuid4().hex
+        bodies, offset = {}, 1
+        for url, count in zip(live, ranks):
+            bodies[url] = {"master_address": self.master_address, "master_port": port, "rank_offset": offset,
+                           "world_size": world_size, "group": group_id}
+            offset += count
+        started = time.perf_counter()
+        joining = asyncio.ensure_future(asyncio.to_thread(
+            join_weight_group, self.master_address, port, 0, world_size, self.device, self.timeout))
+        replies = await client.post_each("/weights/init", bodies)
+        try:
+            group = await joining
+        except Exception as error:
+            raise BroadcastFailed(f"forming the weight group at {self.master_address}:{port} failed: {error}") from None
+        failed = [url for url, reply in replies.items() if reply is None]
+        if failed:
+            group.close()
+            raise BroadcastFailed(f"{', '.join(failed)} could not join the weight group")
+        self._group, self._members, self.group_id = group, live, group_id
+        self.formations += 1
+        log.info("weight-broadcast group %s formed: trainer + %d servers (%d ranks) at %s:%d in %.2fs",
+                 group_id[:8], len(live), world_size - 1, self.master_address, port, time.perf_counter() - started)
+
+    async def _send(self, client, snapshot: dict[str, torch.Tensor], version: int) -> int:
+        info = update_info(snapshot, version, self.packed)
+        receiving = asyncio.ensure_future(client.post_each("/weights/receive", {url: info for url in self._members}))
+        try:
+            sent = await asyncio.to_thread(send_buckets, self._group, snapshot.items(), self.packed)
+        except Exception as error:
+            self._drop_group()  # the receivers still waiting fail at once, not at their timeout
+            await receiving
+            raise BroadcastFailed(f"sending version {version}: {error}") from None
+        replies = await receiving
+        failed = [url for url, reply in replies.items() if reply is None]
+        if failed:
+            raise BroadcastFailed(f"{', '.join(failed)} did not take version {version}")
+        return sent
+
+    def _drop_group(self) -> None:
+        if self._group is not None:
+            self._group.close()
+        self._group, self._members, self.group_id = None, [], None
+
+
+def _free_port() -> int:
+    """A port free on every interface of this host, for the group's rendezvous store."""
+    return free_port("0.0.0.0")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from deepeyes.rollout.client import RolloutClient
 from deepeyes.rollout.hf_engine import HFRolloutEngine
 from deepeyes.rollout.judge import JudgeClient
 from deepeyes.rollout.services import JUDGE, ROLLOUT, SEARCH, ServiceEndpoints, rl_services
-from deepeyes.rollout.weight_sync import WeightSync
+from deepeyes.rollout.weight_sync import BroadcastWeightSync, WeightSync
+from deepeyes.service import LOOPBACK
 from deepeyes.tools.search_service import SearchClient
 from deepeyes.train.checkpoint import HFModelCheckpoint, TrainerState, restore_checkpoint, save_checkpoint
 from deepeyes.train.forward import TokenSequence, token_logprobs
@@ -114,8 +116,10 @@ class GRPOTrainer:
         metrics = {}
         if isinstance(self.engine, RolloutClient):
             metrics["rollout/server_failures"] = float(sum(self.engine.failures.values()))
+            metrics.update({f"rollout/request_{kind}": float(n) for kind, n in self.engine.errors.items()})
         if self.weight_sync is not None:
             metrics["timing/weight_sync_s"] = self.weight_sync.last_seconds
+            metrics["rollout/weight_sync_failures"] = float(sum(self.weight_sync.server_failures.values()))
         if self.judge is not None:
             for key, count in self.judge.stats.items():
                 metrics[f"reward/judge_{key}"] = float(count)
@@ -281,8 +285,7 @@ def _service_clients(cfg: RLJobConfig, endpoints: ServiceEndpoints | None, out_d
     if endpoints.get(ROLLOUT):
         urls = endpoints.get(ROLLOUT)
         engine = RolloutClient(urls, endpoints.token, timeout)
-        weight_sync = WeightSync(lambda: RolloutClient(urls, endpoints.token, timeout), out_dir / "weights",
-                                 cfg.rollout.max_staleness)
+        weight_sync = _weight_sync(cfg, lambda: RolloutClient(urls, endpoints.token, timeout), out_dir)
     if endpoints.get(SEARCH):
         search = SearchClient(endpoints.get(SEARCH)[0], endpoints.token, cfg.tools.search_timeout_s + 10)
     if cfg.reward.judge.enabled:
@@ -294,6 +297,17 @@ def _service_clients(cfg: RLJobConfig, endpoints: ServiceEndpoints | None, out_d
             load_processor(judge_model).tokenizer, cfg.reward.judge.timeout_s, cfg.reward.judge.max_new_tokens,
         )
     return engine, weight_sync, search, judge
+
+
+def _weight_sync(cfg: RLJobConfig, client_factory, out_dir: Path) -> WeightSync:
+    """`rollout.weight_sync`: a file per version, or a broadcast from this process (the trainer's
+    leader) with the rendezvous at MASTER_ADDR, the trainer node's address from the launch plan."""
+    if cfg.rollout.weight_sync == "broadcast":
+        return BroadcastWeightSync(client_factory, os.environ.get("MASTER_ADDR", LOOPBACK), cfg.rollout.max_staleness,
+                                   cfg.rollout.request_timeout_s)
+    if cfg.rollout.weight_sync != "file":
+        raise ValueError(f"config rollout.weight_sync={cfg.rollout.weight_sync!r}: expected 'file' or 'broadcast'")
+    return WeightSync(client_factory, out_dir / "weights", cfg.rollout.max_staleness)
 
 
 def write_rollouts(path: Path, trajectories: list[Trajectory]) -> None:

@@ -10,6 +10,7 @@ from deepeyes.agent.protocol import SYSTEM_PROMPT, user_prompt
 from deepeyes.config import ModelConfig
 from deepeyes.data import read_records
 from deepeyes.rollout.hf_engine import GenerateRequest, HFRolloutEngine, SamplingParams
+from deepeyes.rollout.weight_sync import publish_weights
 from deepeyes.train.forward import TokenSequence, token_logprobs
 from deepeyes.train.setup import load_policy
 
@@ -84,3 +85,47 @@ def test_a_turn_is_cut_right_after_its_stop_string(setup):
     eos = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
     result = engine._finish(requests[0], [11, 12, eos, 13], [0.0] * 4)
     assert (result.token_ids, result.finish_reason) == ([11, 12, eos], "eos")
+
+
+def test_a_request_that_fails_fails_alone_not_the_batch_it_joined(setup):
+    _, engine, requests = setup
+    broken = GenerateRequest(requests[0].input_ids, [], requests[0].sampling)  # image placeholders, no image
+
+    async def run():
+        try:
+            return await asyncio.gather(*(engine.generate(r) for r in (requests[1], broken, requests[2])),
+                                        return_exceptions=True)
+        finally:
+            await engine.close()
+
+    first, failed, last = asyncio.run(run())
+    assert isinstance(failed, ValueError) and "<|image_pad|>" in str(failed)
+    expected = engine.generate_batch([requests[1], requests[2]])
+    assert [first.token_ids, last.token_ids] == [r.token_ids for r in expected]
+
+
+def test_a_weight_update_waits_for_the_batch_in_progress_and_holds_back_the_next(setup, tmp_path):
+    policy, engine, requests = setup
+    published = publish_weights(policy.model, tmp_path, version=7)
+    events = []
+
+    async def run():
+        try:
+            generating = asyncio.create_task(engine.generate(requests[0]))
+            while not engine._lock.locked():  # the batch is on the model
+                await asyncio.sleep(0.005)
+            update = asyncio.create_task(engine.update_weights(published.path, 7))
+            await asyncio.sleep(0.05)
+            queued = asyncio.create_task(engine.generate(requests[1]))
+            first = await generating
+            events.append(("first", first.weight_version))
+            await update
+            events.append(("updated", engine.weight_version))
+            second = await queued
+            events.append(("second", second.weight_version))
+        finally:
+            await engine.close()
+
+    asyncio.run(run())
+    assert events == [("first", 0), ("updated", 7), ("second", 7)]
+    engine.weight_version = 0

@@ -29,7 +29,7 @@ def rollouts(run_dir, step):
     return [(r["model_turns"], r["reward"]) for r in map(json.loads, lines)]
 
 
-def test_an_rl_run_through_services_is_the_in_process_run(tmp_path):
+def test_an_rl_run_through_services_is_the_in_process_run_with_either_weight_sync(tmp_path):
     in_process = train_grpo(rl_config(tmp_path / "a", "grpo.steps=2"))
     served = train_grpo(rl_config(tmp_path / "b", "grpo.steps=2", "rollout.servers=2"))
     for step in (1, 2):
@@ -42,6 +42,17 @@ def test_an_rl_run_through_services_is_the_in_process_run(tmp_path):
     assert all(m["policy/rollout_logprob_abs_diff"] < 1e-4 for m in metrics)  # the servers had the trained weights
     assert sorted(p.name for p in (tmp_path / "b" / "weights").iterdir()) == [
         "weights_v000001.safetensors", "weights_v000002.safetensors"]
+    assert service_processes(psutil.Process()) == []
+
+    broadcast = train_grpo(rl_config(tmp_path / "c", "grpo.steps=2", "rollout.servers=2", "rollout.weight_sync=broadcast"))
+    for step in (1, 2):  # the servers sampled from exactly the trainer's weights, step after step
+        assert rollouts(tmp_path / "a", step) == rollouts(tmp_path / "c", step)
+    c = load_file(broadcast / "model.safetensors")
+    assert all(a[name].equal(c[name]) for name in a)
+    metrics = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["rollout/weight_sync_failures"] for m in metrics] == [0.0, 0.0]
+    assert all(m["policy/rollout_logprob_abs_diff"] < 1e-4 for m in metrics)
+    assert not (tmp_path / "c" / "weights").exists()  # nothing went through the filesystem
     assert service_processes(psutil.Process()) == []
 
 
