@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -54,8 +53,6 @@ from typing import Any, Awaitable, Callable, Coroutine, Sequence
 from deepeyes.config import ModelConfig, RolloutConfig
 from deepeyes.data.image_store import content_key
 from deepeyes.rollout.api import GenerateRequest, GenerateResult, SamplingParams
-
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = "the vllm rollout backend needs vLLM on a GPU node: pip install 'deepeyes[gpu]'"
 # What the max_model_len budget gives the prompt's text: DeepEyesV2's system prompt (~950 tokens) and

@@ -11,7 +11,6 @@ Run them in a venv with vLLM (README "On a GPU cluster"); elsewhere they skip.
 """
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
