@@ -17,7 +17,8 @@ finish on the old weights; KV, prefix and multimodal caches are dropped) and res
 ways in: `update_weights(path, version)`, the published safetensors file loaded by every worker
 through the model's `load_weights` (the `file` fallback), and the broadcast from the trainer
 through vLLM's NCCL weight-transfer engine: `init_weight_transfer` once per group, then
-`receive_weights` per version.
+`receive_weights` per version. New requests wait at our door while weights change; one that slips
+into vLLM just as the pause starts is refused by vLLM and sent again after the update.
 
 Wire format of the broadcast (vLLM 0.33 `vllm/distributed/weight_transfer/nccl_engine.py`,
 `nccl_common.py`, `packed_tensor.py`); the trainer's sender must match it exactly:
@@ -201,14 +202,21 @@ class VLLMRolloutEngine:
         return await asyncio.wrap_future(self._on_engine_loop(self._generate(request)))
 
     async def _generate(self, request: GenerateRequest) -> GenerateResult:
+        from vllm.exceptions import RetryableRequestError
+
         loaded = await asyncio.gather(*(asyncio.to_thread(_load_image, path) for path in request.images))
         prompt = vllm_prompt(request.input_ids, self.image_pad, [image for image, _ in loaded],
                              [uuid for _, uuid in loaded])
         params = self._vllm.SamplingParams(**sampling_kwargs(request.sampling))
-        await self._running.wait()
-        final = None
-        async for output in self.engine.generate(prompt, params, f"req-{next(self._ids)}"):
-            final = output
+        while True:
+            await self._running.wait()
+            try:
+                async for output in self.engine.generate(prompt, params, f"req-{next(self._ids)}"):
+                    final = output
+                break
+            except RetryableRequestError:
+                if self._running.is_set():  # not refused for our own weight update
+                    raise
         completion = final.outputs[0]
         return GenerateResult(
             list(completion.token_ids), sampled_logprobs(completion), finish_reason(completion), self.weight_version
