@@ -47,8 +47,8 @@ turn = encoder.text("<think>zoom</think><code>\n```python\nprint(1)\n```\n</code
 second = first + turn + encoder.observation("Images:\n<image>", images[2:], model_closed_turn=False)
 prompts = [(first, images[:2]), (second, images)]
 
-engine = VLLMRolloutEngine(model_dir, dtype=dtype, max_model_len=4096, gpu_memory_utilization=0.5, max_batch=16,
-                           min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+engine = VLLMRolloutEngine.build(model_dir, dtype=dtype, max_model_len=4096, gpu_memory_utilization=0.5,
+                                 max_batch=16, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 loaded_s = time.perf_counter() - started
 hf = load_model(model_dir, dtype=getattr(torch, dtype)).cuda()
 tolerance = 2e-3 if dtype == "float32" else 0.1

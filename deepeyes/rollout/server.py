@@ -60,7 +60,7 @@ def build_hf_engine(args: argparse.Namespace):
 def build_vllm_engine(args: argparse.Namespace):
     from deepeyes.rollout.vllm_engine import VLLMRolloutEngine
 
-    return VLLMRolloutEngine(
+    return VLLMRolloutEngine.build(
         args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, max_batch=args.max_batch, min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,

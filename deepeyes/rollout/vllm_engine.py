@@ -170,30 +170,39 @@ class VLLMRolloutEngine:
     `init_weight_transfer` from a worker thread (it blocks until the trainer joins the group).
     """
 
-    def __init__(self, model: Path, *, dtype: str = "bfloat16", tensor_parallel: int = 1,
-                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.85, max_batch: int = 256,
-                 min_pixels: int = 3136, max_pixels: int = 50176):
-        try:
-            import vllm
-            from vllm.engine.arg_utils import AsyncEngineArgs
-        except ImportError as error:
-            raise ImportError(f"{INSTALL_HINT} ({error})") from None
+    def __init__(self, engine: Any):
+        """Serve `engine`, a `vllm.AsyncLLM` (`build` makes one from our settings)."""
+        import vllm
+
         self._vllm = vllm
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
-        self._thread.start()
-        args = AsyncEngineArgs(**engine_args(
-            model, dtype=dtype, tensor_parallel=tensor_parallel, max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization, max_batch=max_batch, min_pixels=min_pixels,
-            max_pixels=max_pixels,
-        ))
-        self.engine = vllm.AsyncLLMEngine.from_engine_args(args)
-        self.image_pad = self.engine.model_config.hf_config.image_token_id
+        self.engine = engine
+        self.image_pad = engine.model_config.hf_config.image_token_id
         self.weight_version = 0
         self._ids = itertools.count()
         self._packed = True
         self._running = asyncio.Event()  # cleared while weights change: new requests wait at the door
         self._running.set()
+        self._pauses = 0  # weight changes begun so far
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def build(cls, model: Path, *, dtype: str = "bfloat16", tensor_parallel: int = 1, max_model_len: int | None = None,
+              gpu_memory_utilization: float = 0.85, max_batch: int = 256, min_pixels: int = 3136,
+              max_pixels: int = 50176) -> VLLMRolloutEngine:
+        """vLLM's engine on `tensor_parallel` GPUs of this node, with the arguments `engine_args` gives."""
+        try:
+            import vllm
+            from vllm.engine.arg_utils import AsyncEngineArgs
+        except ImportError as error:
+            raise ImportError(f"{INSTALL_HINT} ({error})") from None
+        args = AsyncEngineArgs(**engine_args(
+            model, dtype=dtype, tensor_parallel=tensor_parallel, max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization, max_batch=max_batch, min_pixels=min_pixels,
+            max_pixels=max_pixels,
+        ))
+        return cls(vllm.AsyncLLMEngine.from_engine_args(args))
 
     def _on_engine_loop(self, coroutine: Coroutine) -> Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -210,12 +219,13 @@ class VLLMRolloutEngine:
         params = self._vllm.SamplingParams(**sampling_kwargs(request.sampling))
         while True:
             await self._running.wait()
+            pauses = self._pauses
             try:
                 async for output in self.engine.generate(prompt, params, f"req-{next(self._ids)}"):
                     final = output
                 break
             except RetryableRequestError:
-                if self._running.is_set():  # not refused for our own weight update
+                if self._pauses == pauses:  # not refused for a weight update of ours
                     raise
         completion = final.outputs[0]
         return GenerateResult(
@@ -260,6 +270,7 @@ class VLLMRolloutEngine:
         A change that fails midway may leave a mix of two versions: the engine then reports
         version -1 until a later change succeeds."""
         self._running.clear()
+        self._pauses += 1
         try:
             await self.engine.pause_generation(mode="wait", clear_cache=True)
             try:

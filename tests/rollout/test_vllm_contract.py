@@ -10,7 +10,9 @@ switch, VLLM_TARGET_DEVICE=cpu, because the PyPI wheel finds no CUDA device here
 Run them in a venv with vLLM (README "On a GPU cluster"); elsewhere they skip.
 """
 
+import asyncio
 import importlib.util
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +280,122 @@ def expected_vllm_parameters(model, published: dict[str, torch.Tensor]) -> dict[
                 target, index = f"{prefix}.{fused}.{leaf}", pieces.index(last)
         parts.setdefault(target, {})[index] = tensor
     return {name: torch.cat([pieces[i] for i in sorted(pieces)]) for name, pieces in parts.items()}
+
+
+class AsyncLLMWithoutGPU:
+    """vLLM's AsyncLLM where only a GPU could run it: the calls our engine makes, in order, with
+    vLLM's own request and output types. Its methods are checked against AsyncLLM's signatures."""
+
+    def __init__(self, model_config):
+        from vllm.exceptions import RetryableRequestError
+
+        self.model_config = model_config
+        self.calls: list[tuple] = []
+        self.paused = False
+        self.pauses = 0
+        self.refuse_next = False  # the next request reaches vLLM just as a pause starts:
+        self.request_arrived = threading.Event()  # it signals its arrival; its refusal comes after the pause
+        self._retryable = RetryableRequestError
+
+    async def generate(self, prompt, sampling_params, request_id):
+        from vllm.logprobs import Logprob
+        from vllm.outputs import CompletionOutput, RequestOutput
+
+        self.calls.append(("generate", request_id))
+        if self.refuse_next:
+            self.refuse_next = False
+            pauses = self.pauses
+            self.request_arrived.set()
+            while self.pauses == pauses:
+                await asyncio.sleep(0.01)
+            raise self._retryable("engine is paused")
+        if self.paused:
+            raise self._retryable("engine is paused")
+        tokens = [7, 8]
+        completion = CompletionOutput(index=0, text="", token_ids=tokens, cumulative_logprob=-1.5,
+                                      logprobs=[{7: Logprob(-1.0)}, {8: Logprob(-0.5)}], finish_reason="abort")
+        yield RequestOutput(request_id, None, prompt["prompt_token_ids"], None, [completion], finished=True)
+
+    async def pause_generation(self, *, mode="abort", clear_cache=True):
+        self.calls.append(("pause", mode, clear_cache))
+        self.paused = True
+        self.pauses += 1
+
+    async def resume_generation(self):
+        self.calls.append(("resume",))
+        self.paused = False
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.calls.append(("rpc", method, args))
+
+    async def init_weight_transfer_engine(self, request):
+        self.calls.append(("init", request.init_info))
+
+    async def start_weight_update(self):
+        self.calls.append(("start",))
+
+    async def update_weights(self, request):
+        self.calls.append(("update", request.update_info))
+        if request.update_info["names"] == ["broken"]:
+            raise RuntimeError("NCCL broadcast failed")
+
+    async def finish_weight_update(self, weight_version=None):
+        self.calls.append(("finish", weight_version))
+
+    def shutdown(self, timeout=None):
+        self.calls.append(("shutdown",))
+
+
+def test_the_stand_in_calls_asyncllm_as_asyncllm_is(vllm_on_cpu):
+    import inspect
+
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    for name, method in vars(AsyncLLMWithoutGPU).items():
+        if callable(method) and not name.startswith("_"):
+            ours = set(inspect.signature(method).parameters)
+            assert ours <= set(inspect.signature(getattr(AsyncLLM, name)).parameters), name
+
+
+def test_weight_changes_pause_generation_through_vllm_and_requests_wait(vllm_config, tmp_path):
+    """File update and broadcast each run between vLLM's pause and resume; a request refused by
+    the pause is sent again afterwards; a broadcast that fails leaves version -1; the broadcast
+    group is joined from a worker thread while the server's loop keeps serving."""
+    from deepeyes.rollout.api import GenerateRequest
+    from deepeyes.rollout.vllm_engine import VLLMRolloutEngine
+
+    stand_in = AsyncLLMWithoutGPU(vllm_config.model_config)
+    engine = VLLMRolloutEngine(stand_in)
+    image = image_file(tmp_path, 56, 56, seed=3)
+    request = GenerateRequest([1, engine.image_pad, engine.image_pad, 2], [image], SamplingParams(max_new_tokens=4))
+
+    async def scenario():
+        result = await engine.generate(request)
+        assert (result.token_ids, result.logprobs, result.finish_reason, result.weight_version) == (
+            [7, 8], [-1.0, -0.5], "abort", 0)
+        stand_in.refuse_next = True
+        refused = asyncio.ensure_future(engine.generate(request))
+        await asyncio.to_thread(stand_in.request_arrived.wait)
+        await engine.update_weights(tmp_path / "weights_v000001.safetensors", 1)
+        assert (await refused).weight_version == 1  # refused by the pause, sent again after it
+        joined = threading.Thread(target=engine.init_weight_transfer, args=("10.0.0.1", 29600, 1, 3))
+        joined.start()
+        await asyncio.to_thread(joined.join)
+        await engine.receive_weights(2, ["lm_head.weight"], ["bfloat16"], [[152064, 64]], packed=True)
+        with pytest.raises(ValueError, match="packed"):
+            await engine.receive_weights(3, ["lm_head.weight"], ["bfloat16"], [[152064, 64]], packed=False)
+        with pytest.raises(RuntimeError, match="NCCL"):
+            await engine.receive_weights(3, ["broken"], ["bfloat16"], [[1]], packed=True)
+        assert engine.weight_version == -1
+        await engine.close()
+
+    asyncio.run(scenario())
+    calls = [call[0] if call[0] != "rpc" else call[:2] for call in stand_in.calls]
+    assert calls == [
+        "generate", "generate", "pause", ("rpc", "load_published"), "resume", "generate",
+        "init", "pause", "start", "update", "finish", "resume", "pause", "start", "update", "resume", "shutdown",
+    ]
+    assert stand_in.calls[2] == ("pause", "wait", True)
+    assert ("finish", "2") in stand_in.calls
+    init = next(call[1] for call in stand_in.calls if call[0] == "init")
+    assert (init["rank_offset"], init["world_size"], init["packed"]) == (1, 3, True)
