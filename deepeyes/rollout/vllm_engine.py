@@ -177,6 +177,9 @@ class VLLMRolloutEngine:
         self._vllm = vllm
         self.engine = engine
         self.image_pad = engine.model_config.hf_config.image_token_id
+        self.vocab_size = engine.model_config.get_vocab_size()
+        # Ranks this engine adds to the weight-broadcast group: one per worker (tensor x pipeline parallel).
+        self.weight_transfer_ranks = engine.vllm_config.parallel_config.world_size_across_dp
         self.weight_version = 0
         self._ids = itertools.count()
         self._packed = True

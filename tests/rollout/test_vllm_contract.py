@@ -286,10 +286,11 @@ class AsyncLLMWithoutGPU:
     """vLLM's AsyncLLM where only a GPU could run it: the calls our engine makes, in order, with
     vLLM's own request and output types. Its methods are checked against AsyncLLM's signatures."""
 
-    def __init__(self, model_config):
+    def __init__(self, vllm_config):
         from vllm.exceptions import RetryableRequestError
 
-        self.model_config = model_config
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
         self.calls: list[tuple] = []
         self.paused = False
         self.pauses = 0
@@ -357,15 +358,19 @@ def test_the_stand_in_calls_asyncllm_as_asyncllm_is(vllm_on_cpu):
             assert ours <= set(inspect.signature(getattr(AsyncLLM, name)).parameters), name
 
 
-def test_weight_changes_pause_generation_through_vllm_and_requests_wait(vllm_config, tmp_path):
+def test_weight_changes_pause_generation_through_vllm_and_requests_wait(vllm_on_cpu, tiny_dir, tmp_path):
     """File update and broadcast each run between vLLM's pause and resume; a request refused by
     the pause is sent again afterwards; a broadcast that fails leaves version -1; the broadcast
-    group is joined from a worker thread while the server's loop keeps serving."""
+    group is joined from a worker thread while the server's loop keeps serving. A tensor-parallel
+    engine takes one rank of the group per GPU."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
     from deepeyes.rollout.api import GenerateRequest
     from deepeyes.rollout.vllm_engine import VLLMRolloutEngine
 
-    stand_in = AsyncLLMWithoutGPU(vllm_config.model_config)
+    stand_in = AsyncLLMWithoutGPU(AsyncEngineArgs(**args_for(tiny_dir, tensor_parallel=2)).create_engine_config())
     engine = VLLMRolloutEngine(stand_in)
+    assert (engine.weight_transfer_ranks, engine.vocab_size) == (2, 152064)
     image = image_file(tmp_path, 56, 56, seed=3)
     request = GenerateRequest([1, engine.image_pad, engine.image_pad, 2], [image], SamplingParams(max_new_tokens=4))
 
