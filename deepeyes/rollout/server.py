@@ -79,8 +79,11 @@ def build_hf_engine(args: argparse.Namespace):
 def build_vllm_engine(args: argparse.Namespace):
     from deepeyes.rollout.vllm_engine import VLLMRolloutEngine
 
-    return VLLMRolloutEngine(args.model, dtype=args.dtype, max_batch=args.max_batch, min_pixels=args.min_pixels,
-                             max_pixels=args.max_pixels)
+    return VLLMRolloutEngine.build(
+        args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel, max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_batch=args.max_batch, min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+    )
 
 
 BACKENDS = {"hf": build_hf_engine, "vllm": build_vllm_engine}
@@ -294,6 +297,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-input-tokens", type=int, default=1 << 17, help="the longest prompt /generate takes")
     parser.add_argument("--weight-timeout-s", type=float, default=600.0,
                         help="how long a weight-broadcast step may wait on the trainer before it fails")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="GPUs of the vLLM engine (vllm backend)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="vLLM context length: prompt + rollout.max_response_tokens "
+                             "(vllm_engine.rollout_max_model_len; default: the model's own; vllm backend)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                        help="fraction of each GPU the vLLM engine may take (vllm backend)")
     add_service_args(parser)
     return parser.parse_args(argv)
 
