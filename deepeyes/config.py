@@ -440,6 +440,7 @@ _CHOICES = {
     "data.on_bad_record": ("raise", "skip"),
     "data.sample_recipe": ("default", "learning"),
     "rollout.backend": ("hf", "vllm"),
+    "rollout.weight_sync": ("file", "broadcast"),
     "tools.code.isolation": ("namespaces", "none"),
     "tools.search_backend": ("local", "serpapi"),
     "tools.image_search_backend": ("local", "serpapi", "mmsearch_cache"),
