@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import io
 import os
-import re
 import secrets
 import shutil
 import stat
@@ -24,16 +23,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from deepeyes.tools.search import sha256_file
+from deepeyes.tools.search import STORED_NAME, content_key, sha256_file
+
+__all__ = ["ImageStore", "content_key"]
 
 _FORMAT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
-_STORED_NAME = re.compile(r"([0-9a-f]{64})\.[0-9a-z]+")
-
-
-def content_key(path: str | Path) -> str:
-    """The sha256 of an image file: read off the name of a stored file, else hashed from its bytes."""
-    stored = _STORED_NAME.fullmatch(Path(path).name)
-    return stored.group(1) if stored else sha256_file(Path(path))
 
 
 class ImageStore:
@@ -60,7 +54,7 @@ class ImageStore:
         reference; others are hashed once and hard-linked in (copied across filesystems), so a
         dataset image costs no second copy. Dataset files must not change during a run."""
         path = Path(path)
-        if _STORED_NAME.fullmatch(path.name):
+        if STORED_NAME.fullmatch(path.name):
             return path
         target = self._path(sha256_file(path), path.suffix.lower() or ".img")
         if not _is_stored(target):
@@ -69,7 +63,7 @@ class ImageStore:
 
     def files(self) -> list[Path]:
         """Every stored image (for accounting: what a step left behind)."""
-        return sorted(p for p in self.root.glob("*/*") if _STORED_NAME.fullmatch(p.name)) if self.root.is_dir() else []
+        return sorted(p for p in self.root.glob("*/*") if STORED_NAME.fullmatch(p.name)) if self.root.is_dir() else []
 
     def _path(self, digest: str, suffix: str) -> Path:
         return self.root / digest[:2] / f"{digest}{suffix}"
