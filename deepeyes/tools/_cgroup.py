@@ -62,17 +62,18 @@ class SessionCgroup:
 
     def kill(self, keep: int | None = None) -> int:
         """SIGKILL every process of the session but `keep`; the number killed. Repeated until
-        none is left, so a process forked while the list was read is caught too."""
-        killed = 0
+        no new one shows up, so a process forked while the list was read is caught too (the
+        killed stay listed until their parent reaps them)."""
+        killed: set[int] = set()
         for _ in range(100):
-            victims = [pid for pid in self.pids() if pid != keep]
+            victims = set(self.pids()) - killed - {keep}
             if not victims:
                 break
             for pid in victims:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                    killed += 1
-        return killed
+            killed |= victims
+        return len(killed)
 
     def memory_peak(self) -> int | None:
         """The session's most memory at once, in bytes (None where the host does not say)."""

@@ -91,6 +91,7 @@ class Notebook:
             send_message(replies, self.run(request["code"], request["cell"]))
 
     def run(self, code: str, cell: int) -> dict:
+        _reap_children()  # what the daemon killed after the last cell: zombies would hold the pid limit
         self._cell, self._saved, self._not_returned = cell, [], 0
         stdout, stderr = BoundedText(), BoundedText()
         filename = f"<cell {cell}>"
@@ -152,6 +153,16 @@ class Notebook:
         path = os.path.join(self._out_dir, name)
         save(path, format="png")
         self._saved.append(name)
+
+
+def _reap_children() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def _cell_frames(tb, filename: str):

@@ -219,6 +219,7 @@ class SandboxDaemon:
 
     async def stop(self) -> None:
         self.ready = False
+        log.info("sandbox daemon stopping: %s", dict(self.counts))
         if self._reaper is not None:
             self._reaper.cancel()
         for session_id in list(self._sessions):
@@ -262,6 +263,7 @@ class SandboxDaemon:
             await self._release(session)
             raise
         self._sessions[session_id] = session
+        self.counts["sessions_opened"] += self.ready  # not the start-up probe
         return session
 
     async def run(self, session_id: str, code: str) -> dict:
@@ -275,6 +277,7 @@ class SandboxDaemon:
             except SandboxUnavailable as error:
                 return _failed(f"The kernel could not start: {error}")
             session.cells += 1
+            self.counts["cells"] += 1
             _write(kernel.writer, {"code": code, "cell": session.cells})
             try:
                 reply = await asyncio.wait_for(_read(kernel.reader), self.limits.timeout_s)
