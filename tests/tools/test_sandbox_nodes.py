@@ -1,22 +1,17 @@
 """Sandboxes on every node: a job's sessions spread over the daemons of all its nodes, stay with
-their trajectory, and a daemon that dies takes only its own sessions with it.
-
-The first test runs two real daemons on this machine as two nodes would; the second runs an RL
-job on the real local Slurm cluster with a model that writes code in every turn."""
+their trajectory, and a daemon that dies takes only its own sessions with it. Two real daemons
+on this machine stand for two nodes (tests/launch/test_slurm_sandboxes.py runs a real RL step on
+the Slurm cluster)."""
 
 import asyncio
-import json
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from deepeyes.service import LocalService, free_port, local_services, new_token_file, read_token
-from deepeyes.tools import SandboxError, SandboxLimits, SandboxPool, daemon_command
-from tests.paths import REPO
+from deepeyes.config import CodeToolConfig
+from deepeyes.tools import SandboxError, SandboxLimits, SandboxPool, connect_sandbox, daemon_command
 
 LIMITS = SandboxLimits(timeout_s=10.0)
 
@@ -70,51 +65,11 @@ def test_sessions_spread_over_the_nodes_stay_put_and_a_dead_daemon_takes_only_it
     assert newcomer_daemon.url == first.url
 
 
-# ---- on the Slurm cluster ----------------------------------------------------------------------
-
-CODE_TURN = "<think>look</think>\n<code>\n```python\nprint(image_1.size)\n```\n</code>"
-
-
-def code_writing_sft_data(sample_data, path: Path) -> Path:
-    """The sample cold-start trajectories with every model turn replaced by a code cell: a few
-    SFT steps on them make the tiny model write code in its turns (a random one never does)."""
-    rows = []
-    for line in sample_data.sft_train.read_text().splitlines()[:8]:
-        row = json.loads(line)
-        messages = row["messages"][:4] + [{"role": "assistant", "content": CODE_TURN}]
-        messages[2] = {"role": "assistant", "content": CODE_TURN}
-        image_count = sum(m["content"].count("<image>") for m in messages)
-        images = [str(sample_data.sft_train.parent / image) for image in row["images"]][:image_count]
-        rows.append({**row, "messages": messages, "images": images})
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("slurm_cluster")
-def test_an_rl_step_on_four_nodes_uses_the_sandboxes_of_several(sample_data, tmp_path):
-    data = code_writing_sft_data(sample_data, tmp_path / "code_sft.jsonl")
-    sft = subprocess.run(
-        [sys.executable, "jobs/sft.py", "trainer=hf", f"data.sft={data}", "optim.lr=3e-3", "sft.epochs=100",
-         "sft.max_steps=40", "sft.batch_size=6", "sft.micro_batch_size=6", "logger.mode=disabled",
-         f"hydra.run.dir={tmp_path / 'sft'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert sft.returncode == 0, sft.stdout[-3000:] + sft.stderr[-3000:]
-    rl = subprocess.run(
-        [sys.executable, "jobs/rl.py", "cluster=slurm", "cluster.wait=true", "nodes=4", "cluster.gpus_per_node=1",
-         "cluster.cpus_per_node=2", "trainer=hf", f"run.init_from={tmp_path / 'sft'}", "grpo.steps=1",
-         "grpo.prompts_per_step=2", "rollout.n=4", "rollout.max_turns=2", "rollout.max_turn_tokens=48",
-         "rollout.temperature=0.3", "tools.code.max_sessions=2", "model.threads=1", "logger.mode=disabled",
-         f"hydra.run.dir={tmp_path / 'rl'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert rl.returncode == 0, rl.stdout[-3000:] + rl.stderr[-3000:]
-    (run,) = (tmp_path / "rl" / "launch").glob("run_*")
-    used = {}
-    for node in range(4):
-        log = (run / f"sandbox_node{node}.log").read_text()
-        used[node] = int(log.split("sessions_opened': ")[1].split(",")[0].rstrip("}")) if "sessions_opened'" in log else 0
-    assert sum(count > 0 for count in used.values()) >= 2, used
-    metrics = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert metrics["tools/code_calls"] > 0
+def test_the_launchers_daemon_urls_make_a_pool_with_the_per_node_cap(tmp_path):
+    token_file = new_token_file(tmp_path)
+    cfg = CodeToolConfig(urls=["http://10.0.0.1:9000", "http://10.0.0.2:9000"], token_file=str(token_file), max_sessions=5)
+    pool = connect_sandbox(cfg, tmp_path)
+    assert isinstance(pool, SandboxPool) and pool.max_sessions == 5
+    assert [daemon.url for daemon in pool.daemons] == cfg.urls
+    with pytest.raises(ValueError, match="token_file"):
+        connect_sandbox(CodeToolConfig(urls=cfg.urls), tmp_path)
