@@ -264,6 +264,8 @@ class SandboxDaemon:
             raise
         self._sessions[session_id] = session
         self.counts["sessions_opened"] += self.ready  # not the start-up probe
+        if self._cgroups is not None:
+            self._cgroups.weigh(len(self._sessions))
         return session
 
     async def run(self, session_id: str, code: str) -> dict:
@@ -321,6 +323,8 @@ class SandboxDaemon:
         session = self._sessions.pop(session_id, None)
         if session is not None:
             await self._release(session)
+            if self._cgroups is not None:
+                self._cgroups.weigh(len(self._sessions))
 
     async def _release(self, session: _Session) -> None:
         await self._kill(session)
