@@ -149,17 +149,19 @@ class CodeToolConfig:
     """The code sandbox (deepeyes.tools.sandbox_daemon): limits per session, and where it runs."""
 
     timeout_s: float = 20.0
-    memory_mb: int = 1024
+    memory_mb: int = 1024  # the whole session (cgroup) and each of its processes (address space)
     max_processes: int = 64
+    cpus: float = 1.0  # CPU share of a session (cgroup quota)
+    scratch_mb: int = 256  # the session's /scratch tmpfs
     cpu_s: int = 30
     # "namespaces": each session in its own user/mount/network/pid namespaces (the daemon refuses
     # to start where they are unavailable); "none": no isolation, for trusted code only.
     isolation: str = "namespaces"
     max_sessions: int = 64  # per node; more trajectories wait for a free session
     idle_timeout_s: float = 600.0  # a session unused this long is closed
-    # A daemon already running on this node (the launcher starts one per node); None = the job
-    # starts its own.
-    url: Optional[str] = None
+    # The daemons already running, one per node (the launcher fills them in and spreads the
+    # sessions over all); empty = the job starts its own.
+    urls: list[str] = field(default_factory=list)
     token_file: Optional[str] = None
 
 
@@ -568,6 +570,8 @@ def _check_positive(cfg: DictConfig) -> None:
         "sft.epochs", "sft.batch_size", "sft.micro_batch_size", "sft.cutoff_len", "optim.lr",
         "eval.n", "eval.questions_per_batch", "filter.k", "filter.prompts_per_batch",
         "synth.k", "synth.concurrency", "synth.attempts_per_batch", "teacher.max_concurrency", "teacher.timeout_s",
+        "tools.code.timeout_s", "tools.code.memory_mb", "tools.code.max_processes", "tools.code.cpus",
+        "tools.code.scratch_mb", "tools.code.cpu_s", "tools.code.max_sessions",
     ):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value <= 0:

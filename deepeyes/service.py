@@ -6,6 +6,11 @@ process is up) and `GET /ready` (it can serve: model loaded, index built; 503 un
 `add_service_args` gives a server command its common flags (`--host`, default 127.0.0.1,
 `--port`, `--token-file`) and `serve(app, args)` runs the app there.
 
+Environment: a child gets this process's whole environment unless it is started with
+`clean_environment=True`, which passes only `safe_environment()` (what Python, the C library
+and the locale need) plus the variables it is given: a service that needs no secret never
+holds one.
+
 Client side: `LocalService` starts a server command as a child process, waits for its /ready
 and stops it (SIGTERM, then SIGKILL); `local_services(...)` holds several for the length of a
 `with` block and stops them however the block ends (return, exception, Ctrl-C). Children also
@@ -40,6 +45,20 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 
+# What a process that needs no secret may inherit: Python's, the C library's and the locale's
+# variables. API keys, wandb and cloud credentials are never among them.
+SAFE_VARIABLES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+    "PYTHONPATH", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
+})
+SAFE_PREFIXES = ("LC_",)
+
+
+def safe_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The allowlisted part of `environ` (default: this process's environment)."""
+    environ = os.environ if environ is None else environ
+    return {name: value for name, value in environ.items() if name in SAFE_VARIABLES or name.startswith(SAFE_PREFIXES)}
+
 
 # ---- the token -------------------------------------------------------------------------------
 
@@ -69,8 +88,11 @@ def auth_headers(token: str) -> dict[str, str]:
 # ---- server side -----------------------------------------------------------------------------
 
 
-def service_app(token: str, ready: Callable[[], bool] = lambda: True) -> web.Application:
-    """An application with the token check and /health, /ready; add the service's routes to it."""
+def service_app(
+    token: str, ready: Callable[[], bool] = lambda: True, load: Callable[[], dict] | None = None
+) -> web.Application:
+    """An application with the token check and /health, /ready; add the service's routes to it.
+    `load`: what /ready reports beside `ready` (e.g. how many sessions of how many are taken)."""
     expected = f"Bearer {token}".encode()
 
     @web.middleware
@@ -85,7 +107,8 @@ def service_app(token: str, ready: Callable[[], bool] = lambda: True) -> web.App
 
     async def readiness(request: web.Request) -> web.Response:
         is_ready = ready()
-        return web.json_response({"ready": is_ready}, status=200 if is_ready else 503)
+        body = {"ready": is_ready, **(load() if load is not None else {})}
+        return web.json_response(body, status=200 if is_ready else 503)
 
     app = web.Application(middlewares=[require_token], client_max_size=64 << 20)
     app.router.add_get("/health", health)
@@ -140,6 +163,7 @@ class LocalService:
     log_path: Path
     host: str = LOOPBACK
     env: dict[str, str] = field(default_factory=dict)
+    clean_environment: bool = False  # True: only safe_environment() + env, none of this process's secrets
     process: subprocess.Popen | None = None
 
     @property
@@ -151,7 +175,7 @@ class LocalService:
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 list(self.argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
+                env={**(safe_environment() if self.clean_environment else os.environ), **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
             )
         log.info("started %s (pid %d) on %s, log %s", self.name, self.process.pid, self.url, self.log_path)
 

@@ -42,7 +42,7 @@ def build_toolbox(
     policy=None, max_trajectory_pixels: int = 0,
 ) -> Toolbox:
     """`search`: a client of a running search service; None = the local indexes in this process.
-    The code sandbox is the node's daemon (`cfg.code.url`) or one started here, next to
+    The code sandbox is the nodes' daemons (`cfg.code.urls`) or one started here, next to
     `scratch_root` (the step's image store): `toolbox.close()` stops it. With a `policy`, each
     trajectory's images are held to `max_trajectory_pixels` as its processor measures them."""
     return Toolbox(

@@ -12,25 +12,22 @@ persistent one for images that arrive as bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
-import re
+import secrets
 import shutil
+import stat
 from pathlib import Path
 
 from PIL import Image
 
-from deepeyes.tools.search import sha256_file
+from deepeyes.tools.search import STORED_NAME, content_key, sha256_file
+
+__all__ = ["ImageStore", "content_key"]
 
 _FORMAT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
-_STORED_NAME = re.compile(r"([0-9a-f]{64})\.[0-9a-z]+")
-
-
-def content_key(path: str | Path) -> str:
-    """The sha256 of an image file: read off the name of a stored file, else hashed from its bytes."""
-    stored = _STORED_NAME.fullmatch(Path(path).name)
-    return stored.group(1) if stored else sha256_file(Path(path))
 
 
 class ImageStore:
@@ -48,8 +45,8 @@ class ImageStore:
         except Exception as err:  # PIL raises many types for undecodable bytes
             raise ValueError(f"image bytes do not decode: {err}") from None
         path = self._path(hashlib.sha256(data).hexdigest(), suffix)
-        if not path.is_file():
-            self._write(path, lambda partial: partial.write_bytes(data))
+        if not _is_stored(path):
+            self._write(path, lambda directory, name: _write_new(directory, name, data))
         return path
 
     def put_file(self, path: str | Path) -> Path:
@@ -57,31 +54,63 @@ class ImageStore:
         reference; others are hashed once and hard-linked in (copied across filesystems), so a
         dataset image costs no second copy. Dataset files must not change during a run."""
         path = Path(path)
-        if _STORED_NAME.fullmatch(path.name):
+        if STORED_NAME.fullmatch(path.name):
             return path
         target = self._path(sha256_file(path), path.suffix.lower() or ".img")
-        if not target.is_file():
-            self._write(target, lambda partial: _link_or_copy(path, partial))
+        if not _is_stored(target):
+            self._write(target, lambda directory, name: _link_or_copy(path, directory, name))
         return target
 
     def files(self) -> list[Path]:
         """Every stored image (for accounting: what a step left behind)."""
-        return sorted(p for p in self.root.glob("*/*") if _STORED_NAME.fullmatch(p.name)) if self.root.is_dir() else []
+        return sorted(p for p in self.root.glob("*/*") if STORED_NAME.fullmatch(p.name)) if self.root.is_dir() else []
 
     def _path(self, digest: str, suffix: str) -> Path:
         return self.root / digest[:2] / f"{digest}{suffix}"
 
-    @staticmethod
-    def _write(path: Path, write) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        write(partial)
-        partial.replace(path)  # atomic: a reader never sees half an image
+    def _write(self, path: Path, fill) -> None:
+        """Write `path` through a temporary name nobody can guess, created only if new and
+        never through a link (O_EXCL | O_NOFOLLOW), in its directory opened without following a
+        link; then rename it over `path`. A link planted in the store is never written through,
+        and a reader never sees half an image."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path.parent.name, 0o755, dir_fd=root)
+            directory = os.open(path.parent.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+        finally:
+            os.close(root)
+        partial = f".{secrets.token_hex(16)}.partial"
+        try:
+            fill(directory, partial)
+            os.replace(partial, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(partial, dir_fd=directory)
+            raise
+        finally:
+            os.close(directory)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.unlink(missing_ok=True)
+def _is_stored(path: Path) -> bool:
+    """A plain file is there already (a link is not: it is replaced)."""
     try:
-        os.link(source, target)
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _write_new(directory: int, name: str, data: bytes) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=directory)
+    with open(fd, "wb") as file:
+        file.write(data)
+
+
+def _link_or_copy(source: Path, directory: int, name: str) -> None:
+    try:
+        os.link(source, name, dst_dir_fd=directory)
     except OSError:
-        shutil.copyfile(source, target)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=directory)
+        with open(source, "rb") as src, open(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)

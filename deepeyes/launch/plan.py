@@ -11,7 +11,8 @@ Placement, for `nodes` nodes of `gpus_per_node` GPUs each (R = rollout_nodes, al
     the last R nodes        one rollout server each (all its GPUs); with R = 0, `rollout.servers`
                             servers share node 0 (and the second half of its GPUs)
     the last node           the judge (a rollout server with the judge model), when enabled
-    every node              a sandbox daemon (loopback only), each `cluster.extra_roles` entry
+    every node              a sandbox daemon (bound to the node's address, token-checked: the
+                            trainer spreads its sessions over all of them), each `cluster.extra_roles` entry
 
 Commands carry placeholders ({host}, {port}, {token_file}) that the node agent fills in. The
 trainer finds the services through DEEPEYES_SERVICES (see deepeyes.launch.agent).
@@ -212,16 +213,14 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
             command = rollout_server_command(cfg, judge_model, PORT, TOKEN_FILE, 0, threads) + ["--host", HOST]
             add(Role("judge", command, node=cluster.nodes - 1, ready=True, memory_gb=server_memory))
     if job == "rl":
-        from deepeyes.tools.sandbox_client import SandboxLimits, daemon_command
+        from deepeyes.tools.sandbox_client import daemon_command, sandbox_limits
 
         code = cfg.tools.code
-        limits = SandboxLimits(timeout_s=code.timeout_s, memory_mb=code.memory_mb, max_processes=code.max_processes,
-                               cpu_s=code.cpu_s)
         for node in range(cluster.nodes):
-            command = daemon_command(PORT, TOKEN_FILE, launch_dir / "sandbox" / f"node{node}", limits,
-                                     code.max_sessions, code.idle_timeout_s, code.isolation)
-            add(Role("sandbox", command, node=node, ready=True, node_local=True,
-                     memory_gb=0.5 + SANDBOX_SESSION_GB * code.max_sessions))
+            command = daemon_command(PORT, TOKEN_FILE, launch_dir / "sandbox" / f"node{node}", sandbox_limits(code),
+                                     code.max_sessions, code.idle_timeout_s, code.isolation,
+                                     store_root=launch_dir.parent / "scratch", host=HOST)
+            add(Role("sandbox", command, node=node, ready=True, memory_gb=0.5 + SANDBOX_SESSION_GB * code.max_sessions))
     for extra in cluster.extra_roles:
         if not extra.name or not extra.command:
             raise ValueError(f"config cluster.extra_roles: every role needs a name and a command, got {extra}")

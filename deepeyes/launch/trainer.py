@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     importlib.import_module(TRAINING_LOOPS[plan.job][0])  # seconds of imports, while the services load
     wait_for_all_nodes(Path(os.environ["DEEPEYES_RUN_DIR"]), plan.nodes, plan.ready_timeout_s)
     sandboxes = json.loads(os.environ.get("DEEPEYES_SERVICES", "{}")).get("sandbox")
-    if sandboxes:  # this node's daemon, started by the node agent
-        cfg.tools.code.url, cfg.tools.code.token_file = sandboxes[0], os.environ["DEEPEYES_TOKEN_FILE"]
+    if sandboxes:  # every node's daemon, started by the node agents
+        cfg.tools.code.urls, cfg.tools.code.token_file = sandboxes, os.environ["DEEPEYES_TOKEN_FILE"]
     return run_training(plan.job, cfg)
 
 

@@ -1,7 +1,8 @@
 """The model's tools: a sandboxed Python notebook per trajectory, and local text/image search."""
 
 from deepeyes.tools.sandbox_client import (
-    CodeResult, LocalSandbox, SandboxClient, SandboxError, SandboxLimits, SandboxSession, connect_sandbox, daemon_command,
+    CodeResult, LocalSandbox, SandboxClient, SandboxError, SandboxLimits, SandboxPool, SandboxSession, SandboxUnreachable,
+    connect_sandbox, daemon_command,
 )
 from deepeyes.tools.search import LocalImageSearch, LocalTextSearch, sha256_file
 
@@ -13,7 +14,9 @@ __all__ = [
     "SandboxClient",
     "SandboxError",
     "SandboxLimits",
+    "SandboxPool",
     "SandboxSession",
+    "SandboxUnreachable",
     "connect_sandbox",
     "daemon_command",
     "sha256_file",

@@ -1,12 +1,16 @@
 """The sandbox's fork-server: numpy, PIL and matplotlib loaded once, one fork per session.
 
-Started by the sandbox daemon (`python -m deepeyes.tools._forkserver CONTROL_FD`) and never
+Started by the sandbox daemon (`python -m deepeyes.tools._forkserver CONTROL_FD`) from an
+allowlisted environment (no secret is ever in its memory, so none is in a session's) and never
 reached by anything else. The daemon sends, over the control socket, a JSON session spec with
-the daemon's end of a fresh socket pair attached (SCM_RIGHTS); the fork-server forks and goes
-back to waiting. It never reads a reply, so a slow or dying session cannot stall it.
+file descriptors attached (SCM_RIGHTS): the daemon's end of a fresh socket pair, then image_1..
+as the daemon opened them. The fork-server forks and goes back to waiting. It never reads a
+reply, so a slow or dying session cannot stall it.
 
 Each fork is a session's *keeper*: it enters the session's namespaces (see `_isolation`) and
-forks the *kernel*, which becomes pid 1 of the new pid namespace, builds its root filesystem,
+forks the *kernel*, puts it in the session's cgroup (`_cgroup`; the keeper stays outside, so
+the daemon can kill everything in there but the kernel), and the kernel becomes pid 1 of the
+new pid namespace, builds its root filesystem,
 drops its privileges and runs the notebook (`_kernel.Notebook`) over the socket. The keeper
 sends the daemon the kernel's pid, waits for the kernel to die and sends how it died. What
 the daemon reads on a session socket, in order:
@@ -31,6 +35,8 @@ import traceback
 
 from deepeyes.tools import _isolation
 from deepeyes.tools._kernel import Notebook, apply_limits, install_inline_backend, send_message
+
+MAX_SESSION_IMAGES = 32  # image_1.. per session: descriptors passed with a spec
 
 KERNEL_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -66,29 +72,31 @@ def preload() -> None:
 
 def serve(control: socket.socket) -> None:
     while True:
-        message, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
+        message, fds, _, _ = socket.recv_fds(control, 1 << 20, 1 + MAX_SESSION_IMAGES)
         if not message:
             return  # the daemon is gone
         spec = json.loads(message)
         try:
             keeper = os.fork()
         except OSError as error:
-            with socket.socket(fileno=fds[0]) as session:
-                send_message(session.makefile("wb"), {"error": f"fork failed: {error}"})
-            continue
+            with os.fdopen(os.dup(fds[0]), "wb") as session:
+                send_message(session, {"error": f"fork failed: {error}"})
+            keeper = None
         if keeper == 0:
             code = 1
             try:
                 control.close()
-                code = keep_session(spec, fds[0])
+                code = keep_session(spec, fds[0], fds[1:])
             finally:
                 os._exit(code)
-        os.close(fds[0])
+        for fd in fds:
+            os.close(fd)
 
 
-def keep_session(spec: dict, session_fd: int) -> int:
-    """In the keeper: enter the namespaces, fork the kernel, report its pid, map its user
-    namespace to the session's uid (as root, when the kernel asks), and report its end."""
+def keep_session(spec: dict, session_fd: int, image_fds: list[int]) -> int:
+    """In the keeper: enter the namespaces, fork the kernel, put it in the session's cgroup,
+    report its pid, map its user namespace to the session's uid (as root, when the kernel asks),
+    and report its end."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the fork-server ignores it; we wait for the kernel
     replies = os.fdopen(os.dup(session_fd), "wb")
     try:
@@ -104,12 +112,24 @@ def keep_session(spec: dict, session_fd: int) -> int:
     if kernel == 0:
         os.close(go_write)
         os.close(map_read)
-        os.read(go_read, 1)  # wait until the daemon has the pid, so it is the first message
+        if os.read(go_read, 1) != b"g":  # wait until the kernel is in its cgroup and the daemon has the pid
+            os._exit(1)
         replies.close()
-        run_kernel(spec, session_fd, (map_write, go_read))
+        run_kernel(spec, session_fd, image_fds, (map_write, go_read))
         os._exit(0)
     os.close(session_fd)
     os.close(map_write)
+    for fd in image_fds:
+        os.close(fd)
+    try:
+        for procs in spec["cgroup"]:
+            with open(procs, "w") as file:
+                file.write(str(kernel))
+    except OSError as error:
+        send_message(replies, {"error": f"cannot put the session in its cgroup: {error}"})
+        os.kill(kernel, signal.SIGKILL)
+        os.waitpid(kernel, 0)
+        return 1
     send_message(replies, {"pid": kernel})
     os.write(go_write, b"g")
     if os.read(map_read, 1):  # EOF instead: the kernel died before, or needs no mapping
@@ -128,7 +148,7 @@ def keep_session(spec: dict, session_fd: int) -> int:
     return 0
 
 
-def run_kernel(spec: dict, session_fd: int, keeper: tuple[int, int]) -> None:
+def run_kernel(spec: dict, session_fd: int, image_fds: list[int], keeper: tuple[int, int]) -> None:
     """In the kernel: load the images, wall off, then serve cells until the daemon hangs up.
     `keeper`: (ask, answer) pipe ends to have the keeper map this kernel's user namespace."""
     os.setsid()  # its own process group: without namespaces, that is what the daemon kills
@@ -138,8 +158,8 @@ def run_kernel(spec: dict, session_fd: int, keeper: tuple[int, int]) -> None:
     for fd in (0, 1, 2):  # output below Python's sys.stdout is not the model's business
         os.dup2(devnull, fd)
     try:
-        notebook = Notebook(spec["images"], "/scratch" if spec["isolated"] else spec["scratch"])
-        keep = {0, 1, 2, requests.fileno(), replies.fileno(), *keeper, *notebook.open_files()}
+        notebook = Notebook(image_fds, "/scratch" if spec["isolated"] else spec["scratch"])
+        keep = {0, 1, 2, requests.fileno(), replies.fileno(), *keeper, *image_fds}
         for fd in map(int, os.listdir("/proc/self/fd")):
             if fd not in keep:
                 try:
@@ -148,7 +168,7 @@ def run_kernel(spec: dict, session_fd: int, keeper: tuple[int, int]) -> None:
                     pass  # the directory listing's own descriptor
         ask, answer = keeper
         if spec["isolated"]:
-            _isolation.build_root(spec["read_only"], spec["scratch"], spec["limits"]["memory_mb"])
+            _isolation.build_root(spec["read_only"], spec["limits"]["scratch_mb"], spec["limits"]["memory_mb"])
             if spec["uid"] is not None:
                 _isolation.enter_user_namespace()
                 os.write(ask, b"m")

@@ -9,8 +9,9 @@ the keeper has called `map_root` for it, and `drop_privileges`. What the kernel 
 - its own pid namespace: it sees and can signal only its own processes, and when it dies the
   kernel kills every process left in the namespace;
 - an empty root (a tmpfs, read-only) holding only the Python environment and /usr read-only,
-  its scratch directory read-write at /scratch, a size-capped /tmp, a fresh /proc and the
-  harmless devices (null, zero, full, random, urandom);
+  a size-capped tmpfs of its own at /scratch and at /tmp (a full disk is the cell's error, never
+  the host's; the pages count against the session's cgroup and die with the kernel), a fresh
+  /proc and the harmless devices (null, zero, full, random, urandom);
 - no privileges: the kernel ends up root of a user namespace of its own, with every capability
   dropped and no further user namespaces allowed. As a normal user that namespace comes first
   (it is what permits the mounts); as root the mounts are made as real root and the kernel then
@@ -126,10 +127,11 @@ def _bind(source: str, target: str, read_only: bool) -> None:
         _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | flags)
 
 
-def build_root(read_only: list[str], scratch: str, tmp_mb: int) -> None:
+def build_root(read_only: list[str], scratch_mb: int, tmp_mb: int) -> None:
     """Replace this process's view of the filesystem (it must be root in its mount namespace).
 
-    `read_only` are host directories shown at the same path; `scratch` is shown at /scratch.
+    `read_only` are host directories shown at the same path; /scratch and /tmp are tmpfs of
+    `scratch_mb` and `tmp_mb` (the daemon reads returned images through /proc/<pid>/root).
     The tmpfs root is built with the host still visible under /oldroot (that is where the
     binds come from), which is then detached: nothing of the host stays reachable.
     """
@@ -150,7 +152,8 @@ def build_root(read_only: list[str], scratch: str, tmp_mb: int) -> None:
             os.symlink(os.readlink(host), top)
         elif os.path.isdir(host) and not os.path.exists(top):
             _bind(host, top, read_only=True)
-    _bind("/oldroot" + scratch, "/scratch", read_only=False)
+    os.mkdir("/scratch")
+    _mount("tmpfs", "/scratch", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={scratch_mb}m")
     os.mkdir("/dev")
     for device in _DEVICES:
         _bind(f"/oldroot/dev/{device}", f"/dev/{device}", read_only=False)

@@ -4,17 +4,18 @@ Runs inside a session forked by the fork-server (`_forkserver.py`), which import
 before forking. It speaks length-prefixed JSON with the sandbox daemon over the session socket:
 
     daemon → kernel, per cell: {"code": "...", "cell": n}
-    kernel → daemon, per cell: {"stdout": "...", "stderr": "...", "images": [file name, ...]}
+    kernel → daemon, per cell: {"cell": n, "stdout": "...", "stderr": "...", "images": [file name, ...]}
 
-Returned images are PNG files written into the session's scratch directory; the daemon moves
-them out of the sandbox's reach before anyone reads them.
+Returned images are PNG files written into the session's scratch directory; the daemon takes
+them out of the sandbox's reach and checks them before anyone reads them. Nothing here is
+trusted: a cell can rewrite this module's objects, so the daemon bounds the frames it reads,
+the output it passes on and the images it accepts itself (`sandbox_daemon`).
 """
 
 import ast
 import io
 import json
 import linecache
-import math
 import os
 import resource
 import struct
@@ -24,8 +25,6 @@ import types
 
 MAX_OUTPUT_CHARS = 10_000  # per stream and cell; the model's context is the scarce resource
 MAX_IMAGES = 10  # returned per cell, as DeepEyesV2 does
-MIN_SIDE = 28  # returned images are at least this many pixels on each side ...
-MAX_ASPECT = 200  # ... and at most this elongated (see model_size)
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 
 
@@ -70,7 +69,9 @@ class BoundedText(io.TextIOBase):
 class Notebook:
     """The user's namespace plus Jupyter's display rules: trailing expressions, display(), plt.show()."""
 
-    def __init__(self, image_paths: list[str], out_dir: str):
+    def __init__(self, image_files: list[int], out_dir: str):
+        """`image_files`: descriptors of image_1.. that the daemon opened (this process never
+        sees the host paths)."""
         from PIL import Image
 
         self._out_dir = out_dir
@@ -78,16 +79,11 @@ class Notebook:
         self._saved: list[str] = []
         self._not_returned = 0
         self.namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__, "display": self.display}
-        for index, path in enumerate(image_paths, start=1):
+        for index, fd in enumerate(image_files, start=1):
             try:
-                self.namespace[f"image_{index}"] = Image.open(path)
+                self.namespace[f"image_{index}"] = Image.open(os.fdopen(fd, "rb"))
             except Exception as error:  # noqa: BLE001 — re-raised naming the variable
                 raise ValueError(f"cannot open image_{index}: {error}") from error
-
-    def open_files(self) -> list[int]:
-        """File descriptors the images are read from (lazily, on first use): kept open when the
-        session closes every other descriptor and loses its view of the host's files."""
-        return [value.fp.fileno() for key, value in self.namespace.items() if key.startswith("image_") and value.fp]
 
     def serve(self, requests, replies) -> None:
         """Run cells until the daemon hangs up."""
@@ -95,6 +91,7 @@ class Notebook:
             send_message(replies, self.run(request["code"], request["cell"]))
 
     def run(self, code: str, cell: int) -> dict:
+        _reap_children()  # what the daemon killed after the last cell: zombies would hold the pid limit
         self._cell, self._saved, self._not_returned = cell, [], 0
         stdout, stderr = BoundedText(), BoundedText()
         filename = f"<cell {cell}>"
@@ -111,7 +108,7 @@ class Notebook:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         if self._not_returned:
             stderr.write(f"[{self._not_returned} more images not returned: at most {MAX_IMAGES} per cell]\n")
-        return {"stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "images": self._saved}
+        return {"cell": cell, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "images": self._saved}
 
     def _execute(self, code: str, filename: str) -> None:
         # Tracebacks show the cell's source lines, as in Jupyter.
@@ -155,35 +152,17 @@ class Notebook:
         name = f"cell{self._cell:03d}_{len(self._saved) + 1:02d}.png"
         path = os.path.join(self._out_dir, name)
         save(path, format="png")
-        _fit_for_model(path)
         self._saved.append(name)
 
 
-def model_size(width: int, height: int) -> tuple[int, int]:
-    """The nearest size the released model's image processor accepts: the short side stretched
-    until the aspect ratio is at most MAX_ASPECT (Qwen2.5-VL refuses more), then both sides
-    scaled up until the short one is MIN_SIDE (one merged patch)."""
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        if width > height:
-            height = math.ceil(width / MAX_ASPECT)
-        else:
-            width = math.ceil(height / MAX_ASPECT)
-    if min(width, height) < MIN_SIDE:
-        scale = MIN_SIDE / min(width, height)
-        width, height = max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale))
-    return width, height
-
-
-def _fit_for_model(path: str) -> None:
-    """Resize a returned PNG in place if the model could not take it as it is (rare: a tiny crop, a 1-pixel line)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        size = model_size(*image.size)
-        if size == image.size:
+def _reap_children() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
             return
-        fitted = image.resize(size)
-    fitted.save(path, format="png")
+        if pid == 0:
+            return
 
 
 def _cell_frames(tb, filename: str):

@@ -26,6 +26,7 @@ from deepeyes.data.schema import RecordError
 
 _WORD = re.compile(r"\w+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+STORED_NAME = re.compile(r"([0-9a-f]{64})\.[0-9a-z]+")  # an image store's file (deepeyes.data.image_store)
 
 
 class LocalTextSearch:
@@ -123,14 +124,25 @@ class LocalImageSearch:
 
     def search(self, image: Path, k: int = 5) -> list[tuple[str, Path]]:
         """(title, image path) of up to k results for this exact image file; [] when unknown."""
-        return self._results.get(sha256_file(image), [])[:k]
+        return self._results.get(content_key(image), [])[:k]
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks so large images do not sit in memory twice."""
+def content_key(path: str | Path, max_bytes: int | None = None) -> str:
+    """The sha256 of an image file: read off the name of a stored file, else hashed from its bytes."""
+    stored = STORED_NAME.fullmatch(Path(path).name)
+    return stored.group(1) if stored else sha256_file(Path(path), max_bytes)
+
+
+def sha256_file(path: Path, max_bytes: int | None = None) -> str:
+    """Hex sha256 of a file's bytes, read in chunks so large images do not sit in memory twice.
+    Past `max_bytes` it raises ValueError (a file that never ends, like /proc's, cannot stall it)."""
     digest = hashlib.sha256()
+    read = 0
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
+            read += len(chunk)
+            if max_bytes is not None and read > max_bytes:
+                raise ValueError(f"{path} is larger than {max_bytes} bytes")
             digest.update(chunk)
     return digest.hexdigest()
 

@@ -17,9 +17,12 @@ Backends (anything with `async search(query, k)` and `async image_search(image, 
   know each sample's image).
 
 The service answers from an in-memory cache first (the n rollouts of a prompt tend to ask the
-same query), runs at most `--max-concurrency` backend calls at once and bounds each by
-`--timeout-s` (504). `SearchClient` is the only code that speaks this wire format; `LocalSearch`
-serves the same calls in process.
+same query; at most `--cache-mb` of queries and answers), runs at most `--max-concurrency`
+backend calls at once and bounds each by `--timeout-s` (504). It reads a query image only under
+its roots (the image index's directory and each `--image-root`), at most 64 MB of it, off the
+event loop; an image store's file (named by its hash) is looked up by its name without being
+read. `SearchClient` is the only code that speaks this wire format; `LocalSearch` serves the
+same calls in process.
 
     POST /search        {query, k}  -> {results: [{title, link, snippet, date}]}
     POST /image_search  {image, k}  -> {results: [{title, image}]}     (image: a path on the shared filesystem)
@@ -34,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections import Counter, OrderedDict
 from dataclasses import asdict
 from json import JSONDecodeError
@@ -45,11 +49,13 @@ from aiohttp import web
 
 from deepeyes.agent.protocol import TextHit
 from deepeyes.service import add_service_args, auth_headers, error_response, read_token, serve, service_app
-from deepeyes.tools.search import LocalImageSearch, LocalTextSearch, sha256_file
+from deepeyes.tools.search import STORED_NAME, LocalImageSearch, LocalTextSearch, content_key
 
 log = logging.getLogger("deepeyes.tools.search_service")
 
 ImageHit = tuple[str, Path]  # (title, image file)
+MAX_QUERY_CHARS = 4096
+MAX_QUERY_IMAGE_BYTES = 64 << 20
 
 
 class SearchError(RuntimeError):
@@ -83,12 +89,12 @@ class LocalSearch:
     async def search(self, query: str, k: int) -> list[TextHit]:
         if self.text is None:
             raise SearchError("no text-search corpus is configured")
-        return self.text.search(query, k)
+        return await asyncio.to_thread(self.text.search, query, k)
 
     async def image_search(self, image: Path, k: int) -> list[ImageHit]:
         if self.image is None:
             raise SearchError("no image-search index is configured")
-        return self.image.search(image, k)
+        return await asyncio.to_thread(self.image.search, image, k)
 
 
 def mmsearch_cache_search(cache: Path, cache_images: Path, records: Path, work_dir: Path) -> LocalSearch:
@@ -242,13 +248,15 @@ class SearchClient:
 
 class SearchServer:
     def __init__(self, backend: Search, token: str, max_concurrency: int = 16, timeout_s: float = 20.0,
-                 cache_entries: int = 10_000):
+                 cache_bytes: int = 64 << 20, image_roots: tuple[Path, ...] = ()):
         self.backend = backend
         self.timeout_s = timeout_s
+        self.image_roots = tuple(Path(os.path.realpath(root)) for root in image_roots)
         self.counts: Counter[str] = Counter()
         self._slots = asyncio.Semaphore(max_concurrency)
-        self._cache: OrderedDict[tuple, Any] = OrderedDict()
-        self._cache_entries = cache_entries
+        self._cache: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()  # key -> (results, bytes)
+        self._cache_bytes = cache_bytes
+        self.cached_bytes = 0
         self.app = service_app(token)
         self.app.router.add_post("/search", self.text)
         self.app.router.add_post("/image_search", self.image)
@@ -259,6 +267,8 @@ class SearchServer:
         query, k = body.get("query"), body.get("k", 5)
         if not isinstance(query, str) or not isinstance(k, int) or k <= 0:
             return error_response(400, "bad /search request: expected {query: str, k: int > 0}")
+        if len(query) > MAX_QUERY_CHARS:
+            return error_response(400, f"bad /search request: the query has {len(query)} characters, at most {MAX_QUERY_CHARS}")
         return await self._answer(("text", query, k), lambda: self.backend.search(query, k),
                                   lambda hits: [asdict(hit) for hit in hits])
 
@@ -267,17 +277,25 @@ class SearchServer:
         image, k = body.get("image"), body.get("k", 5)
         if not isinstance(image, str) or not isinstance(k, int) or k <= 0:
             return error_response(400, "bad /image_search request: expected {image: path, k: int > 0}")
-        if not Path(image).is_file():
-            return error_response(400, f"query image {image} does not exist on the search service's filesystem")
-        key = ("image", sha256_file(Path(image)), k)
-        return await self._answer(key, lambda: self.backend.image_search(Path(image), k),
+        if STORED_NAME.fullmatch(Path(image).name):
+            key = content_key(image)  # the name says it: nothing is read
+        else:
+            resolved = Path(os.path.realpath(image))
+            if not any(resolved == root or root in resolved.parents for root in self.image_roots):
+                return error_response(400, f"query image {image} is outside the search service's image roots "
+                                           f"({', '.join(map(str, self.image_roots))})")
+            try:
+                key = await asyncio.to_thread(content_key, resolved, MAX_QUERY_IMAGE_BYTES)
+            except (OSError, ValueError) as error:
+                return error_response(400, f"query image {image} cannot be read: {error}")
+        return await self._answer(("image", key, k), lambda: self.backend.image_search(Path(image), k),
                                   lambda hits: [{"title": title, "image": str(path)} for title, path in hits])
 
     async def _answer(self, key: tuple, call, to_json) -> web.Response:
         if key in self._cache:
             self._cache.move_to_end(key)
             self.counts["cache_hits"] += 1
-            return web.json_response({"results": self._cache[key]})
+            return web.json_response({"results": self._cache[key][0]})
         try:
             async with self._slots:
                 results = to_json(await asyncio.wait_for(call(), self.timeout_s))
@@ -288,13 +306,22 @@ class SearchServer:
             self.counts["errors"] += 1
             return error_response(502, str(error))
         self.counts["backend_calls"] += 1
-        self._cache[key] = results
-        if len(self._cache) > self._cache_entries:
-            self._cache.popitem(last=False)
+        self._remember(key, results)
         return web.json_response({"results": results})
 
+    def _remember(self, key: tuple, results: Any) -> None:
+        """Cache an answer within the byte budget (query and answer both count), oldest out first."""
+        size = len(json.dumps([key, results])) + sys.getsizeof(key)
+        if size > self._cache_bytes // 8:
+            return  # one huge entry would push out everything else
+        self._cache[key] = (results, size)
+        self.cached_bytes += size
+        while self.cached_bytes > self._cache_bytes:
+            _, (_, dropped) = self._cache.popitem(last=False)
+            self.cached_bytes -= dropped
+
     async def info(self, request: web.Request) -> web.Response:
-        return web.json_response(dict(self.counts))
+        return web.json_response({**self.counts, "cached_bytes": self.cached_bytes, "cached_entries": len(self._cache)})
 
 
 async def _json_body(request: web.Request) -> dict:
@@ -340,6 +367,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-url-base", help="serpapi image backend: public URL prefix of query images")
     parser.add_argument("--max-concurrency", type=int, default=16)
     parser.add_argument("--timeout-s", type=float, default=20.0)
+    parser.add_argument("--cache-mb", type=int, default=64, help="queries and answers kept in memory")
+    parser.add_argument("--image-root", type=Path, action="append", default=[],
+                        help="query images may be read under it (beside the image index's directory)")
     add_service_args(parser)
     return parser.parse_args(argv)
 
@@ -347,7 +377,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    server = SearchServer(build_backend(args), read_token(args.token_file), args.max_concurrency, args.timeout_s)
+    roots = [*args.image_root, *([args.image_index.parent] if args.image_index else []),
+             *([args.mmsearch_images] if args.mmsearch_images else [])]
+    server = SearchServer(build_backend(args), read_token(args.token_file), args.max_concurrency, args.timeout_s,
+                          args.cache_mb << 20, tuple(roots))
     serve(server.app, args)
 
 

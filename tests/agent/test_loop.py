@@ -50,7 +50,7 @@ def setup(tiny_dir, sample_data, tmp_path_factory):
     encoder = ChatEncoder(processor.tokenizer, pixels.tokens)
     toolbox = Toolbox(
         LocalSearch.from_files(sample_data.corpus, sample_data.image_index),
-        LocalSandbox(tmp_path_factory.mktemp("sandbox"), SandboxLimits(timeout_s=20)),
+        LocalSandbox(tmp_path_factory.mktemp("sandbox"), SandboxLimits(timeout_s=20), image_roots=[sample_data.root]),
         tmp_path_factory.mktemp("scratch"),
     )
     tasks = {r.id: r for r in read_records(sample_data.rl_train)}

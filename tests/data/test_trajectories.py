@@ -116,7 +116,7 @@ def test_unknown_family_has_no_trajectory(sample, tmp_path):
         cold_start_trajectory(record, None, None, tmp_path)
 
 
-def test_code_observations_match_the_real_sandbox(pairs, tmp_path):
+def test_code_observations_match_the_real_sandbox(pairs, sample, tmp_path):
     """The trajectories' code cells, run by the sandbox RL rollouts use, give the same
     observation text and byte-identical images."""
     async def run(sandbox, task, code, out_dir):
@@ -126,7 +126,7 @@ def test_code_observations_match_the_real_sandbox(pairs, tmp_path):
         finally:
             await session.close()
 
-    with LocalSandbox(tmp_path / "sandbox") as sandbox:
+    with LocalSandbox(tmp_path / "sandbox", image_roots=[sample.root]) as sandbox:
         results = [
             (task, trajectory, asyncio.run(run(sandbox, task, parse_action(assistant_turns(trajectory)[0]).code, tmp_path / task.id)))
             for task, trajectory in pairs

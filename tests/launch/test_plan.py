@@ -27,7 +27,8 @@ def test_two_nodes_put_the_trainer_on_the_first_and_a_rollout_server_on_the_seco
     trainer, rollout = plan.roles_on(0)[0], plan.roles_on(1)[0]
     assert trainer.main and trainer.gpus == list(range(8)) and not trainer.serves
     assert rollout.ready and rollout.gpus == list(range(8)) and "{port}" in rollout.command
-    assert all(r.node_local for r in plan.roles if r.name == "sandbox")
+    # every node's daemon is reachable from the trainer (token-checked): sessions spread over all of them
+    assert all(not r.node_local and "{host}" in r.command for r in plan.roles if r.name == "sandbox")
 
 
 def test_one_node_shares_it_with_the_configured_rollout_servers_and_the_judge(tmp_path):
