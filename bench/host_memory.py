@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -258,6 +259,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=("store", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        # tcmalloc keeps freed memory mapped: the RSS and PSS measured would not be glibc's.
+        sys.exit(f"bench/host_memory.py measures glibc's malloc; run it without LD_PRELOAD={os.environ['LD_PRELOAD']}")
     if args.worker:
         return worker(args)
 
