@@ -78,9 +78,14 @@ def right_tool_rate(summary: dict, family: str) -> float:
     return summary["families"][family]["tool_calls"].get(RIGHT_TOOL[family], 0.0)
 
 
-def run(out: Path, seed: int, sft_steps: int, rl_steps: int, eval_questions: int) -> dict:
+# --smoke: short episodes and a small GRPO step (the model after 4 SFT steps rambles to every limit).
+SMOKE_ROLLOUTS = ["rollout.max_turn_tokens=24", "rollout.max_response_tokens=48", "rollout.max_turns=2"]
+SMOKE_RL = [*SMOKE_ROLLOUTS, "grpo.prompts_per_step=2", "rollout.n=2"]
+
+
+def run(out: Path, seed: int, sft_steps: int, rl_steps: int, eval_questions: int, smoke: bool = False) -> dict:
     common = [f"run.seed={seed}", "logger.mode=disabled"]
-    evaluation = ["+experiment=learning_eval", f"benchmark.limit={eval_questions}", *common]
+    evaluation = ["+experiment=learning_eval", f"benchmark.limit={eval_questions}", *common, *(SMOKE_ROLLOUTS if smoke else [])]
     wall, cpu, reports = {}, {}, {}
 
     def job(phase: str, name: str, run_dir: Path, overrides: list[str]) -> None:
@@ -95,7 +100,8 @@ def run(out: Path, seed: int, sft_steps: int, rl_steps: int, eval_questions: int
     job("sft", "sft", out / "sft", ["+experiment=learning_sft", f"sft.max_steps={sft_steps}", *common])
     sft_ckpt = latest_checkpoint(out / "sft")
     evaluate("after_sft", [f"ckpt={sft_ckpt}"])
-    job("rl", "rl", out / "rl", ["+experiment=learning_rl", f"run.init_from={sft_ckpt}", f"grpo.steps={rl_steps}", *common])
+    job("rl", "rl", out / "rl", ["+experiment=learning_rl", f"run.init_from={sft_ckpt}", f"grpo.steps={rl_steps}", *common,
+                      *(SMOKE_RL if smoke else [])])
     evaluate("after_rl", [f"ckpt={latest_checkpoint(out / 'rl')}", f"eval.training_run={out / 'rl'}"])
     wall["total"], cpu["total"] = time.perf_counter() - started, _children_cpu_s() - cpu_at_start
     return summarize(reports, wall, cpu) | {"load_avg_1m_at_start": load_at_start}
@@ -198,7 +204,7 @@ def main() -> None:
     results = {}
     for seed in seeds:
         seed_out = out / f"seed-{seed}" if len(seeds) > 1 else out
-        results[seed] = run(seed_out, seed, args.sft_steps, args.rl_steps, args.eval_questions)
+        results[seed] = run(seed_out, seed, args.sft_steps, args.rl_steps, args.eval_questions, args.smoke)
         results[seed]["training_curves"] = str(seed_out / "eval_after_rl" / "plots" / "training_curves.png")
     summary = spread(results)
     print_table(results, summary)
