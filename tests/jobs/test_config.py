@@ -22,8 +22,7 @@ def composed(job, *overrides):
 def test_the_embedded_default_is_the_tiny_model_on_this_machine():
     cfg = to_object(composed("rl"))
     assert isinstance(cfg, RLJobConfig)
-    assert (cfg.cluster.name, cfg.model.name, cfg.data.name, cfg.logger.mode) == ("local", "tiny", "learning", "offline")
-    assert cfg.model.cold_start  # the main job shows learning: RL from the tiny model's cold start
+    assert (cfg.cluster.name, cfg.model.name, cfg.data.name, cfg.logger.mode) == ("local", "tiny", "sample", "offline")
 
 
 @pytest.mark.parametrize("model", ["qwen2_5_vl_7b", "qwen2_5_vl_32b"])
