@@ -6,9 +6,10 @@ PYTHON ?= python3
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
-# The main job on the embedded default: GRPO on the tiny model, one CPU box.
+# The main job on the embedded default: GRPO on the tiny model after its cold start (built once),
+# one CPU box, with tcmalloc preloaded where installed (deepeyes/allocator.py: faster CPU steps).
 run: setup
-	$(PYTHON) jobs/rl.py
+	$(PYTHON) -m deepeyes.allocator $(PYTHON) jobs/rl.py
 
 test: setup
 	$(PYTHON) -m pytest -q

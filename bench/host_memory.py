@@ -287,6 +287,9 @@ def main() -> None:
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="2 small photos, 2 rollouts, 2 turns: checks the script runs")
     args = parser.parse_args()
+    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        # tcmalloc keeps freed memory mapped: the RSS and PSS measured would not be glibc's.
+        sys.exit(f"bench/host_memory.py measures glibc's malloc; run it without LD_PRELOAD={os.environ['LD_PRELOAD']}")
     if args.smoke and not args.worker:
         args.prompts, args.n, args.turns, args.width, args.height, args.max_sessions = 2, 2, 2, 320, 240, 4
     if args.worker:

@@ -78,6 +78,9 @@ class ModelConfig:
     # The paper freezes the vision tower and the projector (merger) during training.
     freeze_vision: bool = True
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    # The tiny model only (path None): start from its cold start, SFT on the learning recipe built
+    # once into the cache (deepeyes.train.cold_start), instead of random weights.
+    cold_start: bool = False
 
 
 @dataclass

@@ -65,11 +65,13 @@ def train_grpo(cfg: RLJobConfig) -> Path:
     logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id, resumed_at=start) if trainer.leader else None
     console = Console()
     checkpoint = resume
+    first = last_metrics = None
     stop = StopSignal.install()  # Slurm's SIGUSR2: checkpoint at the end of this step, then stop for a requeue
     try:
         for step in range(start, cfg.grpo.steps):
             set_learning_rate(trainer.optimizer, cfg.optim, step, cfg.grpo.steps)
             metrics, trajectories = trainer.step(step)
+            first, last_metrics = first or (step + 1, metrics), (step + 1, metrics)
             if logger is not None:
                 logger.log(metrics, step=step + 1)
                 write_rollouts(out_dir / "rollouts" / f"step_{step + 1:06d}.jsonl", trajectories)
@@ -92,4 +94,23 @@ def train_grpo(cfg: RLJobConfig) -> Path:
         if logger is not None:
             logger.finish()
         trainer.close()  # publishes in flight, then the service processes this run started
+    if logger is not None and first is not None:
+        console.print(what_moved(first, last_metrics))
     return checkpoint
+
+
+# What the end-of-run summary compares (a step's rollouts: rewards and tool calls per trajectory).
+WATCHED = {"reward": "reward/mean", "accuracy": "reward/accuracy", "format": "reward/format_rate",
+           "code calls": "tools/code_calls", "searches": "tools/search_calls", "image searches": "tools/image_search_calls"}
+
+
+def what_moved(first: tuple[int, dict], last: tuple[int, dict]) -> str:
+    """The run's first and last step side by side: the watched metrics, and the accuracy of each
+    task family both steps sampled. One step's few prompts are noisy; the per-step log has all."""
+    (first_step, before), (last_step, after) = first, last
+    watched = dict(WATCHED)
+    for key in sorted(before):
+        if key.startswith("accuracy/") and key in after:
+            watched[f"{key.removeprefix('accuracy/')} accuracy"] = key
+    moved = ", ".join(f"{name} {before[key]:.2f} -> {after[key]:.2f}" for name, key in watched.items())
+    return f"[bold]step {first_step} -> step {last_step}:[/] {moved}"

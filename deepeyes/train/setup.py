@@ -16,6 +16,7 @@ from deepeyes.data import Record, ensure_sample_data, read_records
 from deepeyes.model import ensure_tiny_model, load_model, load_processor
 from deepeyes.model.pixels import PixelCache
 from deepeyes.train.checkpoint import resolve_checkpoint
+from deepeyes.train.cold_start import ensure_cold_start_checkpoint
 from deepeyes.train.sampler import MixtureSampler
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,13 @@ def seed_everything(seed: int) -> None:
 
 def load_policy(cfg: ModelConfig, init_from: str | None = None, weights: bool = True) -> Policy:
     """The model to train: `init_from` (a previous stage's checkpoint, its `latest` pointer or its
-    run directory), else `model.path`, else the tiny offline model. All go through the same
-    `from_pretrained(path)` loading. `weights=False`: a weightless (meta) model, for a megatron
-    rank that reads only its own slices from `Policy.path`."""
+    run directory), else `model.path`, else the tiny offline model (after its cold start with
+    `model.cold_start`). All go through the same `from_pretrained(path)` loading. `weights=False`:
+    a weightless (meta) model, for a megatron rank that reads only its own slices from `Policy.path`."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    path = resolve_checkpoint(Path(init_from or cfg.path or ensure_tiny_model()))
+    path = init_from or cfg.path or (ensure_cold_start_checkpoint() if cfg.cold_start else ensure_tiny_model())
+    path = resolve_checkpoint(Path(path))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {path} has no config.json (model.path / run.init_from)")
     model = load_model(path, dtype=_DTYPES[cfg.dtype], weights=weights)
