@@ -201,7 +201,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
+    # Linear warmup over warmup_steps, or over warmup_ratio of the run's steps (rounded up, as
+    # transformers does; the release's SFT warms up over 0.1): one or the other, not both.
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     # After warmup: "constant" (the paper's RL) or "cosine" down to 0 at the run's last step, so a
     # short high-lr run ends on settled weights rather than wherever its last noisy step left them.
     schedule: str = "constant"
@@ -482,6 +485,9 @@ def to_object(cfg: DictConfig) -> Any:
     trainer = getattr(job, "trainer", None)
     if trainer is not None:
         _check_trainer(trainer)
+    optim = getattr(job, "optim", None)
+    if optim is not None:
+        _check_warmup(optim)
     if data is not None and not data.allow_sample:
         _refuse_sample_data(job)
     elif isinstance(job, (RLJobConfig, SFTJobConfig)) and job.model.name != "tiny" and data.name == "sample":
@@ -507,6 +513,18 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         raise ValueError("config trainer.sequence_parallel=true needs trainer.tensor_parallel > 1")
     if trainer.virtual_pipeline > 1 and trainer.pipeline_parallel == 1:
         raise ValueError(f"config trainer.virtual_pipeline={trainer.virtual_pipeline} needs trainer.pipeline_parallel > 1")
+
+
+def _check_warmup(optim: OptimConfig) -> None:
+    if optim.warmup_steps < 0:
+        raise ValueError(f"config optim.warmup_steps={optim.warmup_steps}: must be >= 0")
+    if not 0 <= optim.warmup_ratio < 1:
+        raise ValueError(f"config optim.warmup_ratio={optim.warmup_ratio}: must be in [0, 1) (a fraction of the run's steps)")
+    if optim.warmup_steps and optim.warmup_ratio:
+        raise ValueError(
+            f"config optim.warmup_steps={optim.warmup_steps} and optim.warmup_ratio={optim.warmup_ratio} are both set: "
+            "the warmup is one or the other (set the unused one to 0)"
+        )
 
 
 def _refuse_sample_data(job: Any) -> None:

@@ -138,18 +138,26 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, total_steps: int) -> float:
-    """The rate for optimizer step `step` (0-based) of `total_steps`: linear warmup over
-    `warmup_steps`, then constant (the paper's RL and SFT schedules) or a cosine decay to 0."""
-    if step < cfg.warmup_steps:
-        lr = cfg.lr * (step + 1) / cfg.warmup_steps
+    """The rate for optimizer step `step` (0-based) of `total_steps`: linear warmup (see
+    `warmup_steps`), then constant (the paper's RL) or a cosine decay to 0 (the paper's SFT)."""
+    warmup = warmup_steps(cfg, total_steps)
+    if step < warmup:
+        lr = cfg.lr * (step + 1) / warmup
     elif cfg.schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        progress = (step - warmup) / max(1, total_steps - warmup)
         lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
         lr = cfg.lr
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """`optim.warmup_steps`, or `optim.warmup_ratio` of the run's `total_steps` rounded up (as
+    transformers' warmup_ratio, which the release's SFT uses)."""
+    # round() first: 0.1 x 30 is 3.0000000000000004 in floating point, which must stay 3 steps.
+    return math.ceil(round(cfg.warmup_ratio * total_steps, 9)) if cfg.warmup_ratio else cfg.warmup_steps
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:

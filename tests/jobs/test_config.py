@@ -59,6 +59,7 @@ def test_paper_presets_resolve_to_the_release_settings_on_8_gpu_nodes(job, size,
         assert STOP_STRINGS == ("</code>", "</tool_call>")  # the release's custom_stop
     else:
         assert (cfg.optim.lr, cfg.optim.schedule, cfg.sft.epochs, cfg.sft.max_steps) == (1e-5, "cosine", 3, 0)
+        assert (cfg.optim.warmup_ratio, cfg.optim.warmup_steps) == (0.1, 0)  # the release's warmup_ratio
         assert cfg.sft.cutoff_len == {"7b": 20480, "32b": 16384}[size]  # the release's 7B and 32B configs
     # The launch plan takes it: TP x PP divides the trainer ranks, roles fit the nodes.
     plan = build_plan(job, cfg, tmp_path)
@@ -128,11 +129,21 @@ def test_typos_fail_at_composition(override, message):
 @pytest.mark.parametrize(
     "override, message",
     [("rollout.temperature=0", "temperature"), ("grpo.prompts_per_step=0", "prompts_per_step"),
-     ("tools.code.isolation=docker", "isolation")],
+     ("tools.code.isolation=docker", "isolation"),
+     ("optim.warmup_ratio=1.5", r"optim.warmup_ratio=1.5: must be in \[0, 1\)"),
+     ("optim.warmup_steps=-1", "optim.warmup_steps=-1: must be >= 0")],
 )
 def test_values_out_of_range_are_refused_with_the_key_named(override, message):
     with pytest.raises(ValueError, match=message):
         to_object(composed("rl", override))
+
+
+def test_warmup_steps_and_warmup_ratio_together_are_refused():
+    with pytest.raises(ValueError, match=r"optim.warmup_steps=10 and optim.warmup_ratio=0.1 are both set"):
+        to_object(composed("sft", "optim.warmup_steps=10", "optim.warmup_ratio=0.1"))
+    with pytest.raises(ValueError, match=r"optim.warmup_steps=10 and optim.warmup_ratio=0.1 are both set"):
+        to_object(paper("sft", "7b", "optim.warmup_steps=10"))  # the preset's ratio: clear it to count steps
+    assert to_object(paper("sft", "7b", "optim.warmup_steps=10", "optim.warmup_ratio=0")).optim.warmup_steps == 10
 
 
 @pytest.mark.slow
