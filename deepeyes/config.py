@@ -244,6 +244,9 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "."  # Hydra sets the working directory per run; checkpoints/ and wandb/ go here
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    # Checkpoints kept: the newest N, older ones deleted after each save (the one `latest` names
+    # and the one the run resumed from stay until a newer one is complete); 0 = keep all.
+    keep_checkpoints: int = 0
     init_from: Optional[str] = None  # a checkpoint directory to start from (e.g. the SFT result)
 
 
@@ -590,5 +593,7 @@ def _check_positive(cfg: DictConfig) -> None:
     budget = OmegaConf.select(cfg, "model.max_trajectory_pixels", default=0)
     if budget and budget < OmegaConf.select(cfg, "model.max_pixels"):
         raise ValueError(f"config model.max_trajectory_pixels={budget}: must be 0 (no limit) or >= model.max_pixels")
+    if OmegaConf.select(cfg, "run.keep_checkpoints", default=0) < 0:
+        raise ValueError(f"config run.keep_checkpoints={cfg.run.keep_checkpoints}: must be >= 0 (0 = keep all)")
     if OmegaConf.select(cfg, "rollout.temperature", default=1.0) <= 0:
         raise ValueError("config rollout.temperature must be > 0 (greedy rollouts give GRPO no signal)")

@@ -70,7 +70,8 @@ class GRPOTrainer:
 
     def save(self, out_dir: Path, step: int, run_id: str | None) -> Path:
         """Checkpoint after `step` optimizer steps: HF model directory + optimizer, data position, RNG."""
-        return save_checkpoint(out_dir, step, run_id, self.model_checkpoint(), self.sampler)
+        return save_checkpoint(out_dir, step, run_id, self.model_checkpoint(), self.sampler,
+                               keep=self.cfg.run.keep_checkpoints)
 
     def restore(self, checkpoint: Path) -> TrainerState:
         """Optimizer, data position and RNG from `checkpoint` (the weights were loaded with the policy)."""

@@ -47,6 +47,7 @@ def test_paper_presets_resolve_to_the_release_settings_on_8_gpu_nodes(job, size,
     assert cfg.model.name == f"qwen2_5_vl_{size}" and (cfg.model.max_pixels, cfg.model.freeze_vision) == (262144, True)
     assert (cfg.cluster.name, cfg.cluster.nodes, cfg.cluster.gpus_per_node) == ("slurm", 8, 8)
     assert cfg.cluster.time_min >= 24 * 60 and cfg.cluster.max_requeues >= 10 and cfg.run.save_every > 0
+    assert cfg.run.keep_checkpoints == 3  # ~450 GB each for 32B with the optimizer
     assert cfg.trainer.backend == "megatron" and cfg.trainer.distributed_optimizer and cfg.trainer.recompute
     assert cfg.trainer.tensor_parallel == {"7b": 4, "32b": 8}[size] and cfg.data.allow_sample is False
     assert cfg.logger.mode == "online"
@@ -131,7 +132,8 @@ def test_typos_fail_at_composition(override, message):
     [("rollout.temperature=0", "temperature"), ("grpo.prompts_per_step=0", "prompts_per_step"),
      ("tools.code.isolation=docker", "isolation"),
      ("optim.warmup_ratio=1.5", r"optim.warmup_ratio=1.5: must be in \[0, 1\)"),
-     ("optim.warmup_steps=-1", "optim.warmup_steps=-1: must be >= 0")],
+     ("optim.warmup_steps=-1", "optim.warmup_steps=-1: must be >= 0"),
+     ("run.keep_checkpoints=-1", r"run.keep_checkpoints=-1: must be >= 0 \(0 = keep all\)")],
 )
 def test_values_out_of_range_are_refused_with_the_key_named(override, message):
     with pytest.raises(ValueError, match=message):
