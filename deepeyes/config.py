@@ -8,6 +8,7 @@ before a Slurm queue wait — not hours later inside a job.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -491,6 +492,8 @@ def to_object(cfg: DictConfig) -> Any:
     optim = getattr(job, "optim", None)
     if optim is not None:
         _check_warmup(optim)
+    if isinstance(job, RLJobConfig):
+        _check_serpapi_key(job)
     if data is not None and not data.allow_sample:
         _refuse_sample_data(job)
     elif isinstance(job, (RLJobConfig, SFTJobConfig)) and job.model.name != "tiny" and data.name == "sample":
@@ -527,6 +530,32 @@ def _check_warmup(optim: OptimConfig) -> None:
         raise ValueError(
             f"config optim.warmup_steps={optim.warmup_steps} and optim.warmup_ratio={optim.warmup_ratio} are both set: "
             "the warmup is one or the other (set the unused one to 0)"
+        )
+
+
+# Where deepeyes.tools.search_service.SerpAPISearch reads its key (tests/jobs/test_config.py checks they agree).
+SERPAPI_KEY_VARIABLE = "SERPAPI_API_KEY"
+
+
+def _check_serpapi_key(job: RLJobConfig) -> None:
+    """The RL job's search service reads the SerpAPI key from the environment the job inherits from
+    this one (sbatch exports it unless cluster.sbatch_extra.export says otherwise): without it the
+    service would fail to start after the queue wait."""
+    keys = [f"tools.{key}" for key in ("search_backend", "image_search_backend") if getattr(job.tools, key) == "serpapi"]
+    if not keys:
+        return
+    uses = " and ".join(f"{key}=serpapi" for key in keys)
+    if not os.environ.get(SERPAPI_KEY_VARIABLE):
+        raise ValueError(
+            f"config {uses} needs the SerpAPI key in the environment variable {SERPAPI_KEY_VARIABLE}, which is not "
+            f"set here: export {SERPAPI_KEY_VARIABLE}=<key> before submitting (the job inherits it), or search "
+            "locally (tools.search_backend=local with data.corpus)"
+        )
+    export = job.cluster.sbatch_extra.get("export")
+    if export is not None and "ALL" not in export.split(",") and SERPAPI_KEY_VARIABLE not in export:
+        raise ValueError(
+            f"config {uses} needs {SERPAPI_KEY_VARIABLE} in the job's environment, but "
+            f"cluster.sbatch_extra.export={export!r} does not pass it on: add {SERPAPI_KEY_VARIABLE} (or ALL) to it"
         )
 
 

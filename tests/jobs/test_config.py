@@ -9,9 +9,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from deepeyes.agent.protocol import STOP_STRINGS
-from deepeyes.config import RLJobConfig, register_configs, to_object
+from deepeyes.config import SERPAPI_KEY_VARIABLE, RLJobConfig, register_configs, to_object
 from deepeyes.data import ensure_sample_data
 from deepeyes.launch.plan import build_plan
+from deepeyes.tools.search_service import SearchError, SerpAPISearch
 from tests.paths import CONF_DIR, REPO
 
 
@@ -20,6 +21,12 @@ def composed(job, *overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         # run.out_dir defaults to Hydra's run directory, which exists only inside a Hydra app.
         return compose(job, overrides=["run.out_dir=unused", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def serpapi_key(monkeypatch):
+    """The RL presets search the web: their validation needs the key in the environment."""
+    monkeypatch.setenv(SERPAPI_KEY_VARIABLE, "test-key")
 
 
 def test_the_embedded_default_is_the_tiny_model_on_this_machine():
@@ -93,6 +100,27 @@ def test_a_paper_preset_refuses_the_bundled_toy_data_unless_allowed(tmp_path, mo
                         f"data.sft_mix=[{{name: a, path: /data/a.jsonl}}, {{name: b, path: {toy.sft_train}}}]"))
     allowed = to_object(paper("sft", "7b", f"data.sft={toy.sft_train}", "data.allow_sample=true"))
     assert allowed.data.sft == str(toy.sft_train)
+
+
+def test_serpapi_search_without_its_key_in_the_jobs_environment_is_refused_before_queueing(monkeypatch, tmp_path):
+    monkeypatch.delenv(SERPAPI_KEY_VARIABLE)
+    with pytest.raises(ValueError, match=r"tools.search_backend=serpapi needs the SerpAPI key in the environment "
+                                         r"variable SERPAPI_API_KEY, which is not set here"):
+        to_object(paper("rl", "7b"))
+    with pytest.raises(ValueError, match=r"config tools.image_search_backend=serpapi needs .* SERPAPI_API_KEY"):
+        to_object(composed("rl", "tools.image_search_backend=serpapi"))
+    assert to_object(composed("rl")).tools.search_backend == "local"  # local search needs no key
+    assert to_object(paper("rl", "7b", "tools.search_backend=local", "data.corpus=/data/corpus.jsonl"))
+    # The name is the one the search service reads.
+    with pytest.raises(SearchError, match=SERPAPI_KEY_VARIABLE):
+        SerpAPISearch(tmp_path)
+
+    monkeypatch.setenv(SERPAPI_KEY_VARIABLE, "test-key")
+    with pytest.raises(ValueError, match=r"needs SERPAPI_API_KEY in the job's environment, but "
+                                         r"cluster.sbatch_extra.export='NONE' does not pass it on"):
+        to_object(paper("rl", "7b", "+cluster.sbatch_extra.export=NONE"))
+    for export in ("ALL", "'ALL,HOME'", "'PATH,SERPAPI_API_KEY'"):
+        assert to_object(paper("rl", "7b", f"+cluster.sbatch_extra.export={export}"))
 
 
 def test_a_paper_model_alone_is_the_model_only_and_says_where_the_recipe_is(caplog):
