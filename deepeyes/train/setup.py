@@ -6,13 +6,14 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deepeyes.config import DataConfig, ModelConfig, OptimConfig, SourceConfig
-from deepeyes.data import Record, ensure_sample_data, read_records
+from deepeyes.config import DataConfig, ModelConfig, OptimConfig, SourceConfig, ToolsConfig
+from deepeyes.data import Record, SampleDataset, ensure_sample_data, read_records
 from deepeyes.model import ensure_tiny_model, load_model, load_processor
 from deepeyes.model.pixels import PixelCache
 from deepeyes.train.checkpoint import resolve_checkpoint
@@ -63,33 +64,53 @@ def load_policy(cfg: ModelConfig, init_from: str | None = None, weights: bool = 
 
 @dataclass(frozen=True)
 class DataPaths:
-    train: Path
-    test: Path | None
-    sft: Path | None
-    corpus: Path | None
-    image_index: Path | None
+    """The job's data files: each one configured, else the bundled sample data's, generated on the
+    first read of a file that is not configured (so a job with its own files never builds it)."""
+
+    cfg: DataConfig
+    tools: ToolsConfig | None = None  # the job's search backends: see `corpus` and `image_index`
+
+    @property
+    def train(self) -> Path:
+        return self._pick(self.cfg.train, "rl_train")
+
+    @property
+    def test(self) -> Path:
+        return self._pick(self.cfg.test, "rl_test")
+
+    @property
+    def sft(self) -> Path:
+        return self._pick(self.cfg.sft, "sft_train")
+
+    @property
+    def corpus(self) -> Path | None:
+        """None when the text search is not local (serpapi reads no corpus)."""
+        if self.tools is not None and self.tools.search_backend != "local":
+            return None
+        return self._pick(self.cfg.corpus, "corpus")
+
+    @property
+    def image_index(self) -> Path | None:
+        """None when the image search is not local (serpapi; mmsearch_cache builds its own index)."""
+        if self.tools is not None and self.tools.image_search_backend != "local":
+            return None
+        return self._pick(self.cfg.image_index, "image_index")
+
+    def _pick(self, configured: str | None, sample_file: str) -> Path:
+        return Path(configured) if configured else getattr(self._sample, sample_file)
+
+    @cached_property
+    def _sample(self) -> SampleDataset:
+        cfg = self.cfg
+        return ensure_sample_data(n_per_family=cfg.sample_per_family, seed=cfg.sample_seed, recipe=cfg.sample_recipe,
+                                  no_tool=cfg.sample_no_tool)
 
 
-def data_paths(cfg: DataConfig) -> DataPaths:
-    """Configured files, with the bundled sample data filling whatever is not set."""
-    sample = None
-    if None in (cfg.train, cfg.sft, cfg.corpus):
-        sample = ensure_sample_data(
-            n_per_family=cfg.sample_per_family, seed=cfg.sample_seed, recipe=cfg.sample_recipe,
-            no_tool=cfg.sample_no_tool,
-        )
-
-    def pick(configured: str | None, default: Path | None) -> Path | None:
-        return Path(configured) if configured else default
-
-    return DataPaths(
-        train=pick(cfg.train, sample and sample.rl_train),
-        test=pick(cfg.test, sample and sample.rl_test),
-        sft=pick(cfg.sft, sample and sample.sft_train),
-        corpus=pick(cfg.corpus, sample and sample.corpus),
-        image_index=pick(cfg.image_index, sample and sample.image_index),
-    )
-
+def data_paths(cfg: DataConfig, tools: ToolsConfig | None = None) -> DataPaths:
+    """Configured files, with the bundled sample data filling whatever is not set and is read.
+    With the job's `tools`, a search index its backend does not read is None, so the search
+    service is not handed (nor made to build) the toy corpus or image index."""
+    return DataPaths(cfg, tools)
 
 
 def data_sources(cfg: DataConfig, kind: str) -> list[SourceConfig]:

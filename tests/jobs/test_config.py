@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -12,7 +14,9 @@ from deepeyes.agent.protocol import STOP_STRINGS
 from deepeyes.config import SERPAPI_KEY_VARIABLE, RLJobConfig, register_configs, to_object
 from deepeyes.data import ensure_sample_data
 from deepeyes.launch.plan import build_plan
+from deepeyes.rollout.services import search_service_command
 from deepeyes.tools.search_service import SearchError, SerpAPISearch
+from deepeyes.train.setup import data_paths
 from tests.paths import CONF_DIR, REPO
 
 
@@ -121,6 +125,19 @@ def test_serpapi_search_without_its_key_in_the_jobs_environment_is_refused_befor
         to_object(paper("rl", "7b", "+cluster.sbatch_extra.export=NONE"))
     for export in ("ALL", "'ALL,HOME'", "'PATH,SERPAPI_API_KEY'"):
         assert to_object(paper("rl", "7b", f"+cluster.sbatch_extra.export={export}"))
+
+
+def test_search_indexes_the_backends_do_not_read_are_neither_built_nor_passed(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPEYES_CACHE", str(tmp_path / "cache"))
+    cfg = to_object(paper("rl", "7b", "tools.image_search_backend=mmsearch_cache"))
+    paths = data_paths(cfg.data, cfg.tools)  # web text search, the MMSearch cache for images
+    assert (paths.train, paths.corpus, paths.image_index) == (Path("/data/rl_train.jsonl"), None, None)
+    command = search_service_command(cfg, paths.corpus, paths.image_index, paths.train, tmp_path, 1, tmp_path / "token")
+    assert "--corpus" not in command and "--image-index" not in command
+    assert not (tmp_path / "cache").exists()  # the toy data was never generated
+    # A local backend reads its index: the configured one, else the bundled sample's, built on first read.
+    local = data_paths(cfg.data, replace(cfg.tools, search_backend="local"))
+    assert local.corpus.name == "corpus.jsonl" and (tmp_path / "cache" / "data").is_dir()
 
 
 def test_a_paper_model_alone_is_the_model_only_and_says_where_the_recipe_is(caplog):
