@@ -254,7 +254,7 @@ def rollout_metrics(trajectories: list[Trajectory], step: int) -> dict[str, floa
 def rollout_side(cfg: RLJobConfig, out_dir: Path, policy: Policy) -> dict:
     """GRPOTrainer's rollout fields: data sampler, rollout engine and tools; with `rollout.servers`
     > 0 (or under the launcher) the engine, search and judge are services (see `rl_services`)."""
-    paths = data_paths(cfg.data)
+    paths = data_paths(cfg.data, cfg.tools)
     sampler = task_sampler(cfg.data, cfg.run.seed)
     services = contextlib.ExitStack()
     endpoints = services.enter_context(
