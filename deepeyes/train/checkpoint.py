@@ -127,11 +127,12 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
         return []
     steps = sorted(path for path in root.glob("step_*") if path.is_dir() and path.name <= latest.name)
     pruned = [path for path in steps[:-keep] if path != latest]
-    for path in pruned:
-        # Renamed first, so a job killed mid-delete leaves no half checkpoint under a step's name.
-        path.rename(root / f".pruning_{path.name}")
     for debris in [*root.glob(".pruning_*"), *root.glob(".partial_*")]:
         shutil.rmtree(debris, ignore_errors=True)
+    for path in pruned:
+        # Renamed first, so a job killed mid-delete leaves no half checkpoint under a step's name.
+        doomed = path.rename(root / f".pruning_{path.name}")
+        shutil.rmtree(doomed)
     if pruned:
         log.info("deleted %s (run.keep_checkpoints=%d)", ", ".join(path.name for path in pruned), keep)
     return pruned
