@@ -7,7 +7,7 @@
 The model directory loads with plain `from_pretrained(path)` (evaluation, the next stage's
 `run.init_from`, vLLM). A checkpoint is written to a temporary name and renamed, so a job
 killed mid-save never leaves a half checkpoint behind `latest`. With `run.keep_checkpoints=N`
-only the newest N stay (a 32B checkpoint with its optimizer is ~450 GB): see `prune_checkpoints`.
+only the newest N stay (a 32B checkpoint with its optimizer is ~520 GB): see `prune_checkpoints`.
 
 Every trainer saves and restores through `save_checkpoint` / `restore_checkpoint`; what differs
 is where its weights and optimizer go, a `ModelCheckpoint`: `HFModelCheckpoint` here (the
