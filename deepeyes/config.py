@@ -8,6 +8,7 @@ before a Slurm queue wait — not hours later inside a job.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -208,7 +209,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
+    # Linear warmup over warmup_steps, or over warmup_ratio of the run's steps (rounded up, as
+    # transformers does; the release's SFT warms up over 0.1): one or the other, not both.
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     # After warmup: "constant" (the paper's RL) or "cosine" down to 0 at the run's last step, so a
     # short high-lr run ends on settled weights rather than wherever its last noisy step left them.
     schedule: str = "constant"
@@ -248,6 +252,9 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "."  # Hydra sets the working directory per run; checkpoints/ and wandb/ go here
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    # Checkpoints kept: the newest N, older ones deleted after each save (the one `latest` names
+    # and the one the run resumed from stay until a newer one is complete); 0 = keep all.
+    keep_checkpoints: int = 0
     init_from: Optional[str] = None  # a checkpoint directory to start from (e.g. the SFT result)
 
 
@@ -490,6 +497,11 @@ def to_object(cfg: DictConfig) -> Any:
     trainer = getattr(job, "trainer", None)
     if trainer is not None:
         _check_trainer(trainer)
+    optim = getattr(job, "optim", None)
+    if optim is not None:
+        _check_warmup(optim)
+    if isinstance(job, RLJobConfig):
+        _check_serpapi_key(job)
     if data is not None and not data.allow_sample:
         _refuse_sample_data(job)
     elif isinstance(job, (RLJobConfig, SFTJobConfig)) and job.model.name != "tiny" and data.name == "sample":
@@ -515,6 +527,44 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         raise ValueError("config trainer.sequence_parallel=true needs trainer.tensor_parallel > 1")
     if trainer.virtual_pipeline > 1 and trainer.pipeline_parallel == 1:
         raise ValueError(f"config trainer.virtual_pipeline={trainer.virtual_pipeline} needs trainer.pipeline_parallel > 1")
+
+
+def _check_warmup(optim: OptimConfig) -> None:
+    if optim.warmup_steps < 0:
+        raise ValueError(f"config optim.warmup_steps={optim.warmup_steps}: must be >= 0")
+    if not 0 <= optim.warmup_ratio < 1:
+        raise ValueError(f"config optim.warmup_ratio={optim.warmup_ratio}: must be in [0, 1) (a fraction of the run's steps)")
+    if optim.warmup_steps and optim.warmup_ratio:
+        raise ValueError(
+            f"config optim.warmup_steps={optim.warmup_steps} and optim.warmup_ratio={optim.warmup_ratio} are both set: "
+            "the warmup is one or the other (set the unused one to 0)"
+        )
+
+
+# Where deepeyes.tools.search_service.SerpAPISearch reads its key (tests/jobs/test_config.py checks they agree).
+SERPAPI_KEY_VARIABLE = "SERPAPI_API_KEY"
+
+
+def _check_serpapi_key(job: RLJobConfig) -> None:
+    """The RL job's search service reads the SerpAPI key from the environment the job inherits from
+    this one (sbatch exports it unless cluster.sbatch_extra.export says otherwise): without it the
+    service would fail to start after the queue wait."""
+    keys = [f"tools.{key}" for key in ("search_backend", "image_search_backend") if getattr(job.tools, key) == "serpapi"]
+    if not keys:
+        return
+    uses = " and ".join(f"{key}=serpapi" for key in keys)
+    if not os.environ.get(SERPAPI_KEY_VARIABLE):
+        raise ValueError(
+            f"config {uses} needs the SerpAPI key in the environment variable {SERPAPI_KEY_VARIABLE}, which is not "
+            f"set here: export {SERPAPI_KEY_VARIABLE}=<key> before submitting (the job inherits it), or search "
+            "locally (tools.search_backend=local with data.corpus)"
+        )
+    export = job.cluster.sbatch_extra.get("export")
+    if export is not None and "ALL" not in export.split(",") and SERPAPI_KEY_VARIABLE not in export:
+        raise ValueError(
+            f"config {uses} needs {SERPAPI_KEY_VARIABLE} in the job's environment, but "
+            f"cluster.sbatch_extra.export={export!r} does not pass it on: add {SERPAPI_KEY_VARIABLE} (or ALL) to it"
+        )
 
 
 def _refuse_sample_data(job: Any) -> None:
@@ -582,5 +632,7 @@ def _check_positive(cfg: DictConfig) -> None:
     budget = OmegaConf.select(cfg, "model.max_trajectory_pixels", default=0)
     if budget and budget < OmegaConf.select(cfg, "model.max_pixels"):
         raise ValueError(f"config model.max_trajectory_pixels={budget}: must be 0 (no limit) or >= model.max_pixels")
+    if OmegaConf.select(cfg, "run.keep_checkpoints", default=0) < 0:
+        raise ValueError(f"config run.keep_checkpoints={cfg.run.keep_checkpoints}: must be >= 0 (0 = keep all)")
     if OmegaConf.select(cfg, "rollout.temperature", default=1.0) <= 0:
         raise ValueError("config rollout.temperature must be > 0 (greedy rollouts give GRPO no signal)")

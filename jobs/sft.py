@@ -1,7 +1,8 @@
 """Cold-start SFT of an agentic VLM on multi-turn tool-using trajectories (DeepEyesV2 recipe).
 
     python jobs/sft.py                                 # embedded default: tiny model, one CPU box
-    python jobs/sft.py model=qwen2_5_vl_7b model.path=/models/Qwen2.5-VL-7B-Instruct
+    python jobs/sft.py +experiment=deepeyesv2_7b_sft model.path=/models/Qwen2.5-VL-7B-Instruct data.sft=<sft.jsonl>
+                                                        # the paper's cold start on 8 GPU nodes (32B: deepeyesv2_32b_sft)
     python jobs/sft.py --cfg job                        # print the resolved config
     python jobs/sft.py cluster=slurm nodes=2            # submit to Slurm (submitit): one job, the launch plan on 2 nodes
     python jobs/sft.py cluster=slurm cluster.dry_run=true   # print the launch plan and sbatch script, submit nothing

@@ -6,7 +6,8 @@
 
 The model directory loads with plain `from_pretrained(path)` (evaluation, the next stage's
 `run.init_from`, vLLM). A checkpoint is written to a temporary name and renamed, so a job
-killed mid-save never leaves a half checkpoint behind `latest`.
+killed mid-save never leaves a half checkpoint behind `latest`. With `run.keep_checkpoints=N`
+only the newest N stay (a 32B checkpoint with its optimizer is ~520 GB): see `prune_checkpoints`.
 
 Every trainer saves and restores through `save_checkpoint` / `restore_checkpoint`; what differs
 is where its weights and optimizer go, a `ModelCheckpoint`: `HFModelCheckpoint` here (the
@@ -16,6 +17,8 @@ reference trainers: the optimizer in trainer_state.pt) or the megatron one
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -24,6 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,10 +88,12 @@ class HFModelCheckpoint:
         pass
 
 
-def save_checkpoint(out_dir: Path, step: int, run_id: str | None, model: ModelCheckpoint, sampler=None) -> Path:
+def save_checkpoint(out_dir: Path, step: int, run_id: str | None, model: ModelCheckpoint, sampler=None,
+                    keep: int = 0) -> Path:
     """The checkpoint after `step` optimizer steps: `model`'s weights and optimizer, the data
     position (`sampler`'s; None when the step alone gives it), RNG and run id; then `latest`
-    names it. Every rank of a multi-rank trainer calls it. Returns its directory."""
+    names it, and with `keep` > 0 the leader prunes all but the newest `keep` (`prune_checkpoints`).
+    Every rank of a multi-rank trainer calls it. Returns its directory."""
     root = Path(out_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     partial = root / f".partial_step_{step:06d}"
@@ -100,9 +107,35 @@ def save_checkpoint(out_dir: Path, step: int, run_id: str | None, model: ModelCh
         torch.save(state.__dict__, partial / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        (root / "latest").write_text(final.name)
+        pointer = root / ".latest"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")  # atomic: a job killed here leaves the old or the new pointer
     model.barrier()
+    if model.leader and keep > 0:
+        prune_checkpoints(root, keep)
     return final
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints up to the one `latest` names, which is never
+    deleted, and what killed saves or prunes left behind. Run after a save completed, so the
+    checkpoint a run resumed from goes only once a newer one is complete. Checkpoints numbered past
+    `latest` (an abandoned attempt's, when a run went back to an older one) are left alone: the run
+    overwrites them as it gets there. Returns the deleted checkpoints."""
+    latest = latest_checkpoint(root.parent)
+    if latest is None:
+        return []
+    steps = sorted(path for path in root.glob("step_*") if path.is_dir() and path.name <= latest.name)
+    pruned = [path for path in steps[:-keep] if path != latest]
+    for debris in [*root.glob(".pruning_*"), *root.glob(".partial_*")]:
+        shutil.rmtree(debris, ignore_errors=True)
+    for path in pruned:
+        # Renamed first, so a job killed mid-delete leaves no half checkpoint under a step's name.
+        doomed = path.rename(root / f".pruning_{path.name}")
+        shutil.rmtree(doomed)
+    if pruned:
+        log.info("deleted %s (run.keep_checkpoints=%d)", ", ".join(path.name for path in pruned), keep)
+    return pruned
 
 
 def restore_checkpoint(checkpoint: Path, model: ModelCheckpoint, sampler=None) -> TrainerState:

@@ -72,7 +72,8 @@ class GRPOTrainer:
 
     def save(self, out_dir: Path, step: int, run_id: str | None) -> Path:
         """Checkpoint after `step` optimizer steps: HF model directory + optimizer, data position, RNG."""
-        return save_checkpoint(out_dir, step, run_id, self.model_checkpoint(), self.sampler)
+        return save_checkpoint(out_dir, step, run_id, self.model_checkpoint(), self.sampler,
+                               keep=self.cfg.run.keep_checkpoints)
 
     def restore(self, checkpoint: Path) -> TrainerState:
         """Optimizer, data position and RNG from `checkpoint` (the weights were loaded with the policy)."""
@@ -257,7 +258,7 @@ def rollout_metrics(trajectories: list[Trajectory], step: int) -> dict[str, floa
 def rollout_side(cfg: RLJobConfig, out_dir: Path, policy: Policy) -> dict:
     """GRPOTrainer's rollout fields: data sampler, rollout engine and tools; with `rollout.servers`
     > 0 (or under the launcher) the engine, search and judge are services (see `rl_services`)."""
-    paths = data_paths(cfg.data)
+    paths = data_paths(cfg.data, cfg.tools)
     sampler = task_sampler(cfg.data, cfg.run.seed)
     services = contextlib.ExitStack()
     endpoints = services.enter_context(

@@ -6,13 +6,14 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deepeyes.config import DataConfig, ModelConfig, OptimConfig, SourceConfig
-from deepeyes.data import Record, ensure_sample_data, read_records
+from deepeyes.config import DataConfig, ModelConfig, OptimConfig, SourceConfig, ToolsConfig
+from deepeyes.data import Record, SampleDataset, ensure_sample_data, read_records
 from deepeyes.model import ensure_tiny_model, load_model, load_processor
 from deepeyes.model.pixels import PixelCache
 from deepeyes.train.checkpoint import resolve_checkpoint
@@ -65,33 +66,53 @@ def load_policy(cfg: ModelConfig, init_from: str | None = None, weights: bool = 
 
 @dataclass(frozen=True)
 class DataPaths:
-    train: Path
-    test: Path | None
-    sft: Path | None
-    corpus: Path | None
-    image_index: Path | None
+    """The job's data files: each one configured, else the bundled sample data's, generated on the
+    first read of a file that is not configured (so a job with its own files never builds it)."""
+
+    cfg: DataConfig
+    tools: ToolsConfig | None = None  # the job's search backends: see `corpus` and `image_index`
+
+    @property
+    def train(self) -> Path:
+        return self._pick(self.cfg.train, "rl_train")
+
+    @property
+    def test(self) -> Path:
+        return self._pick(self.cfg.test, "rl_test")
+
+    @property
+    def sft(self) -> Path:
+        return self._pick(self.cfg.sft, "sft_train")
+
+    @property
+    def corpus(self) -> Path | None:
+        """None when the text search is not local (serpapi reads no corpus)."""
+        if self.tools is not None and self.tools.search_backend != "local":
+            return None
+        return self._pick(self.cfg.corpus, "corpus")
+
+    @property
+    def image_index(self) -> Path | None:
+        """None when the image search is not local (serpapi; mmsearch_cache builds its own index)."""
+        if self.tools is not None and self.tools.image_search_backend != "local":
+            return None
+        return self._pick(self.cfg.image_index, "image_index")
+
+    def _pick(self, configured: str | None, sample_file: str) -> Path:
+        return Path(configured) if configured else getattr(self._sample, sample_file)
+
+    @cached_property
+    def _sample(self) -> SampleDataset:
+        cfg = self.cfg
+        return ensure_sample_data(n_per_family=cfg.sample_per_family, seed=cfg.sample_seed, recipe=cfg.sample_recipe,
+                                  no_tool=cfg.sample_no_tool)
 
 
-def data_paths(cfg: DataConfig) -> DataPaths:
-    """Configured files, with the bundled sample data filling whatever is not set."""
-    sample = None
-    if None in (cfg.train, cfg.sft, cfg.corpus):
-        sample = ensure_sample_data(
-            n_per_family=cfg.sample_per_family, seed=cfg.sample_seed, recipe=cfg.sample_recipe,
-            no_tool=cfg.sample_no_tool,
-        )
-
-    def pick(configured: str | None, default: Path | None) -> Path | None:
-        return Path(configured) if configured else default
-
-    return DataPaths(
-        train=pick(cfg.train, sample and sample.rl_train),
-        test=pick(cfg.test, sample and sample.rl_test),
-        sft=pick(cfg.sft, sample and sample.sft_train),
-        corpus=pick(cfg.corpus, sample and sample.corpus),
-        image_index=pick(cfg.image_index, sample and sample.image_index),
-    )
-
+def data_paths(cfg: DataConfig, tools: ToolsConfig | None = None) -> DataPaths:
+    """Configured files, with the bundled sample data filling whatever is not set and is read.
+    With the job's `tools`, a search index its backend does not read is None, so the search
+    service is not handed (nor made to build) the toy corpus or image index."""
+    return DataPaths(cfg, tools)
 
 
 def data_sources(cfg: DataConfig, kind: str) -> list[SourceConfig]:
@@ -140,18 +161,26 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, total_steps: int) -> float:
-    """The rate for optimizer step `step` (0-based) of `total_steps`: linear warmup over
-    `warmup_steps`, then constant (the paper's RL and SFT schedules) or a cosine decay to 0."""
-    if step < cfg.warmup_steps:
-        lr = cfg.lr * (step + 1) / cfg.warmup_steps
+    """The rate for optimizer step `step` (0-based) of `total_steps`: linear warmup (see
+    `warmup_steps`), then constant (the paper's RL) or a cosine decay to 0 (the paper's SFT)."""
+    warmup = warmup_steps(cfg, total_steps)
+    if step < warmup:
+        lr = cfg.lr * (step + 1) / warmup
     elif cfg.schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        progress = (step - warmup) / max(1, total_steps - warmup)
         lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
         lr = cfg.lr
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """`optim.warmup_steps`, or `optim.warmup_ratio` of the run's `total_steps` rounded up (as
+    transformers' warmup_ratio, which the release's SFT uses)."""
+    # round() first: 0.1 x 30 is 3.0000000000000004 in floating point, which must stay 3 steps.
+    return math.ceil(round(cfg.warmup_ratio * total_steps, 9)) if cfg.warmup_ratio else cfg.warmup_steps
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:

@@ -133,7 +133,7 @@ class SFTTrainer:
 
     def save(self, out_dir: Path, step: int, run_id: str | None) -> Path:
         # No sampler: the data position is the step (the schedule is a function of the seed).
-        return save_checkpoint(out_dir, step, run_id, self.model_checkpoint())
+        return save_checkpoint(out_dir, step, run_id, self.model_checkpoint(), keep=self.cfg.run.keep_checkpoints)
 
     def restore(self, checkpoint: Path) -> TrainerState:
         return restore_checkpoint(checkpoint, self.model_checkpoint())

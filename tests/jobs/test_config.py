@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -9,9 +11,12 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from deepeyes.agent.protocol import STOP_STRINGS
-from deepeyes.config import RLJobConfig, register_configs, to_object
+from deepeyes.config import SERPAPI_KEY_VARIABLE, RLJobConfig, register_configs, to_object
 from deepeyes.data import ensure_sample_data
 from deepeyes.launch.plan import build_plan
+from deepeyes.rollout.services import search_service_command
+from deepeyes.tools.search_service import SearchError, SerpAPISearch
+from deepeyes.train.setup import data_paths
 from tests.paths import CONF_DIR, REPO
 
 
@@ -20,6 +25,12 @@ def composed(job, *overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         # run.out_dir defaults to Hydra's run directory, which exists only inside a Hydra app.
         return compose(job, overrides=["run.out_dir=unused", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def serpapi_key(monkeypatch):
+    """The RL presets search the web: their validation needs the key in the environment."""
+    monkeypatch.setenv(SERPAPI_KEY_VARIABLE, "test-key")
 
 
 def test_the_embedded_default_is_the_tiny_model_on_this_machine():
@@ -47,6 +58,7 @@ def test_paper_presets_resolve_to_the_release_settings_on_8_gpu_nodes(job, size,
     assert cfg.model.name == f"qwen2_5_vl_{size}" and (cfg.model.max_pixels, cfg.model.freeze_vision) == (262144, True)
     assert (cfg.cluster.name, cfg.cluster.nodes, cfg.cluster.gpus_per_node) == ("slurm", 8, 8)
     assert cfg.cluster.time_min >= 24 * 60 and cfg.cluster.max_requeues >= 10 and cfg.run.save_every > 0
+    assert cfg.run.keep_checkpoints == 3  # ~520 GB each for 32B with the optimizer
     assert cfg.trainer.backend == "megatron" and cfg.trainer.distributed_optimizer and cfg.trainer.recompute
     assert cfg.trainer.tensor_parallel == {"7b": 4, "32b": 8}[size] and cfg.data.allow_sample is False
     assert cfg.logger.mode == "online"
@@ -59,6 +71,7 @@ def test_paper_presets_resolve_to_the_release_settings_on_8_gpu_nodes(job, size,
         assert STOP_STRINGS == ("</code>", "</tool_call>")  # the release's custom_stop
     else:
         assert (cfg.optim.lr, cfg.optim.schedule, cfg.sft.epochs, cfg.sft.max_steps) == (1e-5, "cosine", 3, 0)
+        assert (cfg.optim.warmup_ratio, cfg.optim.warmup_steps) == (0.1, 0)  # the release's warmup_ratio
         assert cfg.sft.cutoff_len == {"7b": 20480, "32b": 16384}[size]  # the release's 7B and 32B configs
     # The launch plan takes it: TP x PP divides the trainer ranks, roles fit the nodes.
     plan = build_plan(job, cfg, tmp_path)
@@ -91,6 +104,40 @@ def test_a_paper_preset_refuses_the_bundled_toy_data_unless_allowed(tmp_path, mo
                         f"data.sft_mix=[{{name: a, path: /data/a.jsonl}}, {{name: b, path: {toy.sft_train}}}]"))
     allowed = to_object(paper("sft", "7b", f"data.sft={toy.sft_train}", "data.allow_sample=true"))
     assert allowed.data.sft == str(toy.sft_train)
+
+
+def test_serpapi_search_without_its_key_in_the_jobs_environment_is_refused_before_queueing(monkeypatch, tmp_path):
+    monkeypatch.delenv(SERPAPI_KEY_VARIABLE)
+    with pytest.raises(ValueError, match=r"tools.search_backend=serpapi needs the SerpAPI key in the environment "
+                                         r"variable SERPAPI_API_KEY, which is not set here"):
+        to_object(paper("rl", "7b"))
+    with pytest.raises(ValueError, match=r"config tools.image_search_backend=serpapi needs .* SERPAPI_API_KEY"):
+        to_object(composed("rl", "tools.image_search_backend=serpapi"))
+    assert to_object(composed("rl")).tools.search_backend == "local"  # local search needs no key
+    assert to_object(paper("rl", "7b", "tools.search_backend=local", "data.corpus=/data/corpus.jsonl"))
+    # The name is the one the search service reads.
+    with pytest.raises(SearchError, match=SERPAPI_KEY_VARIABLE):
+        SerpAPISearch(tmp_path)
+
+    monkeypatch.setenv(SERPAPI_KEY_VARIABLE, "test-key")
+    with pytest.raises(ValueError, match=r"needs SERPAPI_API_KEY in the job's environment, but "
+                                         r"cluster.sbatch_extra.export='NONE' does not pass it on"):
+        to_object(paper("rl", "7b", "+cluster.sbatch_extra.export=NONE"))
+    for export in ("ALL", "'ALL,HOME'", "'PATH,SERPAPI_API_KEY'"):
+        assert to_object(paper("rl", "7b", f"+cluster.sbatch_extra.export={export}"))
+
+
+def test_search_indexes_the_backends_do_not_read_are_neither_built_nor_passed(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPEYES_CACHE", str(tmp_path / "cache"))
+    cfg = to_object(paper("rl", "7b", "tools.image_search_backend=mmsearch_cache"))
+    paths = data_paths(cfg.data, cfg.tools)  # web text search, the MMSearch cache for images
+    assert (paths.train, paths.corpus, paths.image_index) == (Path("/data/rl_train.jsonl"), None, None)
+    command = search_service_command(cfg, paths.corpus, paths.image_index, paths.train, tmp_path, 1, tmp_path / "token")
+    assert "--corpus" not in command and "--image-index" not in command
+    assert not (tmp_path / "cache").exists()  # the toy data was never generated
+    # A local backend reads its index: the configured one, else the bundled sample's, built on first read.
+    local = data_paths(cfg.data, replace(cfg.tools, search_backend="local"))
+    assert local.corpus.name == "corpus.jsonl" and (tmp_path / "cache" / "data").is_dir()
 
 
 def test_a_paper_model_alone_is_the_model_only_and_says_where_the_recipe_is(caplog):
@@ -128,11 +175,22 @@ def test_typos_fail_at_composition(override, message):
 @pytest.mark.parametrize(
     "override, message",
     [("rollout.temperature=0", "temperature"), ("grpo.prompts_per_step=0", "prompts_per_step"),
-     ("tools.code.isolation=docker", "isolation")],
+     ("tools.code.isolation=docker", "isolation"),
+     ("optim.warmup_ratio=1.5", r"optim.warmup_ratio=1.5: must be in \[0, 1\)"),
+     ("optim.warmup_steps=-1", "optim.warmup_steps=-1: must be >= 0"),
+     ("run.keep_checkpoints=-1", r"run.keep_checkpoints=-1: must be >= 0 \(0 = keep all\)")],
 )
 def test_values_out_of_range_are_refused_with_the_key_named(override, message):
     with pytest.raises(ValueError, match=message):
         to_object(composed("rl", override))
+
+
+def test_warmup_steps_and_warmup_ratio_together_are_refused():
+    with pytest.raises(ValueError, match=r"optim.warmup_steps=10 and optim.warmup_ratio=0.1 are both set"):
+        to_object(composed("sft", "optim.warmup_steps=10", "optim.warmup_ratio=0.1"))
+    with pytest.raises(ValueError, match=r"optim.warmup_steps=10 and optim.warmup_ratio=0.1 are both set"):
+        to_object(paper("sft", "7b", "optim.warmup_steps=10"))  # the preset's ratio: clear it to count steps
+    assert to_object(paper("sft", "7b", "optim.warmup_steps=10", "optim.warmup_ratio=0")).optim.warmup_steps == 10
 
 
 @pytest.mark.slow

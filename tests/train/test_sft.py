@@ -15,7 +15,7 @@ from deepeyes.config import OptimConfig, register_configs, to_object
 from deepeyes.data import read_sft_records, write_sft_records
 from deepeyes.train.preemption import STOP_SIGNAL, Preempted
 from deepeyes.model import load_model
-from deepeyes.train.setup import set_learning_rate
+from deepeyes.train.setup import set_learning_rate, warmup_steps
 from deepeyes.train.sft import train_sft
 from tests.paths import CONF_DIR
 
@@ -90,3 +90,15 @@ def test_learning_rate_warms_up_then_follows_its_schedule(schedule):
         assert rates[3:] == [1.0, 1.0, 1.0]
     else:  # from 1 after warmup down towards 0 at the last step
         assert rates[2:] == pytest.approx([1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4)])
+
+
+def test_warmup_ratio_warms_up_over_that_share_of_the_run_then_decays():
+    """The release's SFT: cosine with warmup_ratio 0.1 (transformers: ceil(0.1 x steps) warmup steps)."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    cfg = OptimConfig(lr=1.0, warmup_ratio=0.1, schedule="cosine")
+    rates = [set_learning_rate(optimizer, cfg, step, total_steps=30) for step in range(30)]
+    assert warmup_steps(cfg, 30) == 3  # not 4: 0.1 x 30 is 3.0000000000000004 in floating point
+    assert rates[:4] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])  # the peak right after the warmup
+    assert all(a > b for a, b in zip(rates[3:], rates[4:])) and rates[-1] < 0.01
+    assert warmup_steps(cfg, 25) == 3 and warmup_steps(cfg, 2343) == 235  # rounded up: 3 epochs of 100k at 128
+    assert warmup_steps(OptimConfig(warmup_steps=5), 30) == 5 and warmup_steps(OptimConfig(), 30) == 0

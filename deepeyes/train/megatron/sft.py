@@ -50,7 +50,8 @@ class MegatronSFTTrainer:
 
     def save(self, out_dir: Path, step: int, run_id: str | None) -> Path:
         # No sampler: the data position is the step. Collective; restores at any TP/PP/DP layout.
-        return save_checkpoint(out_dir, step, run_id, MegatronModelCheckpoint(self.engine, self.policy.processor))
+        return save_checkpoint(out_dir, step, run_id, MegatronModelCheckpoint(self.engine, self.policy.processor),
+                               keep=self.cfg.run.keep_checkpoints)
 
     def restore(self, checkpoint: Path) -> TrainerState:
         return restore_checkpoint(checkpoint, MegatronModelCheckpoint(self.engine, self.policy.processor))
