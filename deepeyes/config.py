@@ -125,6 +125,8 @@ class RolloutConfig:
     server_threads: int = 1  # torch threads per server process
     # GPUs per rollout engine (vLLM tensor parallelism); a rollout node runs gpus_per_node / this engines.
     tensor_parallel: int = 1
+    # The share of each rollout GPU vLLM takes for its weights, workspace and KV cache.
+    gpu_memory_utilization: float = 0.85
     # How new weights reach the rollout engines after each step: "file" (a safetensors file on the
     # shared filesystem, loaded by every server) | "broadcast" (torch.distributed from the trainer's leader).
     weight_sync: str = "file"
