@@ -30,6 +30,9 @@ class ClusterConfig:
     name: str = "local"  # where the job's roles run: "local" (this machine) | "slurm"
     nodes: int = 1  # the top-level `nodes=N` sets this
     gpus_per_node: int = 0
+    # Memory of one GPU in GiB (nvidia-smi's figure: an H100 80GB has 80); the plan refuses a
+    # trainer rank or rollout engine whose estimate does not fit (deepeyes.launch.memory).
+    gpu_memory_gb: float = 80.0
     cpus_per_node: int = 0  # 0 = Slurm's default
     mem_gb: int = 0  # per node; 0 = all of the node's memory
     # The first nodes run trainer ranks (one per GPU; several nodes need trainer=megatron);

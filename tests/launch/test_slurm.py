@@ -64,7 +64,7 @@ def test_rl_on_two_nodes_places_roles_on_both(uninterrupted):
         "trainer_node0.log", "trainer_node0_rank1.log",
     ]
     assert nodes[0]["roles"] == ["trainer", "search", "sandbox"]
-    assert nodes[1]["roles"] == ["rollout", "sandbox"]
+    assert nodes[1]["roles"] == ["rollout", "rollout", "sandbox"]  # one engine per GPU
     assert nodes[1]["services"]["rollout"].startswith("http://127.0.0.1:")
     assert nodes[0]["services"]["sandbox"] != nodes[1]["services"]["sandbox"]
     assert sorted(learning_metrics(out_dir)) == [1, 2, 3]
