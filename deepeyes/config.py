@@ -47,6 +47,7 @@ class ClusterConfig:
     time_min: int = 60
     sbatch_extra: dict[str, str] = field(default_factory=dict)  # more #SBATCH options, e.g. {exclusive: ""}
     container_image: Optional[str] = None  # an Apptainer image every role runs in
+    container_binds: list[str] = field(default_factory=list)  # its bind mounts (apptainer --bind), e.g. [/shared]
     port_base: int = 29500  # each job uses 100 ports from port_base + 100 * (job id % 200)
     ready_timeout_s: float = 300.0  # a role not ready by then fails the job
     signal_delay_s: int = 90  # Slurm warns (SIGUSR2) this long before the time limit

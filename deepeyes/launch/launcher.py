@@ -50,10 +50,10 @@ def launch(job: str, cfg: DictConfig) -> None:
     if typed.cluster.name == "local":  # a dry run of the local plan
         return
 
-    from deepeyes.launch.slurm import check_with_slurm, render_sbatch, slurm_executor, submit, wait
+    from deepeyes.launch.slurm import check_with_slurm, render_sbatch, submit, wait
 
     script = launch_dir / "job.sbatch"
-    script.write_text(render_sbatch(slurm_executor(plan, typed.cluster, launch_dir), launch_dir))
+    script.write_text(render_sbatch(plan, typed.cluster, launch_dir))
     if typed.cluster.dry_run:
         print(f"\n# sbatch script ({script}; submit by hand with `sbatch {script}`):\n{script.read_text()}")
         return

@@ -1,5 +1,7 @@
 """The launch plan: placement, ports, memory check, sbatch rendering — no cluster needed."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,17 +128,22 @@ def test_sft_has_no_rollout_servers_and_trains_on_every_node(tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing(tmp_path):
+    # Anywhere: a laptop or a login node without Slurm's client (no sbatch, no srun on PATH).
+    no_slurm = str(Path(sys.executable).parent)
+    assert shutil.which("srun", path=no_slurm) is None and shutil.which("sbatch", path=no_slurm) is None
     result = subprocess.run(
         [sys.executable, "jobs/rl.py", "cluster=slurm", "nodes=2", "cluster.dry_run=true", "cluster.partition=gpu",
-         "cluster.account=vision", "+cluster.sbatch_extra.exclusive=''", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+         "cluster.account=vision", "+cluster.sbatch_extra.exclusive=''", "cluster.container_image=/images/deepeyes.sif",
+         "cluster.container_binds=[/shared,/scratch]", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": no_slurm},
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "launch plan: rl on 2 node(s)" in out and "trainer" in out and "rollout" in out
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --exclusive",
-                 "#SBATCH --requeue", "#SBATCH --signal=USR2@90", "-m deepeyes.launch.agent"):
+                 "#SBATCH --requeue", "#SBATCH --signal=USR2@90", "#SBATCH --mem=0", "--kill-on-bad-exit=1",
+                 "apptainer exec --nv --bind /shared,/scratch /images/deepeyes.sif python3 -m deepeyes.launch.agent"):
         assert line in out
     launch_dir = Path(tmp_path) / "launch"
     assert (launch_dir / "job.sbatch").read_text() in out
