@@ -231,6 +231,10 @@ class LoggerConfig:
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    # RL: a table of sample trajectories (question image, model turns with their tool calls, tool
+    # output and images, answer, reward) at the first step and every `table_every` steps; 0 = never.
+    table_every: int = 10
+    table_rows: int = 8
 
 
 @dataclass

@@ -102,6 +102,13 @@ class LaunchPlan:
     def rendezvous_port(self, job_id: int) -> int:
         return self._first_port(job_id) + RENDEZVOUS_PORT_OFFSET
 
+    def log_name(self, role: Role, rank: int = 0) -> str:
+        """`<role>_node<N>[_<k>][_rank<r>].log`: k numbers the roles of one name on a node (its
+        rollout engines), r the trainer's ranks after the first."""
+        same = [other for other in self.roles_on(role.node) if other.name == role.name]
+        index = f"_{next(k for k, other in enumerate(same) if other is role)}" if len(same) > 1 else ""
+        return f"{role.name}_node{role.node}{index}{f'_rank{rank}' if rank else ''}.log"
+
     def memory_needed_gb(self, node: int) -> float:
         return sum(role.memory_gb for role in self.roles_on(node))
 
@@ -118,7 +125,8 @@ class LaunchPlan:
                 port = f"port_base+{role.port_offset}" if role.serves else "-"
                 flags = " main" if role.main else (" ready-check" if role.ready else "")
                 flags += f" x{role.processes} ranks" if role.processes > 1 else ""
-                lines.append(f"    {role.name:<10} gpus {gpus:<16} port {port:<14}{flags}  {' '.join(role.command)}")
+                lines.append(f"    {role.name:<10} gpus {gpus:<16} port {port:<14}{flags}  log {self.log_name(role)}  "
+                             f"{' '.join(role.command)}")
                 if role.gpu_memory:
                     lines.append(f"    {'':<10} GPU memory per GPU: {role.gpu_memory}")
         span = PORT_RANGE // self.ports_per_job

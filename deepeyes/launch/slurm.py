@@ -21,6 +21,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from deepeyes.config import ClusterConfig
 from deepeyes.launch.agent import NodeAgent, failure_messages
+from deepeyes.launch.logs import setup_logging
 from deepeyes.launch.plan import LaunchPlan
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class SlurmNodeJob:
         self._agent: NodeAgent | None = None
 
     def __call__(self) -> dict:
+        setup_logging()
         self._agent = NodeAgent.from_launch_dir(self.launch_dir)
         return self._agent.run()
 

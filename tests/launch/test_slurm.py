@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from tests.paths import REPO
+from tests.wandb_files import history, run_groups
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -119,21 +119,53 @@ def test_the_megatron_trainer_spans_two_nodes_with_rollouts_on_a_third(tmp_path)
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000002"
 
 
-def test_a_sweep_is_one_slurm_array_and_every_result_is_collected(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "jobs/rl.py", "-m", "cluster=slurm", *SMALL_RL, "grpo.steps=1", "optim.lr=1e-5,3e-5",
-         f"hydra.sweep.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+def test_a_sweep_member_is_submitted_as_a_single_job_and_resumes_exactly_after_preemption(tmp_path):
+    """Two members that differ only in a wandb tag, so the uninterrupted one is the reference for
+    the other, preempted by Slurm's warning signal after its first step."""
+    sweep = subprocess.Popen(
+        [sys.executable, "jobs/rl.py", "-m", "cluster=slurm", "cluster.wait=true", *SMALL_RL, "nodes=2",
+         "logger.tags=[first],[second]", f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    member = tmp_path / "0"
+    job_ids = [tmp_path / str(n) / "launch" / "slurm_job_id" for n in (0, 1)]
+    try:
+        deadline = time.monotonic() + 300
+        while not (member / "metrics.jsonl").exists() or not (member / "metrics.jsonl").read_text():
+            if sweep.poll() is not None or time.monotonic() > deadline:
+                sweep.kill()
+                pytest.fail(f"the sweep ended or stalled before step 1:\n{sweep.communicate()[0][-4000:]}")
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--signal=USR2", job_ids[0].read_text()], check=True)
+        output, _ = sweep.communicate(timeout=400)
+    finally:
+        sweep.kill()
+        for job_id in job_ids:
+            if job_id.exists():
+                subprocess.run(["scancel", job_id.read_text()])
+    assert sweep.returncode == 0, output[-4000:]
+    # Submitted as a single job is: one array of the node agent, every option of a single job.
     array_tasks = sorted(p.name for p in (tmp_path / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
-    assert len(array_tasks) == 2 and array_tasks[0].endswith("_0") and array_tasks[1].endswith("_1")
-    assert array_tasks[0].split("_")[0] == array_tasks[1].split("_")[0], "not one array job"
-    for index, lr in enumerate((1e-5, 3e-5)):
-        run = tmp_path / str(index)
-        config = OmegaConf.load(run / "launch" / "config.yaml")
-        assert config.optim.lr == lr and config.logger.group == f"sweep-{tmp_path.name}"
-        assert sorted(learning_metrics(run)) == [1]
+    assert [task.split("_")[1] for task in array_tasks] == ["0", "1"] and len({t.split("_")[0] for t in array_tasks}) == 1
+    script = next((tmp_path / ".submitit").glob("*/*_submission.sh")).read_text()
+    for line in ("#SBATCH --requeue", "#SBATCH --mem=0", "--kill-on-bad-exit=1", "#SBATCH --signal=USR2@90"):
+        assert line in script
+    assert (member / "launch" / "job.sbatch").exists()  # checked with sbatch --test-only before submission
+    # The preempted member saved, was requeued once and resumed exactly: the same learning as the other.
+    runs = sorted((member / "launch").glob("run_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+    assert len(runs) == 2, "member 0 was not requeued once"
+    first_log = (runs[0] / "trainer_node0.log").read_text()
+    assert "preempted: stopped after step" in first_log
+    saved = int(first_log.split("preempted: stopped after step ")[1].split(" ")[0])
+    assert saved < 3, "the signal arrived too late to test resumption"
+    assert f"resuming from {member}/checkpoints/step_{saved:06d}" in (runs[1] / "trainer_node0.log").read_text()
+    assert learning_metrics(member) == learning_metrics(tmp_path / "1")
+    # One wandb group; every step in member 0's history, redone ones included; listed in order.
+    for n in (0, 1):
+        assert run_groups(tmp_path / str(n)) == {f"sweep-{tmp_path.name}"}
+    assert {row["train/step"] for row in history(member) if "reward/mean" in row} == {1, 2, 3}
+    listed = [line for line in output.splitlines() if re.match(r"sweep member \d+ .*: done", line)]
+    assert [line.split()[2] for line in listed] == ["0", "1"]
 
 
 def test_a_role_failing_its_health_check_fails_the_job_fast_and_says_why(tmp_path):
