@@ -220,6 +220,9 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
 
         engines, judge_slot = _engine_slots(cfg, place)
         rollout_gpu = _rollout_gpu_memory(cfg, shape, "rollout")
+        if rollout_gpu and engines:
+            batch = cfg.grpo.prompts_per_step * cfg.rollout.n
+            rollout_gpu += f"; the step's {batch} trajectories are ~{math.ceil(batch / len(engines))} per engine"
         for node, gpus in engines:
             add(Role("rollout", _server_command(cfg, model_path), node=node, gpus=gpus, ready=True,
                      memory_gb=server_memory_gb, gpu_memory=rollout_gpu))

@@ -69,7 +69,9 @@ def render_sbatch(plan: LaunchPlan, cluster: ClusterConfig, launch_dir: Path) ->
     command = f"{python_command(cluster)} -m deepeyes.launch.agent {shlex.quote(str(launch_dir))}"
     logs = launch_dir / "sbatch_logs"  # Slurm does not create the directory of --output
     logs.mkdir(parents=True, exist_ok=True)
-    return _make_sbatch_string(command=command, folder=logs, **sbatch_parameters(plan, cluster))
+    script = _make_sbatch_string(command=command, folder=logs, **sbatch_parameters(plan, cluster))
+    described = "".join(f"# {line}\n" for line in plan.describe().splitlines())
+    return script.replace("\n# command\n", f"\n# What the node agent starts on each node (plan.json):\n{described}\n# command\n", 1)
 
 
 def check_with_slurm(script: Path) -> None:

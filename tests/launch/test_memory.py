@@ -142,7 +142,8 @@ def test_the_dry_run_of_a_paper_like_config_prints_the_memory_per_gpu(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if "GPU memory per GPU" in line]
+    plan = result.stdout.split("# sbatch script")[0]  # the script repeats the plan as comments
+    lines = [line for line in plan.splitlines() if "GPU memory per GPU" in line]
     assert len(lines) == 4 + 32  # the trainer of each of the 4 trainer nodes (per rank) and every rollout engine
     assert "weights" in lines[0] and "optimizer" in lines[0] and "with" in lines[0] and "recompute" in lines[0]
-    assert "KV cache" in lines[-1]
+    assert "KV cache" in lines[-1] and "the step's 4096 trajectories are ~128 per engine" in lines[-1]

@@ -147,6 +147,7 @@ def test_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing(tmp_p
         assert line in out
     launch_dir = Path(tmp_path) / "launch"
     assert (launch_dir / "job.sbatch").read_text() in out
+    assert "#   node 1: 16 CPUs" in out and out.count("#     rollout") == 8  # the plan, in the script too
     assert not (launch_dir / "submitit").exists()
     assert (launch_dir / "service_token").stat().st_mode & 0o077 == 0
 

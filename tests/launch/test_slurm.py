@@ -44,6 +44,20 @@ def queued_jobs() -> list[str]:
     return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
 
 
+def preempt_after_first_step(process: subprocess.Popen, out_dir: Path, job_id_file: Path) -> str:
+    """Once `out_dir` has logged its first step, send its Slurm job the warning signal that comes
+    before a time limit or preemption (what `--signal=USR2@90` sends); the process's output."""
+    deadline = time.monotonic() + 300
+    metrics = out_dir / "metrics.jsonl"
+    while not metrics.exists() or not metrics.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the job ended or stalled before step 1:\n{process.communicate()[0][-4000:]}")
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job_id_file.read_text()], check=True)
+    return process.communicate(timeout=400)[0]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """`python jobs/rl.py cluster=slurm nodes=2`, run to the end: the reference for resumption."""
@@ -70,6 +84,14 @@ def test_rl_on_two_nodes_places_roles_on_both(uninterrupted):
     assert sorted(learning_metrics(out_dir)) == [1, 2, 3]
     assert (out_dir / "checkpoints" / "latest").read_text() == "step_000003"
     assert "node 1 (n2): " in result.stdout
+    # Quiet, useful logs: no progress-bar redraws or megatron bucket listings; where the wandb run is.
+    (run,) = (out_dir / "launch").glob("run_*")
+    trainer_log = (run / "trainer_node0.log").read_text()
+    assert "\r" not in trainer_log and "Params for bucket" not in trainer_log
+    assert "offline; upload with `wandb sync " in trainer_log
+    assert (run / "rollout_node1_0.log").exists() and (run / "rollout_node1_1.log").exists()
+    tables = [row for row in history(out_dir) if "rollouts/samples" in row]
+    assert [row["train/step"] for row in tables] == [1]  # the first step (logger.table_every=10)
 
 
 def test_preempted_job_requeues_and_resumes_exactly(uninterrupted, tmp_path):
@@ -78,20 +100,12 @@ def test_preempted_job_requeues_and_resumes_exactly(uninterrupted, tmp_path):
                            stderr=subprocess.STDOUT, text=True)
     job_id_file = tmp_path / "launch" / "slurm_job_id"
     try:
-        deadline = time.monotonic() + 240
-        while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
-            if job.poll() is not None or time.monotonic() > deadline:
-                job.kill()
-                pytest.fail(f"the job ended or stalled before step 1:\n{job.communicate()[0][-4000:]}")
-            time.sleep(0.5)
-        job_id = job_id_file.read_text()
-        # Slurm's warning before a time limit / preemption (what `--signal=USR2@90` sends).
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-        output, _ = job.communicate(timeout=300)
+        output = preempt_after_first_step(job, tmp_path, job_id_file)
     finally:
         job.kill()
         if job_id_file.exists():
             subprocess.run(["scancel", job_id_file.read_text()])
+    job_id = job_id_file.read_text()
     assert job.returncode == 0, output[-4000:]
     runs = sorted(p.name for p in (tmp_path / "launch").glob("run_*"))
     assert runs == [f"run_{job_id}_0", f"run_{job_id}_1"], "the job was not requeued once"
@@ -130,14 +144,7 @@ def test_a_sweep_member_is_submitted_as_a_single_job_and_resumes_exactly_after_p
     member = tmp_path / "0"
     job_ids = [tmp_path / str(n) / "launch" / "slurm_job_id" for n in (0, 1)]
     try:
-        deadline = time.monotonic() + 300
-        while not (member / "metrics.jsonl").exists() or not (member / "metrics.jsonl").read_text():
-            if sweep.poll() is not None or time.monotonic() > deadline:
-                sweep.kill()
-                pytest.fail(f"the sweep ended or stalled before step 1:\n{sweep.communicate()[0][-4000:]}")
-            time.sleep(0.5)
-        subprocess.run(["scancel", "--signal=USR2", job_ids[0].read_text()], check=True)
-        output, _ = sweep.communicate(timeout=400)
+        output = preempt_after_first_step(sweep, member, job_ids[0])
     finally:
         sweep.kill()
         for job_id in job_ids:
