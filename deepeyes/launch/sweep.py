@@ -51,8 +51,13 @@ class SlurmSweep(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         members = sorted(_planned, key=lambda member: member.number)
         _planned.clear()
-        if members:
+        if not members:
+            return
+        try:
             submit_sweep(members, Path(config.hydra.sweep.dir))
+        except Exception as error:
+            # Hydra turns a callback's exception into a warning and exits 0; a failed sweep must not.
+            raise SystemExit(f"sweep failed: {error}") from error
 
 
 def submit_sweep(members: list[SweepMember], sweep_dir: Path) -> None:
