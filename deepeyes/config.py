@@ -48,10 +48,10 @@ class ClusterConfig:
     sbatch_extra: dict[str, str] = field(default_factory=dict)  # more #SBATCH options, e.g. {exclusive: ""}
     container_image: Optional[str] = None  # an Apptainer image every role runs in
     container_binds: list[str] = field(default_factory=list)  # its bind mounts (apptainer --bind), e.g. [/shared]
-    # Each job's ports lie in [port_base, port_base + 20000), its span chosen by the job id. Keep
+    # Each job's ports lie in [port_base, port_base + 12000), its span chosen by the job id. Keep
     # them below the ephemeral range (Linux: from 32768): a /ready probe of a port there that is
     # not listening yet can connect to itself and read back its own request.
-    port_base: int = 12000
+    port_base: int = 20000
     ready_timeout_s: float = 300.0  # a role not ready by then fails the job
     signal_delay_s: int = 90  # Slurm warns (SIGUSR2) this long before the time limit
     max_requeues: int = 3  # preemptions / time-outs after which the job is not requeued again

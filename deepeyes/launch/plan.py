@@ -47,7 +47,7 @@ from deepeyes.launch.memory import (
     DTYPE_BYTES, TRAINER_RESERVE_GIB, ModelShape, TrainerLayout, model_shape, rollout_memory, trainer_memory,
 )
 
-PORT_RANGE = 20000  # every job's ports lie in [port_base, port_base + PORT_RANGE)
+PORT_RANGE = 12000  # every job's ports lie in [port_base, port_base + PORT_RANGE)
 MIN_PORTS_PER_JOB = 100
 RENDEZVOUS_PORT_OFFSET = 0  # torch.distributed's MASTER_PORT; role ports start after it
 # Placeholders in role commands; the node agent fills them in on the node.

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from deepeyes.config import register_configs, to_object
 from deepeyes.launch.plan import (
-    PROMPT_TEXT_TOKENS, SANDBOX_SESSION_GB, TRAJECTORY_BYTES_PER_TOKEN, LaunchPlan, build_plan,
+    PORT_RANGE, PROMPT_TEXT_TOKENS, SANDBOX_SESSION_GB, TRAJECTORY_BYTES_PER_TOKEN, LaunchPlan, build_plan,
 )
 from tests.paths import CONF_DIR, REPO
 
@@ -93,7 +93,7 @@ def test_ports_never_collide_within_a_job_nor_between_neighbouring_jobs(tmp_path
     assert many.ports_per_job == 200  # 128 engines and 17 sandboxes take more than 100 ports
     for job_id in (7, 8, 107):
         ports = [many.port(r, job_id) for r in many.roles if r.serves] + [many.rendezvous_port(job_id)]
-        assert len(ports) == len(set(ports)) and max(ports) < many.port_base + 20000
+        assert len(ports) == len(set(ports)) and max(ports) < many.port_base + PORT_RANGE
     assert many.port(many.roles[-1], 8) < many.port(many.roles[1], 9)
 
 
