@@ -37,6 +37,9 @@ class ClusterConfig:
     name: str = "local"  # where the job's roles run: "local" (this machine) | "slurm"
     nodes: int = 1  # the top-level `nodes=N` sets this
     gpus_per_node: int = 0
+    # Memory of one GPU in GiB (nvidia-smi's figure: an H100 80GB has 80); the plan refuses a
+    # trainer rank or rollout engine whose estimate does not fit (deepeyes.launch.memory).
+    gpu_memory_gb: float = 80.0
     cpus_per_node: int = 0  # 0 = Slurm's default
     mem_gb: int = 0  # per node; 0 = all of the node's memory
     # The first nodes run trainer ranks (one per GPU; several nodes need trainer=megatron);
@@ -51,7 +54,11 @@ class ClusterConfig:
     time_min: int = 60
     sbatch_extra: dict[str, str] = field(default_factory=dict)  # more #SBATCH options, e.g. {exclusive: ""}
     container_image: Optional[str] = None  # an Apptainer image every role runs in
-    port_base: int = 29500  # each job uses 100 ports from port_base + 100 * (job id % 200)
+    container_binds: list[str] = field(default_factory=list)  # its bind mounts (apptainer --bind), e.g. [/shared]
+    # Each job's ports lie in [port_base, port_base + 12000), its span chosen by the job id. Keep
+    # them below the ephemeral range (Linux: from 32768): a /ready probe of a port there that is
+    # not listening yet can connect to itself and read back its own request.
+    port_base: int = 20000
     ready_timeout_s: float = 300.0  # a role not ready by then fails the job
     signal_delay_s: int = 90  # Slurm warns (SIGUSR2) this long before the time limit
     max_requeues: int = 3  # preemptions / time-outs after which the job is not requeued again
@@ -194,6 +201,9 @@ class JudgeConfig:
     model: Optional[str] = None  # a Hugging Face checkpoint directory; None = the tiny model
     timeout_s: float = 30.0
     max_new_tokens: int = 16
+    # GPUs of the judge's engine (vLLM tensor parallelism), the last ones of the last serving node;
+    # None = rollout.tensor_parallel. The release's Qwen2.5-72B-Instruct needs 4 of 80 GB.
+    tensor_parallel: Optional[int] = None
 
 
 @dataclass
@@ -245,6 +255,10 @@ class LoggerConfig:
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    # RL: a table of sample trajectories (question image, model turns with their tool calls, tool
+    # output and images, answer, reward) at the first step and every `table_every` steps; 0 = never.
+    table_every: int = 10
+    table_rows: int = 8
 
 
 @dataclass

@@ -12,13 +12,12 @@ import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
-from tqdm.auto import tqdm
-
 from deepeyes.agent import protocol
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.tool_session import Toolbox
 from deepeyes.agent.trajectory import Trajectory
 from deepeyes.data.schema import Record
+from deepeyes.progress import progress_bar
 from deepeyes.rollout.api import GenerateRequest, RolloutEngine, SamplingParams
 
 
@@ -111,7 +110,7 @@ async def rollout(
 ) -> list[Trajectory]:
     """n trajectories per record, all in flight at once; returned grouped by record."""
     records = [toolbox.stored(record) for record in records]  # one stored copy per prompt, for all n rollouts
-    bar = tqdm(total=len(records) * n, desc=f"rollout step {step}", unit="traj", disable=not progress, leave=False)
+    bar = progress_bar(total=len(records) * n, desc=f"rollout step {step}", unit="traj", disable=not progress, leave=False)
 
     async def one(group: int, sample: int) -> Trajectory:
         trajectory = await run_episode(records[group], group, sample, step, seed, engine, encoder, toolbox, limits)

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from deepeyes.launch.logs import setup_logging
 from deepeyes.launch.plan import HOST, PORT, TOKEN_FILE, LaunchPlan, Role
 from deepeyes.train.preemption import REQUEUE_EXIT_CODE, STOP_SIGNAL
 from deepeyes.service import LOOPBACK, LocalService, read_token
@@ -166,7 +167,7 @@ class NodeAgent:
         if self.plan.gpus_per_node:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(self.plan.gpus_per_node))))
             env["CUDA_VISIBLE_DEVICES"] = ",".join(visible.split(",")[i] for i in role.gpus)
-        log_path = self.run_dir / f"{role.name}_node{role.node}{f'_rank{rank}' if rank else ''}.log"
+        log_path = self.run_dir / self.plan.log_name(role, rank)
         return LocalService(role.name, argv, port, read_token(self.token_file), log_path, host=host, env=env)
 
     def _rendezvous_env(self) -> dict[str, str]:
@@ -286,7 +287,7 @@ def failure_messages(launch_dir: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """The agent as a plain command (sbatch scripts); requeues the job itself after a checkpoint."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    setup_logging()
     launch_dir = Path((argv or sys.argv[1:])[0])
     agent = NodeAgent.from_launch_dir(launch_dir)
     # The trainer gets Slurm's SIGUSR2 itself; passing it on also covers a signal sent to the batch shell only.

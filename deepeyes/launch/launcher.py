@@ -3,7 +3,8 @@ the job here (`cluster=local`) or submit it to Slurm (`cluster=slurm`).
 
 Everything that can be checked is checked before anything is queued: the typed config (a typo
 in a key fails at composition), the plan (nodes, GPUs, memory estimate) and the sbatch script
-(`sbatch --test-only`: partition, account, QOS, resources).
+(`sbatch --test-only`: partition, account, QOS, resources). A sweep's members go the same way,
+then are submitted together (deepeyes.launch.sweep).
 
     LAUNCH_DIR = <run.out_dir>/launch/
         plan.json, config.yaml (resolved), service_token (0600), job.sbatch, slurm_job_id
@@ -15,9 +16,7 @@ in a key fails at composition), the plan (nodes, GPUs, memory estimate) and the 
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -25,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from deepeyes.config import to_object
+from deepeyes.launch.logs import setup_logging
 from deepeyes.launch.plan import LaunchPlan, build_plan
 from deepeyes.launch.trainer import run_training
 from deepeyes.service import new_token_file
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def launch(job: str, cfg: DictConfig) -> None:
-    _group_sweep_runs(cfg)
+    setup_logging()
+    sweep = _group_sweep_runs(cfg)
     typed = to_object(cfg)
     if typed.cluster.name == "local" and not typed.cluster.dry_run:
         exit_code = run_training(job, typed)  # REQUEUE_EXIT_CODE after a SIGUSR2 checkpoint
@@ -41,26 +42,29 @@ def launch(job: str, cfg: DictConfig) -> None:
             sys.exit(exit_code)
         return
     launch_dir = Path(typed.run.out_dir).resolve() / "launch"
-    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-        # Already inside an allocation: a sweep's array task, submitted by the Hydra launcher.
-        _run_on_this_allocation(job, cfg, typed, launch_dir)
-        return
     plan = write_launch_dir(job, cfg, typed, launch_dir)
     print(plan.describe())
     if typed.cluster.name == "local":  # a dry run of the local plan
         return
 
-    from deepeyes.launch.slurm import check_with_slurm, render_sbatch, slurm_executor, submit, wait
+    from deepeyes.launch.slurm import check_with_slurm, render_sbatch, submit, wait
 
     script = launch_dir / "job.sbatch"
-    script.write_text(render_sbatch(slurm_executor(plan, typed.cluster, launch_dir), launch_dir))
+    script.write_text(render_sbatch(plan, typed.cluster, launch_dir))
     if typed.cluster.dry_run:
         print(f"\n# sbatch script ({script}; submit by hand with `sbatch {script}`):\n{script.read_text()}")
         return
     check_with_slurm(script)
+    if sweep:  # submitted with the other members once the sweep is planned (deepeyes.launch.sweep)
+        from deepeyes.launch.sweep import SweepMember, plan_member
+
+        hydra = HydraConfig.get()
+        plan_member(SweepMember(int(hydra.job.num), list(hydra.overrides.task), plan, typed.cluster, launch_dir))
+        return
     job_handle = submit(plan, typed.cluster, launch_dir)
     (launch_dir / "slurm_job_id").write_text(job_handle.job_id)
-    print(f"submitted Slurm job {job_handle.job_id}; logs in {launch_dir}")
+    print(f"submitted Slurm job {job_handle.job_id}; each role logs to {launch_dir}/run_{job_handle.job_id}_<restart>/"
+          f"<its log in the plan above>, the node agents to {launch_dir}/submitit/")
     if typed.cluster.wait:
         for summary in wait(job_handle, launch_dir):
             print(f"node {summary['node']} ({summary['slurmd_nodename']}): {', '.join(summary['roles']) or '-'}")
@@ -76,26 +80,11 @@ def write_launch_dir(job: str, cfg: DictConfig, typed, launch_dir: Path) -> Laun
     return plan
 
 
-def _run_on_this_allocation(job: str, cfg: DictConfig, typed, launch_dir: Path) -> None:
-    import submitit
-
-    from deepeyes.launch.agent import NodeAgent
-
-    if submitit.JobEnvironment().global_rank == 0:
-        write_launch_dir(job, cfg, typed, launch_dir)
-    else:  # the first node writes the plan and token; the others read them from the shared filesystem
-        deadline = time.monotonic() + typed.cluster.ready_timeout_s
-        while not (launch_dir / "plan.json").exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no launch plan appeared in {launch_dir}")
-            time.sleep(0.2)
-    NodeAgent.from_launch_dir(launch_dir).run()
-
-
-def _group_sweep_runs(cfg: DictConfig) -> None:
-    """The runs of one sweep share a wandb group (unless the config names one)."""
+def _group_sweep_runs(cfg: DictConfig) -> bool:
+    """True in a sweep, whose runs share a wandb group (unless the config names one)."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
+        return False
     if OmegaConf.select(cfg, "logger.group") is None:
         with open_dict(cfg):
             cfg.logger.group = "sweep-" + Path(HydraConfig.get().sweep.dir).name
+    return True

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import submitit
 from submitit.helpers import DelayedSubmission
@@ -19,22 +21,20 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from deepeyes.config import ClusterConfig
 from deepeyes.launch.agent import NodeAgent, failure_messages
+from deepeyes.launch.logs import setup_logging
 from deepeyes.launch.plan import LaunchPlan
 
 log = logging.getLogger(__name__)
 
 
-def slurm_executor(plan: LaunchPlan, cluster: ClusterConfig, launch_dir: Path) -> submitit.SlurmExecutor:
-    python = f"apptainer exec --nv {shlex.quote(cluster.container_image)} python3" if cluster.container_image else None
-    executor = submitit.SlurmExecutor(
-        folder=launch_dir / "submitit" / "%j", max_num_timeout=cluster.max_requeues, python=python
-    )
+def sbatch_parameters(plan: LaunchPlan, cluster: ClusterConfig) -> dict[str, Any]:
+    """The job's sbatch options, in submitit's SlurmExecutor parameter names."""
     optional = {
         "partition": cluster.partition, "account": cluster.account, "qos": cluster.qos,
         "constraint": cluster.constraint, "cpus_per_task": cluster.cpus_per_node or None,
         "gpus_per_node": cluster.gpus_per_node or None,
     }
-    executor.update_parameters(
+    return dict(
         job_name=f"deepeyes-{plan.job}",
         nodes=plan.nodes,
         ntasks_per_node=1,  # the node agent; it starts the node's roles itself
@@ -45,15 +45,33 @@ def slurm_executor(plan: LaunchPlan, cluster: ClusterConfig, launch_dir: Path) -
         additional_parameters={"requeue": True, **{k: v if v != "" else True for k, v in cluster.sbatch_extra.items()}},
         **{key: value for key, value in optional.items() if value is not None},
     )
+
+
+def python_command(cluster: ClusterConfig) -> str:
+    """How every node starts Python: in the job's container when it names one."""
+    if not cluster.container_image:
+        return shlex.quote(sys.executable)
+    binds = f" --bind {shlex.quote(','.join(cluster.container_binds))}" if cluster.container_binds else ""
+    return f"apptainer exec --nv{binds} {shlex.quote(cluster.container_image)} python3"
+
+
+def slurm_executor(plan: LaunchPlan, cluster: ClusterConfig, folder: Path) -> submitit.SlurmExecutor:
+    """submitit's executor for the job (it needs Slurm's client: `srun` on PATH)."""
+    executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=cluster.max_requeues,
+                                      python=python_command(cluster))
+    executor.update_parameters(**sbatch_parameters(plan, cluster))
     return executor
 
 
-def render_sbatch(executor: submitit.SlurmExecutor, launch_dir: Path) -> str:
-    """A plain sbatch script running the node agent on every node, with submitit's header."""
-    command = f"{executor.python} -m deepeyes.launch.agent {shlex.quote(str(launch_dir))}"
+def render_sbatch(plan: LaunchPlan, cluster: ClusterConfig, launch_dir: Path) -> str:
+    """A plain sbatch script running the node agent on every node, with the header submitit
+    writes for the same parameters; needs no Slurm binaries (a dry run works anywhere)."""
+    command = f"{python_command(cluster)} -m deepeyes.launch.agent {shlex.quote(str(launch_dir))}"
     logs = launch_dir / "sbatch_logs"  # Slurm does not create the directory of --output
     logs.mkdir(parents=True, exist_ok=True)
-    return _make_sbatch_string(command=command, folder=logs, **executor.parameters)
+    script = _make_sbatch_string(command=command, folder=logs, **sbatch_parameters(plan, cluster))
+    described = "".join(f"# {line}\n" for line in plan.describe().splitlines())
+    return script.replace("\n# command\n", f"\n# What the node agent starts on each node (plan.json):\n{described}\n# command\n", 1)
 
 
 def check_with_slurm(script: Path) -> None:
@@ -72,6 +90,7 @@ class SlurmNodeJob:
         self._agent: NodeAgent | None = None
 
     def __call__(self) -> dict:
+        setup_logging()
         self._agent = NodeAgent.from_launch_dir(self.launch_dir)
         return self._agent.run()
 
@@ -87,8 +106,7 @@ class SlurmNodeJob:
 
 
 def submit(plan: LaunchPlan, cluster: ClusterConfig, launch_dir: Path) -> submitit.Job:
-    executor = slurm_executor(plan, cluster, launch_dir)
-    return executor.submit(SlurmNodeJob(launch_dir))
+    return slurm_executor(plan, cluster, launch_dir / "submitit").submit(SlurmNodeJob(launch_dir))
 
 
 def wait(job: submitit.Job, launch_dir: Path, poll_s: float = 1.0) -> list[dict]:

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from deepeyes.config import RLJobConfig, SFTJobConfig, to_object
 from deepeyes.launch.agent import wait_for_all_nodes
+from deepeyes.launch.logs import setup_logging
 from deepeyes.launch.plan import LaunchPlan
 from deepeyes.train.preemption import REQUEUE_EXIT_CODE, Preempted
 
@@ -48,7 +49,7 @@ def run_training(job: str, cfg) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    setup_logging()
     launch_dir = Path((argv or sys.argv[1:])[0])
     plan, cfg = load_job(launch_dir)
     importlib.import_module(TRAINING_LOOPS[plan.job][0])  # seconds of imports, while the services load

@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from tqdm.auto import tqdm
-
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.loop import EpisodeLimits, episode_seed, run_episode
 from deepeyes.agent.protocol import SYSTEM_PROMPT, user_prompt
@@ -49,6 +47,7 @@ from deepeyes.eval.tool_use import tool_kinds
 from deepeyes.service import LocalService, free_port, local_services, new_token_file, read_token
 from deepeyes.model import ensure_tiny_model, load_processor
 from deepeyes.model.pixels import PixelCache
+from deepeyes.progress import progress_bar
 from deepeyes.reward import compute_reward
 from deepeyes.synth.teacher import ChatJudge, TeacherClient, TeacherEngine, TeacherError
 from deepeyes.train.setup import data_paths, question_records, seed_everything
@@ -205,7 +204,7 @@ class Synthesizer:
 
     async def run(self, attempts: Sequence[Attempt], progress: bool = True) -> None:
         slots = asyncio.Semaphore(self.cfg.synth.concurrency)
-        bar = tqdm(total=len(attempts), desc="synthesize", unit="traj", disable=not progress)
+        bar = progress_bar(total=len(attempts), desc="synthesize", unit="traj", disable=not progress)
 
         async def one(attempt: Attempt) -> None:
             async with slots:

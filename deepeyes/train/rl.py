@@ -13,6 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from deepeyes.agent.chat import ChatEncoder
+from deepeyes.agent.trajectory import Trajectory
 from deepeyes.config import RLJobConfig
 from deepeyes.train.checkpoint import latest_checkpoint
 from deepeyes.train.grpo import GRPOTrainer, rollout_side, write_rollouts
@@ -44,6 +46,28 @@ def build_trainer(cfg: RLJobConfig, out_dir: Path, init_from: str | None) -> GRP
     return GRPOTrainer(cfg, policy, build_optimizer(policy.model, cfg.optim), **rollout_side(cfg, out_dir, policy))
 
 
+def clear_weights_after(root: Path, version: int) -> None:
+    """Remove the weight versions an earlier attempt published past `version` (this run restarts
+    from scratch or from an older checkpoint): the files of its own versions must never be
+    mistaken for them, nor pruned as older than them."""
+    for path in root.glob("weights_v*"):
+        if int(path.name.split(".")[0].removeprefix("weights_v")) > version:
+            path.unlink(missing_ok=True)
+            log.info("removed %s, published past step %d by an earlier attempt", path.name, version)
+
+
+def sample_table(trajectories: list[Trajectory], encoder: ChatEncoder, rows: int) -> tuple[list[str], list[list]]:
+    """A few of the step's trajectories, spread over its prompts, as a wandb table: the evaluation
+    job's columns (question image, model turns, tool output, the last image a tool returned,
+    answer, scores) and the tool calls with how they ended."""
+    from deepeyes.eval.evaluate import trajectory_table  # the same table the evaluation logs
+
+    picked = trajectories[:: max(len(trajectories) // rows, 1)][:rows]
+    columns, table = trajectory_table(picked, encoder, rows)
+    calls = [", ".join(f"{c.tool}{'' if c.ok else ' (failed)'}" for c in t.tool_calls) or "-" for t in picked]
+    return columns + ["tool_calls"], [row + [call] for row, call in zip(table, calls)]
+
+
 def train_grpo(cfg: RLJobConfig) -> Path:
     """The RL job on this machine; returns the final checkpoint directory.
 
@@ -59,6 +83,8 @@ def train_grpo(cfg: RLJobConfig) -> Path:
         state = trainer.restore(resume)
         start, run_id = state.step, state.run_id
         log.info("resuming from %s at step %d", resume, start)
+    if trainer.leader:
+        clear_weights_after(out_dir / "weights", start)
     # Servers may have started from another checkpoint (the launcher's model path, or before a
     # resume): from here on they serve the trainer's weights, labelled with its step.
     trainer.publish_weights(start, everything=True)
@@ -75,6 +101,9 @@ def train_grpo(cfg: RLJobConfig) -> Path:
             if logger is not None:
                 logger.log(metrics, step=step + 1)
                 write_rollouts(out_dir / "rollouts" / f"step_{step + 1:06d}.jsonl", trajectories)
+                if cfg.logger.table_every and (step == start or (step + 1) % cfg.logger.table_every == 0):
+                    columns, rows = sample_table(trajectories, trainer.encoder, cfg.logger.table_rows)
+                    logger.log_table("rollouts/samples", columns, rows, step=step + 1)
                 console.print(
                     f"[bold]step {step + 1}/{cfg.grpo.steps}[/] reward {metrics['reward/mean']:.3f} "
                     f"acc {metrics['reward/accuracy']:.3f} format {metrics['reward/format_rate']:.3f} "

@@ -14,11 +14,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.config import SFTJobConfig
 from deepeyes.data import read_sft_records
+from deepeyes.progress import progress_bar
 from deepeyes.train.preemption import Preempted, StopSignal
 from deepeyes.train.checkpoint import (
     HFModelCheckpoint, TrainerState, latest_checkpoint, restore_checkpoint, save_checkpoint,
@@ -172,7 +171,7 @@ def train_sft(cfg: SFTJobConfig) -> Path:
     if logger is not None and resume is None:
         logger.log({"data/samples": len(samples)} | {f"data/dropped_{k}": v for k, v in dropped.items()}, step=0)
     total = sft_total_steps(len(samples), cfg)
-    bar = tqdm(total=total, initial=start, desc="sft", unit="step", disable=not trainer.leader)
+    bar = progress_bar(total=total, initial=start, desc="sft", unit="step", disable=not trainer.leader)
     checkpoint = resume
     stop = StopSignal.install()
     try:

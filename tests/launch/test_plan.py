@@ -1,5 +1,7 @@
 """The launch plan: placement, ports, memory check, sbatch rendering — no cluster needed."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from deepeyes.config import register_configs, to_object
 from deepeyes.launch.plan import (
-    PROMPT_TEXT_TOKENS, SANDBOX_SESSION_GB, TRAJECTORY_BYTES_PER_TOKEN, LaunchPlan, build_plan,
+    PORT_RANGE, PROMPT_TEXT_TOKENS, SANDBOX_SESSION_GB, TRAJECTORY_BYTES_PER_TOKEN, LaunchPlan, build_plan,
 )
 from tests.paths import CONF_DIR, REPO
 
@@ -20,32 +22,69 @@ def job_config(*overrides, job="rl"):
         return to_object(compose(job, overrides=["run.out_dir=unused", *overrides]))
 
 
-def test_two_nodes_put_the_trainer_on_the_first_and_a_rollout_server_on_the_second(tmp_path):
+def test_two_nodes_put_the_trainer_on_the_first_and_rollout_engines_on_the_second(tmp_path):
     plan = build_plan("rl", job_config("cluster=slurm", "nodes=2"), tmp_path)
     assert [r.name for r in plan.roles_on(0)] == ["trainer", "search", "sandbox"]
-    assert [r.name for r in plan.roles_on(1)] == ["rollout", "sandbox"]
+    assert [r.name for r in plan.roles_on(1)] == ["rollout"] * 8 + ["sandbox"]
     trainer, rollout = plan.roles_on(0)[0], plan.roles_on(1)[0]
     assert trainer.main and trainer.gpus == list(range(8)) and not trainer.serves
-    assert rollout.ready and rollout.gpus == list(range(8)) and "{port}" in rollout.command
+    assert rollout.ready and "{port}" in rollout.command
     # every node's daemon is reachable from the trainer (token-checked): sessions spread over all of them
     assert all(not r.node_local and "{host}" in r.command for r in plan.roles if r.name == "sandbox")
 
 
-def test_one_node_shares_it_with_the_configured_rollout_servers_and_the_judge(tmp_path):
-    plan = build_plan("rl", job_config("cluster=slurm", "rollout.servers=2", "reward.judge.enabled=true"), tmp_path)
-    assert [r.name for r in plan.roles] == ["trainer", "rollout", "rollout", "search", "judge", "sandbox"]
+def test_every_rollout_gpu_generates_in_one_engine_per_tensor_parallel_slice(tmp_path):
+    plan = build_plan("rl", job_config("cluster=slurm", "nodes=3", "rollout=vllm", "rollout.tensor_parallel=2"), tmp_path)
+    engines = [(r.node, r.gpus) for r in plan.roles if r.name == "rollout"]
+    assert engines == [(node, gpus) for node in (1, 2) for gpus in ([0, 1], [2, 3], [4, 5], [6, 7])]
+    ports = [r.port_offset for r in plan.roles if r.name == "rollout"]
+    assert len(set(ports)) == len(ports), "every engine is its own server on its own port"
+    assert plan.describe().count("--tensor-parallel 2") == 8
+    with pytest.raises(ValueError, match="rollout.tensor_parallel=3 does not divide the 8 GPUs"):
+        build_plan("rl", job_config("cluster=slurm", "nodes=2", "rollout.tensor_parallel=3"), tmp_path)
+
+
+def test_the_judge_takes_one_engine_slot_of_gpus(tmp_path):
+    plan = build_plan("rl", job_config("cluster=slurm", "nodes=3", "rollout=vllm", "rollout.tensor_parallel=4",
+                                       "reward=deepeyesv2_judge"), tmp_path)
+    assert [(r.name, r.node, r.gpus) for r in plan.roles if r.name in ("rollout", "judge")] == [
+        ("rollout", 1, [0, 1, 2, 3]), ("rollout", 1, [4, 5, 6, 7]), ("rollout", 2, [0, 1, 2, 3]),
+        ("judge", 2, [4, 5, 6, 7]),
+    ]
+    judge = next(r for r in plan.roles if r.name == "judge")
+    assert judge.command[judge.command.index("--tensor-parallel") + 1] == "4"
+    with pytest.raises(ValueError, match="judge.enabled=true takes 8 GPUs .reward.judge.tensor_parallel. and leaves no engine"):
+        build_plan("rl", job_config("cluster=slurm", "nodes=2", "rollout.tensor_parallel=8", "reward=deepeyesv2_judge"),
+                   tmp_path)
+    # A judge larger than a rollout engine (the release's 72B judge on 4 GPUs beside TP=1 engines):
+    # the engines it overlaps give their GPUs to it, and its server gets its own tensor parallelism.
+    plan = build_plan("rl", job_config("cluster=slurm", "nodes=3", "rollout=vllm", "rollout.tensor_parallel=1",
+                                       "reward=deepeyesv2_judge", "reward.judge.tensor_parallel=4"), tmp_path)
+    engines = [(r.node, r.gpus) for r in plan.roles if r.name == "rollout"]
+    assert engines == [(1, [g]) for g in range(8)] + [(2, [g]) for g in range(4)]
+    judge = next(r for r in plan.roles if r.name == "judge")
+    assert (judge.node, judge.gpus) == (2, [4, 5, 6, 7])
+    assert judge.command[judge.command.index("--tensor-parallel") + 1] == "4"
+
+
+def test_one_node_shares_it_with_rollout_engines_and_the_judge(tmp_path):
+    plan = build_plan("rl", job_config("cluster=slurm", "reward.judge.enabled=true"), tmp_path)
+    assert [r.name for r in plan.roles] == ["trainer", "rollout", "rollout", "rollout", "search", "judge", "sandbox"]
     assert {r.node for r in plan.roles} == {0}
+    assert next(r for r in plan.roles if r.name == "judge").gpus == [7]
 
 
-def test_one_node_splits_its_gpus_between_the_trainer_and_the_rollout_servers(tmp_path):
-    plan = build_plan("rl", job_config("cluster=slurm", "rollout.servers=2"), tmp_path)
+def test_one_node_splits_its_gpus_between_the_trainer_and_the_rollout_engines(tmp_path):
+    plan = build_plan("rl", job_config("cluster=slurm", "rollout.tensor_parallel=2"), tmp_path)
     assert [(r.name, r.gpus) for r in plan.roles if r.name in ("trainer", "rollout")] == [
         ("trainer", [0, 1, 2, 3]), ("rollout", [4, 5]), ("rollout", [6, 7]),
     ]
-    three = build_plan("rl", job_config("cluster=slurm", "nodes=3"), tmp_path)
+    three = build_plan("rl", job_config("cluster=slurm", "nodes=3", "cluster.gpus_per_node=1"), tmp_path)
     assert [(r.name, r.node) for r in three.roles if r.name in ("trainer", "rollout")] == [
         ("trainer", 0), ("rollout", 1), ("rollout", 2),
     ]
+    cpu = build_plan("rl", job_config("cluster=slurm", "cluster.gpus_per_node=0", "rollout.servers=2"), tmp_path)
+    assert [(r.name, r.gpus) for r in cpu.roles if r.name == "rollout"] == [("rollout", []), ("rollout", [])]
 
 
 def test_ports_never_collide_within_a_job_nor_between_neighbouring_jobs(tmp_path):
@@ -54,11 +93,18 @@ def test_ports_never_collide_within_a_job_nor_between_neighbouring_jobs(tmp_path
         "cluster.extra_roles=[{name: extra, command: [x]}, {name: once, command: [y], every_node: false}]",
     )
     plan = build_plan("rl", cfg, tmp_path)
+    assert plan.ports_per_job == 100
     for job_id in (7, 8, 207):
         ports = [plan.port(r, job_id) for r in plan.roles if r.serves] + [plan.rendezvous_port(job_id)]
         assert len(ports) == len(set(ports))
     assert {r.node for r in plan.roles if r.name == "extra"} == {0, 1, 2, 3}
     assert [r.node for r in plan.roles if r.name == "once"] == [0]
+    many = build_plan("rl", job_config("cluster=slurm", "nodes=17", "cluster.gpus_per_node=8"), tmp_path)
+    assert many.ports_per_job == 200  # 128 engines and 17 sandboxes take more than 100 ports
+    for job_id in (7, 8, 107):
+        ports = [many.port(r, job_id) for r in many.roles if r.serves] + [many.rendezvous_port(job_id)]
+        assert len(ports) == len(set(ports)) and max(ports) < many.port_base + PORT_RANGE
+    assert many.port(many.roles[-1], 8) < many.port(many.roles[1], 9)
 
 
 def test_memory_below_the_estimate_is_refused_with_the_key_to_change(tmp_path):
@@ -92,20 +138,26 @@ def test_sft_has_no_rollout_servers_and_trains_on_every_node(tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing(tmp_path):
+    # Anywhere: a laptop or a login node without Slurm's client (no sbatch, no srun on PATH).
+    no_slurm = str(Path(sys.executable).parent)
+    assert shutil.which("srun", path=no_slurm) is None and shutil.which("sbatch", path=no_slurm) is None
     result = subprocess.run(
         [sys.executable, "jobs/rl.py", "cluster=slurm", "nodes=2", "cluster.dry_run=true", "cluster.partition=gpu",
-         "cluster.account=vision", "+cluster.sbatch_extra.exclusive=''", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+         "cluster.account=vision", "+cluster.sbatch_extra.exclusive=''", "cluster.container_image=/images/deepeyes.sif",
+         "cluster.container_binds=[/shared,/scratch]", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": no_slurm},
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "launch plan: rl on 2 node(s)" in out and "trainer" in out and "rollout" in out
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --exclusive",
-                 "#SBATCH --requeue", "#SBATCH --signal=USR2@90", "-m deepeyes.launch.agent"):
+                 "#SBATCH --requeue", "#SBATCH --signal=USR2@90", "#SBATCH --mem=0", "--kill-on-bad-exit=1",
+                 "apptainer exec --nv --bind /shared,/scratch /images/deepeyes.sif python3 -m deepeyes.launch.agent"):
         assert line in out
     launch_dir = Path(tmp_path) / "launch"
     assert (launch_dir / "job.sbatch").read_text() in out
+    assert "#   node 1: 16 CPUs" in out and out.count("#     rollout") == 8  # the plan, in the script too
     assert not (launch_dir / "submitit").exists()
     assert (launch_dir / "service_token").stat().st_mode & 0o077 == 0
 
@@ -137,7 +189,7 @@ def test_rl_trains_on_the_first_trainer_nodes_and_serves_rollouts_on_the_rest(tm
                       tmp_path)
     trainers = [(r.node, r.processes, r.first_rank, r.world_size) for r in plan.roles if r.name == "trainer"]
     assert trainers == [(0, 2, 0, 4), (1, 2, 2, 4)]
-    assert [r.node for r in plan.roles if r.name == "rollout"] == [2, 3]
+    assert [r.node for r in plan.roles if r.name == "rollout"] == [2, 2, 3, 3]  # one engine per GPU
     with pytest.raises(ValueError, match="trainer_nodes=3 and cluster.rollout_nodes=2 do not fit nodes=4"):
         build_plan("rl", job_config("cluster=slurm", "nodes=4", "cluster.trainer_nodes=3", "cluster.rollout_nodes=2"),
                    tmp_path)
@@ -145,9 +197,10 @@ def test_rl_trains_on_the_first_trainer_nodes_and_serves_rollouts_on_the_rest(tm
 
 def test_the_memory_estimate_follows_the_measured_image_path_costs(tmp_path):
     def memory(*overrides):
+        # host memory only: a GPU as large as the reference trainer needs for 7B
         cfg = job_config("cluster=slurm", "nodes=2", "cluster.gpus_per_node=8", "trainer=hf", "model=qwen2_5_vl_7b",
                          "model.path=/m", "grpo.prompts_per_step=256", "rollout.n=16", "rollout.max_response_tokens=16384",
-                         *overrides)
+                         "cluster.gpu_memory_gb=1000", *overrides)
         plan = build_plan("rl", cfg, tmp_path)
         return {(r.node, r.name): r.memory_gb for r in plan.roles}
 

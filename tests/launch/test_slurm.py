@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from tests.paths import REPO
+from tests.wandb_files import history, run_groups
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -44,6 +44,20 @@ def queued_jobs() -> list[str]:
     return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
 
 
+def preempt_after_first_step(process: subprocess.Popen, out_dir: Path, job_id_file: Path) -> str:
+    """Once `out_dir` has logged its first step, send its Slurm job the warning signal that comes
+    before a time limit or preemption (what `--signal=USR2@90` sends); the process's output."""
+    deadline = time.monotonic() + 300
+    metrics = out_dir / "metrics.jsonl"
+    while not metrics.exists() or not metrics.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the job ended or stalled before step 1:\n{process.communicate()[0][-4000:]}")
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job_id_file.read_text()], check=True)
+    return process.communicate(timeout=400)[0]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """`python jobs/rl.py cluster=slurm nodes=2`, run to the end: the reference for resumption."""
@@ -64,12 +78,20 @@ def test_rl_on_two_nodes_places_roles_on_both(uninterrupted):
         "trainer_node0.log", "trainer_node0_rank1.log",
     ]
     assert nodes[0]["roles"] == ["trainer", "search", "sandbox"]
-    assert nodes[1]["roles"] == ["rollout", "sandbox"]
+    assert nodes[1]["roles"] == ["rollout", "rollout", "sandbox"]  # one engine per GPU
     assert nodes[1]["services"]["rollout"].startswith("http://127.0.0.1:")
     assert nodes[0]["services"]["sandbox"] != nodes[1]["services"]["sandbox"]
     assert sorted(learning_metrics(out_dir)) == [1, 2, 3]
     assert (out_dir / "checkpoints" / "latest").read_text() == "step_000003"
     assert "node 1 (n2): " in result.stdout
+    # Quiet, useful logs: no progress-bar redraws or megatron bucket listings; where the wandb run is.
+    (run,) = (out_dir / "launch").glob("run_*")
+    trainer_log = (run / "trainer_node0.log").read_text()
+    assert "\r" not in trainer_log and "Params for bucket" not in trainer_log
+    assert "offline; upload with `wandb sync " in trainer_log
+    assert (run / "rollout_node1_0.log").exists() and (run / "rollout_node1_1.log").exists()
+    tables = [row for row in history(out_dir) if "rollouts/samples" in row]
+    assert [row["train/step"] for row in tables] == [1]  # the first step (logger.table_every=10)
 
 
 def test_preempted_job_requeues_and_resumes_exactly(uninterrupted, tmp_path):
@@ -78,20 +100,12 @@ def test_preempted_job_requeues_and_resumes_exactly(uninterrupted, tmp_path):
                            stderr=subprocess.STDOUT, text=True)
     job_id_file = tmp_path / "launch" / "slurm_job_id"
     try:
-        deadline = time.monotonic() + 240
-        while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
-            if job.poll() is not None or time.monotonic() > deadline:
-                job.kill()
-                pytest.fail(f"the job ended or stalled before step 1:\n{job.communicate()[0][-4000:]}")
-            time.sleep(0.5)
-        job_id = job_id_file.read_text()
-        # Slurm's warning before a time limit / preemption (what `--signal=USR2@90` sends).
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-        output, _ = job.communicate(timeout=300)
+        output = preempt_after_first_step(job, tmp_path, job_id_file)
     finally:
         job.kill()
         if job_id_file.exists():
             subprocess.run(["scancel", job_id_file.read_text()])
+    job_id = job_id_file.read_text()
     assert job.returncode == 0, output[-4000:]
     runs = sorted(p.name for p in (tmp_path / "launch").glob("run_*"))
     assert runs == [f"run_{job_id}_0", f"run_{job_id}_1"], "the job was not requeued once"
@@ -119,21 +133,50 @@ def test_the_megatron_trainer_spans_two_nodes_with_rollouts_on_a_third(tmp_path)
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000002"
 
 
-def test_a_sweep_is_one_slurm_array_and_every_result_is_collected(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "jobs/rl.py", "-m", "cluster=slurm", *SMALL_RL, "grpo.steps=1", "optim.lr=1e-5,3e-5",
-         f"hydra.sweep.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+def test_a_sweep_member_is_submitted_as_a_single_job_and_resumes_exactly_after_preemption(tmp_path):
+    """Two members that differ only in a wandb tag, so the uninterrupted one is the reference for
+    the other, preempted by Slurm's warning signal after its first step."""
+    sweep = subprocess.Popen(
+        [sys.executable, "jobs/rl.py", "-m", "cluster=slurm", "cluster.wait=true", *SMALL_RL, "nodes=2",
+         "logger.tags=[first],[second]", f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    member = tmp_path / "0"
+    job_ids = [tmp_path / str(n) / "launch" / "slurm_job_id" for n in (0, 1)]
+    try:
+        output = preempt_after_first_step(sweep, member, job_ids[0])
+    finally:
+        sweep.kill()
+        for job_id in job_ids:
+            if job_id.exists():
+                subprocess.run(["scancel", job_id.read_text()])
+    assert sweep.returncode == 0, output[-4000:]
+    # Submitted as a single job is: one array of the node agent, every option of a single job.
     array_tasks = sorted(p.name for p in (tmp_path / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
-    assert len(array_tasks) == 2 and array_tasks[0].endswith("_0") and array_tasks[1].endswith("_1")
-    assert array_tasks[0].split("_")[0] == array_tasks[1].split("_")[0], "not one array job"
-    for index, lr in enumerate((1e-5, 3e-5)):
-        run = tmp_path / str(index)
-        config = OmegaConf.load(run / "launch" / "config.yaml")
-        assert config.optim.lr == lr and config.logger.group == f"sweep-{tmp_path.name}"
-        assert sorted(learning_metrics(run)) == [1]
+    assert [task.split("_")[1] for task in array_tasks] == ["0", "1"] and len({t.split("_")[0] for t in array_tasks}) == 1
+    script = next((tmp_path / ".submitit").glob("*/*_submission.sh")).read_text()
+    for line in ("#SBATCH --requeue", "#SBATCH --mem=0", "--kill-on-bad-exit=1", "#SBATCH --signal=USR2@90"):
+        assert line in script
+    assert (member / "launch" / "job.sbatch").exists()  # checked with sbatch --test-only before submission
+    # The preempted member saved, was requeued once and resumed exactly: the same learning as the other.
+    runs = sorted((member / "launch").glob("run_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+    assert len(runs) == 2, "member 0 was not requeued once"
+    first_log = (runs[0] / "trainer_node0.log").read_text()
+    assert "preempted: stopped after step" in first_log
+    saved = int(first_log.split("preempted: stopped after step ")[1].split(" ")[0])
+    assert saved < 3, "the signal arrived too late to test resumption"
+    assert f"resuming from {member}/checkpoints/step_{saved:06d}" in (runs[1] / "trainer_node0.log").read_text()
+    resumed, expected = learning_metrics(member), learning_metrics(tmp_path / "1")
+    assert sorted(resumed) == [1, 2, 3]
+    for step in resumed:
+        differ = {k: (v, expected[step].get(k)) for k, v in resumed[step].items() if v != expected[step].get(k)}
+        assert not differ, f"step {step} differs after resumption: {differ}"
+    # One wandb group; every step in member 0's history, redone ones included; listed in order.
+    for n in (0, 1):
+        assert run_groups(tmp_path / str(n)) == {f"sweep-{tmp_path.name}"}
+    assert {row["train/step"] for row in history(member) if "reward/mean" in row} == {1, 2, 3}
+    listed = [line for line in output.splitlines() if re.match(r"sweep member \d+ .*: done", line)]
+    assert [line.split()[2] for line in listed] == ["0", "1"]
 
 
 def test_a_role_failing_its_health_check_fails_the_job_fast_and_says_why(tmp_path):
@@ -154,7 +197,7 @@ def test_bad_configs_fail_before_anything_is_queued(tmp_path):
     partition = run_rl(tmp_path / "partition", "cluster.partition=nosuchpartition")
     assert partition.returncode != 0 and "Slurm refuses this job" in partition.stderr
     assert not (tmp_path / "partition" / "launch" / "submitit").exists()
-    assert queued_jobs() == before
+    assert not set(queued_jobs()) - set(before), "a job was queued"  # jobs of earlier tests may still be leaving
 
 
 def test_the_rendered_sbatch_script_runs_the_same_job_when_submitted_by_hand(tmp_path):
