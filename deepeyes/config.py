@@ -134,6 +134,21 @@ class RolloutConfig:
 
 
 @dataclass
+class ProtocolConfig:
+    """How the agent loop answers what the model writes, and which reward scores it (deepeyes.agent.protocol).
+
+    "deepeyesv2": the released RL environment and reward, rule for rule: a released checkpoint
+    sees token for token what it saw in training. An invalid action ends the episode, and the
+    reward of the record's family is the released one (LLM judge for perception and search).
+    "feedback": an invalid action is answered "Format Error." and the episode goes on, the first
+    <answer> counts, and the reward is 0.8 * accuracy + 0.2 * format for every family: a small
+    model that breaks the protocol learns what it did wrong instead of losing the episode.
+    """
+
+    variant: str = "deepeyesv2"
+
+
+@dataclass
 class CodeToolConfig:
     """The code sandbox (deepeyes.tools.sandbox_daemon): limits per session, and where it runs."""
 
@@ -176,7 +191,8 @@ class JudgeConfig:
     enabled: bool = False
     model: Optional[str] = None  # a Hugging Face checkpoint directory; None = the tiny model
     timeout_s: float = 30.0
-    max_new_tokens: int = 16
+    # The released judge reasons in <think> before its \boxed{Yes}/\boxed{No}; it was allowed 8192.
+    max_new_tokens: int = 8192
 
 
 @dataclass
@@ -264,6 +280,7 @@ class AgentJobConfig(JobConfig):
     """A job that runs the agent loop (RL, the difficulty filter, evaluation)."""
 
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
 
@@ -408,6 +425,7 @@ _CHOICES = {
     "data.on_bad_record": ("raise", "skip"),
     "data.sample_recipe": ("default", "learning"),
     "rollout.backend": ("hf", "vllm"),
+    "protocol.variant": ("deepeyesv2", "feedback"),
     "tools.code.isolation": ("namespaces", "none"),
     "tools.search_backend": ("local", "serpapi"),
     "tools.image_search_backend": ("local", "serpapi", "mmsearch_cache"),
@@ -435,6 +453,9 @@ def to_object(cfg: DictConfig) -> Any:
         if value is not None and value not in allowed:
             raise ValueError(f"config {key}={value!r}: expected one of {', '.join(allowed)}")
     _check_positive(cfg)
+    if isinstance(job, RLJobConfig) and job.rollout.n < 2:
+        # A group of one has advantage 0 (its reward minus its own mean): the step would learn nothing.
+        raise ValueError(f"config rollout.n={job.rollout.n}: GRPO needs at least 2 rollouts per prompt (its group)")
     data = getattr(job, "data", None)
     if data is not None:
         _check_mixture("data.train_mix", data.train_mix, data.train, "data.train")
