@@ -405,6 +405,9 @@ class SynthJobConfig(AgentJobConfig):
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    # A chat-completions teacher cannot continue the "<think>" the released environment opens
+    # after each observation: synthesis speaks the feedback variant (the same text protocol).
+    protocol: ProtocolConfig = field(default_factory=lambda: ProtocolConfig(variant="feedback"))
 
 
 def register_configs() -> None:
@@ -453,6 +456,11 @@ def to_object(cfg: DictConfig) -> Any:
         if value is not None and value not in allowed:
             raise ValueError(f"config {key}={value!r}: expected one of {', '.join(allowed)}")
     _check_positive(cfg)
+    if isinstance(job, SynthJobConfig) and job.protocol.variant != "feedback":
+        raise ValueError(
+            f"config protocol.variant={job.protocol.variant!r}: synthesis needs 'feedback' (a chat-completions "
+            "teacher cannot continue the <think> the released environment writes after each observation)"
+        )
     if isinstance(job, RLJobConfig) and job.rollout.n < 2:
         # A group of one has advantage 0 (its reward minus its own mean): the step would learn nothing.
         raise ValueError(f"config rollout.n={job.rollout.n}: GRPO needs at least 2 rollouts per prompt (its group)")
