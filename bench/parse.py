@@ -2,8 +2,10 @@
 
     python bench/parse.py [--tokens 16384] [--repeat 20] [--smoke]
 
-Turns of `--tokens` tokens of the real Qwen2.5 vocabulary, parsed by `protocol.parse_action`
-under both variants and by the released reward's checks (`reward.release.check_response`):
+Turns of `--tokens` tokens of the real Qwen2.5 vocabulary, parsed (the median of `--repeat`
+runs) by `protocol.parse_action` under both variants, by the released reward's checks
+(`reward.release.check_response`) and by its math normalization (`normalize_final_answer`,
+which reads an answer of any length):
 
 - unclosed: the worst cases for a regex with a lazy `(.*?)` before a closing tag: the turn is
   nothing but opening tags (`<tool_call>` is one token; `<answer>`, `<code>` and a python fence
@@ -51,7 +53,7 @@ def parsers():
     return {
         f"parse_action[{variant}]": (lambda turn, v=variant: protocol.parse_action(turn, v)) for variant in protocol.VARIANTS
     } | {f"release_reward[{rule}]": (lambda turn, r=rule: release.check_response(turn, r)) for rule in (
-        release.PERCEPTION, release.MATH, release.SEARCH)}
+        release.PERCEPTION, release.MATH, release.SEARCH)} | {"normalize_final_answer": release.normalize_final_answer}
 
 
 def main() -> None:
@@ -89,13 +91,16 @@ def main() -> None:
     print(f"unbounded regex findall on {args.baseline_tokens} unclosed <tool_call> tokens: {baseline_ms:.1f} ms "
           f"(bounded: {bounded_ms:.2f} ms)")
 
-    unclosed_ms = max(ms for key, ms in timings.items() if " unclosed " in key)
-    closed_ms = max(ms for key, ms in timings.items() if key.endswith(" closed"))
+    parsing = {key: ms for key, ms in timings.items() if not key.startswith("normalize_final_answer")}
+    unclosed_ms = max(ms for key, ms in parsing.items() if " unclosed " in key)
+    closed_ms = max(ms for key, ms in parsing.items() if key.endswith(" closed"))
+    normalize_ms = max(ms for key, ms in timings.items() if key.startswith("normalize_final_answer"))
     print("RESULT " + json.dumps({
         "tokens": args.tokens,
         "unclosed_ms": round(unclosed_ms, 3),
         "closed_ms": round(closed_ms, 3),
         "unclosed_over_closed": round(unclosed_ms / closed_ms, 3),
+        "math_normalize_ms": round(normalize_ms, 3),  # a whole turn as one answer: the reward's worst case
         "baseline_tokens": args.baseline_tokens,
         "baseline_regex_ms": round(baseline_ms, 3),
         "bounded_ms_at_baseline_tokens": round(bounded_ms, 3),

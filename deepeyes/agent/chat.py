@@ -93,7 +93,8 @@ class ChatEncoder:
         """
         close = ([] if model_closed_turn else [self.im_end]) + self.newline
         body = self.content(text, images) if isinstance(text, str) else self.pieces(text, images)
-        return close + self.header("user") + body + [self.im_end] + self.newline + self.header("assistant") + self.text(end)
+        turn_end = [self.im_end] + self.newline + self.header("assistant") + self.text(end)
+        return close + self.header("user") + body + turn_end
 
     def conversation(self, messages: Sequence[Message], images: Sequence[Path]) -> tuple[list[int], list[int]]:
         """Token ids and loss mask of a whole conversation: 1 on assistant content and its <|im_end|>."""

@@ -109,8 +109,8 @@ async def run_episode(
                 break
             stage = "encode"
             ids = encoder.observation(
-                observation.pieces, observation.images, model_closed_turn=result.finish_reason == "eos",
-                end=protocol.observation_end(variant),
+                observation.pieces or observation.text, observation.images,
+                model_closed_turn=result.finish_reason == "eos", end=protocol.observation_end(variant),
             )
             if len(ids) >= limits.max_response_tokens - len(trajectory.response_ids):
                 trajectory.finish = "length"

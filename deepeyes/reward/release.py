@@ -112,14 +112,15 @@ _REMOVED = (
     "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;",
     ",\\!", "{,}", '"', "\\dots",
 )
+# (pattern, replacement, the literal every match ends with, or None for a fixed-length pattern)
 _LATEX_STEPS = (
-    (re.compile(r"(.*?)(\$)(.*?)(\$)(.*)"), "$\\3$"),
-    (re.compile(r"(\\text\{)(.*?)(\})"), "\\2"),
-    (re.compile(r"(\\textbf\{)(.*?)(\})"), "\\2"),
-    (re.compile(r"(\\overline\{)(.*?)(\})"), "\\2"),
-    (re.compile(r"(\\boxed\{)(.*)(\})"), "\\2"),
-    (re.compile(r"(frac)([^{])(.)"), "frac{\\2}{\\3}"),
-    (re.compile(r"(sqrt)([^{])"), "sqrt{\\2}"),
+    (re.compile(r"(.*?)(\$)(.*?)(\$)(.*)"), "$\\3$", "$"),
+    (re.compile(r"(\\text\{)(.*?)(\})"), "\\2", "}"),
+    (re.compile(r"(\\textbf\{)(.*?)(\})"), "\\2", "}"),
+    (re.compile(r"(\\overline\{)(.*?)(\})"), "\\2", "}"),
+    (re.compile(r"(\\boxed\{)(.*)(\})"), "\\2", "}"),
+    (re.compile(r"(frac)([^{])(.)"), "frac{\\2}{\\3}", None),
+    (re.compile(r"(sqrt)([^{])"), "sqrt{\\2}", None),
 )
 
 
@@ -131,9 +132,26 @@ def normalize_final_answer(answer: str) -> str:
         answer = answer.replace(before, after)
     for removed in _REMOVED:
         answer = answer.replace(removed, "")
-    for pattern, replacement in _LATEX_STEPS:
-        answer = pattern.sub(replacement, answer)
+    for pattern, replacement, closing in _LATEX_STEPS:
+        answer = pattern.sub(replacement, answer) if closing is None else _sub_by_line(pattern, replacement, answer, closing)
     answer = answer.replace("$", "")
     if answer.replace(",", "").isdigit():
         answer = answer.replace(",", "")
     return answer.strip()
+
+
+def _sub_by_line(pattern: re.Pattern, replacement: str, text: str, closing: str) -> str:
+    """`pattern.sub(replacement, text)` in linear time, for a pattern whose matches stay within a
+    line ("." is not DOTALL) and end with `closing`. The "$...$" pattern runs only on a line that
+    holds two "$" (its first attempt then matches the whole line); a "...}" pattern sees each line
+    only up to its last "}", so no attempt rescans the rest of a line for a "}" that is not there."""
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        if closing == "$":
+            if line.count("$") >= 2:
+                lines[index] = pattern.sub(replacement, line)
+            continue
+        end = line.rfind(closing) + len(closing)
+        if end:
+            lines[index] = pattern.sub(replacement, line[:end]) + line[end:]
+    return "\n".join(lines)
