@@ -298,4 +298,6 @@ def write_rollouts(path: Path, trajectories: list[Trajectory]) -> None:
                 "response_tokens": len(t.response_ids),
                 "tool_calls": [{"tool": c.tool, "ok": c.ok, "seconds": round(c.seconds, 3)} for c in t.tool_calls],
             }
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            # U+0085, U+2028 and U+2029 stay escaped: str.splitlines() would break a line at them.
+            line = json.dumps(row, ensure_ascii=False)
+            out.write(line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n")
