@@ -12,7 +12,7 @@ import json
 from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from deepeyes.agent import protocol
@@ -150,6 +150,9 @@ def test_arbitrary_model_turns_never_end_the_step(rig, tmp_path, first, second, 
     trajectories = run_step(rig, {(0, 0): first, (0, 1): second}, variant)
     assert len(trajectories) == 2
     assert_recorded(trajectories, tmp_path)
+    for trajectory in trajectories:  # --hypothesis-show-statistics: how the examples ended
+        event(f"{variant}: finish {trajectory.finish} {trajectory.error_kind}".strip())
+        event(f"tool calls: {len(trajectory.tool_calls)}")
 
 
 def test_a_lone_surrogate_in_a_search_query_ends_its_trajectory_only(rig, tmp_path):
