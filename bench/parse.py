@@ -51,7 +51,8 @@ def median_ms(parse, turn: str, repeat: int) -> float:
 
 def parsers():
     return {
-        f"parse_action[{variant}]": (lambda turn, v=variant: protocol.parse_action(turn, v)) for variant in protocol.VARIANTS
+        f"parse_action[{variant}]": (lambda turn, v=variant: protocol.parse_action(turn, v))
+        for variant in protocol.VARIANTS
     } | {f"release_reward[{rule}]": (lambda turn, r=rule: release.check_response(turn, r)) for rule in (
         release.PERCEPTION, release.MATH, release.SEARCH)} | {"normalize_final_answer": release.normalize_final_answer}
 
@@ -75,7 +76,8 @@ def main() -> None:
     }
     closed = turn_of(tokenizer, "I look again at the image. ", args.tokens, head="<think>",
                      tail='</think>\n<tool_call>\n{"name": "search", "arguments": {"query": "flag"}}\n</tool_call>')
-    assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) == args.tokens for t in [closed, *unclosed.values()])
+    for turn in [closed, *unclosed.values()]:
+        assert len(tokenizer(turn, add_special_tokens=False)["input_ids"]) == args.tokens
 
     timings: dict[str, float] = {}
     for name, parse in parsers().items():

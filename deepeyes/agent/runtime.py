@@ -90,7 +90,8 @@ def run_scored(
     async def run() -> list[Trajectory]:
         try:
             trajectories = await rollout(
-                records, n, step, seed, runtime.engine, runtime.encoder, runtime.toolbox, limits, variant=runtime.variant
+                records, n, step, seed, runtime.engine, runtime.encoder, runtime.toolbox, limits,
+                variant=runtime.variant,
             )
         finally:
             await runtime.engine.close()

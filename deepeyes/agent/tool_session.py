@@ -100,7 +100,8 @@ class ToolSession:
         else:
             raise TypeError(f"not a tool action: {action!r}")
         # deepeyesv2: a sandbox or search failure ends the episode (env:148-150, env:201-203).
-        ends = not ok and pieces[0] in (protocol.CODE_ERROR, protocol.SEARCH_ERROR) and self._variant == protocol.DEEPEYESV2
+        failed = not ok and pieces[0] in (protocol.CODE_ERROR, protocol.SEARCH_ERROR)
+        ends = failed and self._variant == protocol.DEEPEYESV2
         return Observation(
             protocol.IMAGE_PLACEHOLDER.join(pieces), images, ToolCall(tool, ok, time.perf_counter() - started),
             self._dropped, tuple(pieces), ends,

@@ -46,7 +46,8 @@ def release_response(model_turns: Sequence[str], observations: Sequence[str]) ->
     for index, turn in enumerate(model_turns):
         parts.append(turn)
         if index < len(observations):
-            parts.append(f"<|im_end|>\n<|im_start|>user\n{observations[index]}<|im_end|>\n<|im_start|>assistant\n<think>")
+            parts.append(f"<|im_end|>\n<|im_start|>user\n{observations[index]}"
+                         "<|im_end|>\n<|im_start|>assistant\n<think>")
     return "".join(parts)
 
 
@@ -133,7 +134,10 @@ def normalize_final_answer(answer: str) -> str:
     for removed in _REMOVED:
         answer = answer.replace(removed, "")
     for pattern, replacement, closing in _LATEX_STEPS:
-        answer = pattern.sub(replacement, answer) if closing is None else _sub_by_line(pattern, replacement, answer, closing)
+        if closing is None:
+            answer = pattern.sub(replacement, answer)
+        else:
+            answer = _sub_by_line(pattern, replacement, answer, closing)
     answer = answer.replace("$", "")
     if answer.replace(",", "").isdigit():
         answer = answer.replace(",", "")
