@@ -90,7 +90,7 @@ class ScriptedTools:
         rng = random.Random(f"{self.seed}/{name}/{call}")
         return min(0.05 * rng.paretovariate(1.5), 3.0)
 
-    def session(self, name: str, images: list[Path]) -> "ScriptedSession":
+    def session(self, name: str, images: list[Path], variant: str = protocol.DEEPEYESV2) -> "ScriptedSession":
         return ScriptedSession(self, name)
 
 

@@ -156,6 +156,21 @@ class RolloutConfig:
 
 
 @dataclass
+class ProtocolConfig:
+    """How the agent loop answers what the model writes, and which reward scores it (deepeyes.agent.protocol).
+
+    "deepeyesv2": the released RL environment and reward, rule for rule: a released checkpoint
+    sees token for token what it saw in training. An invalid action ends the episode, and the
+    reward of the record's family is the released one (LLM judge for perception and search).
+    "feedback": an invalid action is answered "Format Error." and the episode goes on, the first
+    <answer> counts, and the reward is 0.8 * accuracy + 0.2 * format for every family: a small
+    model that breaks the protocol learns what it did wrong instead of losing the episode.
+    """
+
+    variant: str = "deepeyesv2"
+
+
+@dataclass
 class CodeToolConfig:
     """The code sandbox (deepeyes.tools.sandbox_daemon): limits per session, and where it runs."""
 
@@ -200,7 +215,8 @@ class JudgeConfig:
     enabled: bool = False
     model: Optional[str] = None  # a Hugging Face checkpoint directory; None = the tiny model
     timeout_s: float = 30.0
-    max_new_tokens: int = 16
+    # The released judge reasons in <think> before its \boxed{Yes}/\boxed{No}; it was allowed 8192.
+    max_new_tokens: int = 8192
     # GPUs of the judge's engine (vLLM tensor parallelism), the last ones of the last serving node;
     # None = rollout.tensor_parallel. The release's Qwen2.5-72B-Instruct needs 4 of 80 GB.
     tensor_parallel: Optional[int] = None
@@ -301,6 +317,7 @@ class AgentJobConfig(JobConfig):
     """A job that runs the agent loop (RL, the difficulty filter, evaluation)."""
 
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
 
@@ -425,6 +442,9 @@ class SynthJobConfig(AgentJobConfig):
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    # A chat-completions teacher cannot continue the "<think>" the released environment opens
+    # after each observation: synthesis speaks the feedback variant (the same text protocol).
+    protocol: ProtocolConfig = field(default_factory=lambda: ProtocolConfig(variant="feedback"))
 
 
 # A preset marks a key the user must set (a path, the run's length) as `${required:}`: a `???` in a
@@ -467,6 +487,7 @@ _CHOICES = {
     "data.sample_recipe": ("default", "learning"),
     "rollout.backend": ("hf", "vllm"),
     "rollout.weight_sync": ("file", "broadcast"),
+    "protocol.variant": ("deepeyesv2", "feedback"),
     "tools.code.isolation": ("namespaces", "none"),
     "tools.search_backend": ("local", "serpapi"),
     "tools.image_search_backend": ("local", "serpapi", "mmsearch_cache"),
@@ -501,6 +522,14 @@ def to_object(cfg: DictConfig) -> Any:
         if value is not None and value not in allowed:
             raise ValueError(f"config {key}={value!r}: expected one of {', '.join(allowed)}")
     _check_positive(cfg)
+    if isinstance(job, SynthJobConfig) and job.protocol.variant != "feedback":
+        raise ValueError(
+            f"config protocol.variant={job.protocol.variant!r}: synthesis needs 'feedback' (a chat-completions "
+            "teacher cannot continue the <think> the released environment writes after each observation)"
+        )
+    if isinstance(job, RLJobConfig) and job.rollout.n < 2:
+        # A group of one has advantage 0 (its reward minus its own mean): the step would learn nothing.
+        raise ValueError(f"config rollout.n={job.rollout.n}: GRPO needs at least 2 rollouts per prompt (its group)")
     data = getattr(job, "data", None)
     if data is not None:
         _check_mixture("data.train_mix", data.train_mix, data.train, "data.train")

@@ -71,14 +71,30 @@ class ChatEncoder:
         """System and first user message, ending where the model's first turn begins."""
         return self.message("system", system) + self.message("user", user, images) + self.header("assistant")
 
-    def observation(self, text: str, images: Sequence[Path], model_closed_turn: bool) -> list[int]:
+    def pieces(self, pieces: Sequence[str], images: Sequence[Path]) -> list[int]:
+        """A message body given as the text around its images: len(pieces) == len(images) + 1.
+        Unlike `content`, an "<image>" inside the text (a program may print one) stays text."""
+        if len(pieces) != len(images) + 1:
+            raise ValueError(f"{len(pieces)} text pieces cannot surround {len(images)} images")
+        ids = self.text(pieces[0])
+        for image, piece in zip(images, pieces[1:]):
+            ids += self.image(image) + self.text(piece)
+        return ids
+
+    def observation(
+        self, text: str | Sequence[str], images: Sequence[Path], model_closed_turn: bool, end: str = ""
+    ) -> list[int]:
         """A tool result as a user turn after a model turn, ending where the next model turn begins.
 
-        A turn cut at a stop string (</code>, </tool_call>) was not closed by the model, so the
-        observation closes it with <|im_end|>; those tokens are ours, not the model's (mask 0).
+        `text` is the body, or the pieces of text around `images` (see `pieces`). A turn cut at
+        a stop string (</code>, </tool_call>) was not closed by the model, so the observation
+        closes it with <|im_end|>; those tokens are ours, not the model's (mask 0). `end` follows
+        the assistant header: the released environment writes "<think>" there for the model.
         """
         close = ([] if model_closed_turn else [self.im_end]) + self.newline
-        return close + self.message("user", text, images) + self.header("assistant")
+        body = self.content(text, images) if isinstance(text, str) else self.pieces(text, images)
+        turn_end = [self.im_end] + self.newline + self.header("assistant") + self.text(end)
+        return close + self.header("user") + body + turn_end
 
     def conversation(self, messages: Sequence[Message], images: Sequence[Path]) -> tuple[list[int], list[int]]:
         """Token ids and loss mask of a whole conversation: 1 on assistant content and its <|im_end|>."""

@@ -2,16 +2,33 @@
 
 Everything that turns model text into an action, or a tool result into observation text, lives
 here, so that SFT data, RL rollouts and evaluation all speak exactly the same protocol.
-Nothing in this module raises on model output: malformed calls become the error observations
-the released model saw during training.
+Nothing in this module raises on model output.
+
+Two variants (`protocol.variant`):
+- `deepeyesv2` (the default) is the released RL environment
+  (reinforcement_learning/verl/workers/agent/envs/deepeyesv2/deepeyesv2.py, cited below as
+  "env:LINE"): the last <answer> counts, an invalid action ends the episode with nothing shown,
+  and only invalid JSON, an unknown tool name and bad arguments are shown as "Error: ..." and the
+  episode goes on.
+- `feedback` answers every invalid action with "Format Error." and goes on, and takes the first
+  <answer>: a small model that breaks the protocol learns what it did wrong instead of losing
+  the episode.
+
+Parsing is linear in the turn's length: every pattern ends in a closing literal, and it only
+searches the text up to that literal's last occurrence, so an unclosed tag never makes the
+regex engine rescan the rest of the turn from every opening tag.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Sequence, Union
+
+from PIL import Image
 
 # The same string as deepeyes.data.schema.IMAGE_PLACEHOLDER (a test checks it). Not imported from
 # there: importing deepeyes.data runs its __init__, whose readers import this module (a cycle).
@@ -108,11 +125,15 @@ USER_PROMPT = (
 # In the real Qwen2.5 vocabulary only </tool_call> is a single token, so these are stop *strings*.
 STOP_STRINGS = ("</code>", "</tool_call>")
 
-MAX_RETURNED_IMAGES = 10
+MAX_RETURNED_IMAGES = 10  # env:77, env:153, env:206: images shown per round
 
 TEXT_SEARCH = "search"
 IMAGE_SEARCH = "image_search"
 CODE = "code"
+
+DEEPEYESV2 = "deepeyesv2"
+FEEDBACK = "feedback"
+VARIANTS = (DEEPEYESV2, FEEDBACK)
 
 
 @dataclass(frozen=True)
@@ -145,49 +166,117 @@ class InvalidCall:
     observation: str
 
 
-Action = Union[Answer, CodeCall, SearchCall, ImageSearchCall, InvalidCall]
+@dataclass(frozen=True)
+class EndEpisode:
+    """`deepeyesv2` only: an invalid action on which the released environment ends the episode
+    and shows nothing (`reason` is for logs)."""
+
+    tool: str  # "code", "search", "image_search" or "none"
+    reason: str
+
+
+Action = Union[Answer, CodeCall, SearchCall, ImageSearchCall, InvalidCall, EndEpisode]
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _CODE = re.compile(r"<code>(.*?)</code>", re.DOTALL)
 _PYTHON_BLOCK = re.compile(r"```python\s*\n(.*?)\n```", re.DOTALL)
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+_CLOSING = {_ANSWER: "</answer>", _CODE: "</code>", _PYTHON_BLOCK: "\n```", _TOOL_CALL: "</tool_call>"}
 
 FORMAT_ERROR = "Format Error."
 
 
+def find_all(pattern: re.Pattern, text: str) -> list[str]:
+    """`pattern.findall(text)` in time linear in len(text).
+
+    Each pattern ends in a closing literal, so every match ends at or before that literal's last
+    occurrence; searching only up to there gives the same matches, and every opening tag the
+    engine tries there finds its closing literal on the first scan.
+    """
+    closing = _CLOSING[pattern]
+    end = text.rfind(closing)
+    return pattern.findall(text, 0, end + len(closing)) if end >= 0 else []
+
+
 def extract_answer(text: str) -> str | None:
     """Text inside the first <answer>...</answer>, stripped; None when absent or empty."""
-    match = _ANSWER.search(text)
-    if match is None:
-        return None
-    return match.group(1).strip() or None
+    answers = find_all(_ANSWER, text)
+    return (answers[0].strip() or None) if answers else None
 
 
-def parse_action(turn: str) -> Action:
-    """What one model turn asks for. Never raises, whatever the text.
+def parse_action(turn: str, variant: str = DEEPEYESV2, data_index: str = "") -> Action:
+    """What one model turn asks for, under `variant`. Never raises, whatever the text.
 
-    As in the released RL environment, a complete <answer>...</answer> anywhere ends the episode,
-    but a lone answer tag (say, mentioned while thinking) does not stop a code or tool call.
-    A lone answer tag with no call is a broken answer: the episode ends with no answer text.
+    `data_index` is the record's index, which the released environment prints in some errors.
     """
-    if _ANSWER.search(turn):
+    if variant == DEEPEYESV2:
+        return _parse_release(turn, data_index)
+    if variant == FEEDBACK:
+        return _parse_feedback(turn)
+    raise ValueError(f"protocol variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+
+
+def _parse_release(turn: str, data_index: str) -> Action:
+    """The released environment's `execute` (env:118-232), up to running the tool."""
+    answers = find_all(_ANSWER, turn)
+    if answers and answers[-1]:  # env:87-88 the last answer; env:132 "if answer" (an empty one runs the code)
+        return Answer(answers[-1].strip() or None)
+    if "<code>" in turn or "<tool_call>" not in turn:  # env:135-139: code is the default action
+        blocks = find_all(_CODE, turn)  # env:91-100: the last python block of the last <code>
+        code = find_all(_PYTHON_BLOCK, blocks[-1]) if blocks else []
+        if not code or not code[-1]:  # env:143-144
+            return EndEpisode(CODE if "<code>" in turn else "none", "no python block" if blocks else "no action")
+        return CodeCall(code[-1])
+    calls = find_all(_TOOL_CALL, turn)  # env:115-116 the last tool call
+    if not calls or not calls[-1]:  # env:173-174
+        return EndEpisode("none", "empty or unclosed tool call")
+    raw = calls[-1].strip()
+    try:
+        call = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # env:176-182; deeply nested JSON raises RecursionError
+        return InvalidCall("none", f"Error: Invalid tool call format: {raw}. Error: {err}")
+    try:  # env:184-186, env:223-229: a call that is no JSON object shows Python's own error text
+        name = call["name"]
+        arguments = call.get("arguments", None)
+    except Exception as err:  # noqa: BLE001 - TypeError, KeyError, AttributeError: whatever the JSON was
+        return InvalidCall("none", f"Error: {err} for {data_index}")
+    if name not in (TEXT_SEARCH, IMAGE_SEARCH):  # env:189-193
+        return InvalidCall("none", f"Error: Invalid tool call name: {raw}.")
+    if name == IMAGE_SEARCH:
+        if arguments is not None:  # env:194-198
+            return InvalidCall(IMAGE_SEARCH, f"Error: Invalid tool call parameters for image search: {raw}.")
+        return ImageSearchCall()
+    try:
+        query = arguments["query"]  # env:293, inside env:184's try
+    except Exception as err:  # noqa: BLE001 - arguments may be any JSON value
+        return InvalidCall(TEXT_SEARCH, f"Error: {err} for {data_index}")
+    if not isinstance(query, str):  # the released search is a placeholder here; ours needs text
+        return InvalidCall(TEXT_SEARCH, f"Error: Invalid tool call parameters for search: {raw}.")
+    return SearchCall(query)
+
+
+def _parse_feedback(turn: str) -> Action:
+    """A complete <answer>...</answer> anywhere ends the episode, but a lone answer tag (say,
+    mentioned while thinking) does not stop a code or tool call. A lone answer tag with no call
+    is a broken answer: the episode ends with no answer text."""
+    if find_all(_ANSWER, turn):
         return Answer(extract_answer(turn.split("</think>")[-1]))
     if "<code>" in turn:
-        blocks = _CODE.findall(turn)
-        code = _PYTHON_BLOCK.findall(blocks[-1]) if blocks else []
+        blocks = find_all(_CODE, turn)
+        code = find_all(_PYTHON_BLOCK, blocks[-1]) if blocks else []
         if not code:
             return InvalidCall(CODE, FORMAT_ERROR)
         return CodeCall(code[-1])
     if "<tool_call>" in turn:
-        return _parse_tool_call(turn)
+        return _parse_feedback_tool_call(turn)
     if "<answer>" in turn or "</answer>" in turn:
         return Answer(None)
     return InvalidCall("none", FORMAT_ERROR)
 
 
-def _parse_tool_call(turn: str) -> Action:
-    # The released RL environment shows tool-call errors to the model as "Error: <message>".
-    calls = _TOOL_CALL.findall(turn)
+def _parse_feedback_tool_call(turn: str) -> Action:
+    # Tool-call errors are shown as the released environment words them: "Error: <message>".
+    calls = find_all(_TOOL_CALL, turn)
     if not calls:
         return InvalidCall("none", FORMAT_ERROR)
     raw = calls[-1].strip()
@@ -208,22 +297,79 @@ def _parse_tool_call(turn: str) -> Action:
     return SearchCall(query)
 
 
+def reindent_code(code: str) -> str:
+    """The released environment's `fix_python_indentation` (env:53-70), run on every cell before
+    it executes: blank lines dropped, lines re-indented by one level after a line ending in ":"
+    (and one less for except/elif/else/finally; never otherwise), then autopep8 (aggressive=2).
+    The checkpoint learned with its cells run this way, quirks included."""
+    import autopep8  # a second or so to import: only where code runs
+
+    try:
+        lines = [line.strip() for line in code.split("\n") if line.strip()]
+        fixed, indent = [], 0
+        for line in lines:
+            if line.startswith(("except", "elif", "else", "finally")):
+                indent = max(0, indent - 1)
+            fixed.append("    " * indent + line)
+            if line.endswith(":"):
+                indent += 1
+        return autopep8.fix_code(textwrap.dedent("\n".join(fixed)).strip(), options={"aggressive": 2})
+    except Exception:  # noqa: BLE001 - env:68-70: on any failure the cell runs as written
+        return code
+
+
 IMAGE_SEARCH_REPEATED = "Image search can only be used once. Try with text search or direct output the answer."
+# A tool failure's observation: `feedback` shows "Search error" and goes on; `deepeyesv2` ends the
+# episode on either, showing nothing (env:148-150, env:201-203).
 SEARCH_ERROR = "Search error"
+CODE_ERROR = "Code execution error"
+# The release's "Your browser can't play this video." scrub of every search entry (env:283, env:315).
+_VIDEO_NOTICE = "Your browser can't play this video."
+
+
+def release_image_size(image: Image.Image) -> Image.Image:
+    """A code cell's image as the released environment shows it (`maybe_resize_image`,
+    env:367-398): an aspect ratio over 200 is cut to at most 150 (or half the ratio), then a side
+    under 32 pixels is scaled up to 32 (Qwen-VL refuses smaller images). Returns `image` itself
+    when nothing changes."""
+    height, width = image.height, image.width
+    if max(height, width) / min(height, width) > 200:
+        ratio = max(height, width) / min(height, width)
+        target_ratio = min(150, ratio / 2)
+        long_side = int(min(height, width) * target_ratio)
+        if height > width:
+            height, width = long_side, int(width * ratio / target_ratio)
+        else:
+            height, width = int(height * ratio / target_ratio), long_side
+        image = image.resize((width, height), Image.LANCZOS)
+    if min(height, width) >= 32:
+        return image
+    scale = 32 / min(height, width)
+    return image.resize((math.ceil(width * scale), math.ceil(height * scale)), Image.LANCZOS)
 
 
 def user_prompt(question: str) -> str:
     return USER_PROMPT.format(question=question)
 
 
+def observation_end(variant: str) -> str:
+    """Text after "<|im_start|>assistant\\n" that ends every observation: the released environment
+    opens the model's next <think> itself (env:162); that <think> is observation (loss mask 0)."""
+    return "<think>" if variant == DEEPEYESV2 else ""
+
+
+def code_observation(stdout: str, stderr: str, n_images: int) -> list[str]:
+    """The code result's text around its images (≤ 10): n_images + 1 pieces (env:154-158, prompt.py)."""
+    n_images = min(n_images, MAX_RETURNED_IMAGES)
+    text = f"Code execution result:\nstdout:\n```\n{stdout}\n```\n\nstderr:\n```\n{stderr}\n```\n\n"
+    if not n_images:
+        return [text.strip()]
+    return [text + "Images:\n"] + [""] * n_images
+
+
 def render_code_observation(stdout: str, stderr: str, n_images: int) -> str:
     """The user turn that returns a code cell's result; one <image> per returned image (≤ 10)."""
-    n_images = min(n_images, MAX_RETURNED_IMAGES)
-    images = "Images:\n" + IMAGE_PLACEHOLDER * n_images if n_images else ""
-    return (
-        f"Code execution result:\nstdout:\n```\n{stdout}\n```\n\n"
-        f"stderr:\n```\n{stderr}\n```\n\n{images}\n"
-    ).strip()
+    return IMAGE_PLACEHOLDER.join(code_observation(stdout, stderr, n_images))
 
 
 @dataclass(frozen=True)
@@ -234,34 +380,45 @@ class TextHit:
     date: str = ""
 
 
+def text_search_observation(query: str, hits: Sequence[TextHit], variant: str = FEEDBACK) -> str:
+    """`<tool_response>` listing the hits as the released search tool formats them (env:305-317).
+    No hits: `deepeyesv2` says "found 0 results" as the release does; `feedback` suggests a
+    more general query."""
+    if not hits and variant == FEEDBACK:
+        return _tool_response(f"No results found for '{query}'. Try with a more general query.")
+    entries = []
+    for index, hit in enumerate(hits, start=1):
+        date = f"\nDate published: {hit.date}" if hit.date else ""
+        snippet = f"\n{hit.snippet}" if hit.snippet else ""
+        entries.append(f"{index}. [{hit.title}]({hit.link}){date}\n{snippet}".replace(_VIDEO_NOTICE, ""))
+    return _tool_response(
+        f"A Google search for '{query}' found {len(entries)} results:\n\n## Web Results\n" + "\n\n".join(entries)
+    )
+
+
 def render_text_search(query: str, hits: Sequence[TextHit]) -> str:
-    """`<tool_response>` listing the top hits as the released search tool formats them."""
-    if not hits:
-        body = f"No results found for '{query}'. Try with a more general query."
-    else:
-        entries = []
-        for index, hit in enumerate(hits, start=1):
-            date = f"\nDate published: {hit.date}" if hit.date else ""
-            snippet = f"\n{hit.snippet}" if hit.snippet else ""
-            entries.append(f"{index}. [{hit.title}]({hit.link}){date}\n{snippet}")
-        body = (
-            f"A Google search for '{query}' found {len(entries)} results:\n\n## Web Results\n"
-            + "\n\n".join(entries)
-        )
-    return _tool_response(body)
+    """The `feedback` variant's text-search observation (the one the cold-start data shows)."""
+    return text_search_observation(query, hits, FEEDBACK)
+
+
+def image_search_observation(titles: Sequence[str], variant: str = FEEDBACK) -> list[str]:
+    """`<tool_response>` with one image per hit and its title (env:275-285): len(titles) + 1 pieces.
+    No hits: as `text_search_observation`."""
+    if not titles and variant == FEEDBACK:
+        return [_tool_response("No results found for the image. Try with text search or direct output the answer.")]
+    head = f"<tool_response>\nA Google image search for the image found {len(titles)} results:\n\n## Web Results\n"
+    if not titles:
+        return [head + "\n</tool_response>"]
+    pieces = [head + "1. "]
+    for index, title in enumerate(titles, start=1):
+        entry = f"\n[{title}] \n".replace(_VIDEO_NOTICE, "")
+        pieces.append(entry + (f"\n\n{index + 1}. " if index < len(titles) else "\n</tool_response>"))
+    return pieces
 
 
 def render_image_search(titles: Sequence[str]) -> str:
-    """`<tool_response>` with one <image> placeholder per returned image, each with its title."""
-    if not titles:
-        body = "No results found for the image. Try with text search or direct output the answer."
-    else:
-        entries = [f"{index}. {IMAGE_PLACEHOLDER}\n[{title}] \n" for index, title in enumerate(titles, 1)]
-        body = (
-            f"A Google image search for the image found {len(entries)} results:\n\n## Web Results\n"
-            + "\n\n".join(entries)
-        )
-    return _tool_response(body)
+    """The `feedback` variant's image-search observation (the one the cold-start data shows)."""
+    return IMAGE_PLACEHOLDER.join(image_search_observation(titles, FEEDBACK))
 
 
 def _tool_response(body: str) -> str:

@@ -9,12 +9,16 @@ returned is one file.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from PIL import Image
 
 from deepeyes.agent import protocol
 from deepeyes.agent.trajectory import ToolCall
@@ -47,8 +51,8 @@ class Toolbox:
         """The record with its images as store references: one copy, shared by its n rollouts."""
         return replace(record, images=tuple(self.store.put_file(image) for image in record.images))
 
-    def session(self, name: str, images: list[Path]) -> "ToolSession":
-        return ToolSession(self, name, images)
+    def session(self, name: str, images: list[Path], variant: str = protocol.DEEPEYESV2) -> "ToolSession":
+        return ToolSession(self, name, images, variant)
 
     def close(self) -> None:
         """Stop the code sandbox if this toolbox started it."""
@@ -57,15 +61,19 @@ class Toolbox:
 
 @dataclass(frozen=True)
 class Observation:
-    text: str
+    text: str  # what the model is shown, one <image> per image (for logs and the reward)
     images: list[Path]
     call: ToolCall
     dropped_images: int = 0  # returned, but over the trajectory's pixel budget: not shown
+    # The text around `images` (len(images) + 1 pieces): an "<image>" a program printed stays text.
+    pieces: tuple[str, ...] = ()
+    ends_episode: bool = False  # deepeyesv2: the released environment stops here (a tool failure)
 
 
 class ToolSession:
-    def __init__(self, toolbox: Toolbox, name: str, images: list[Path]):
+    def __init__(self, toolbox: Toolbox, name: str, images: list[Path], variant: str = protocol.DEEPEYESV2):
         self._toolbox = toolbox
+        self._variant = variant
         self._images = images  # the record's images: image_1 … image_n, and the image-search query
         self._code: SandboxSession | None = None
         self._image_search_used = False
@@ -82,16 +90,22 @@ class ToolSession:
         started = time.perf_counter()
         self._dropped = 0
         if isinstance(action, protocol.CodeCall):
-            text, images, tool, ok = await self._run_code(action.code)
+            pieces, images, tool, ok = await self._run_code(action.code)
         elif isinstance(action, protocol.SearchCall):
-            text, images, tool, ok = await self._text_search(action.query)
+            pieces, images, tool, ok = await self._text_search(action.query)
         elif isinstance(action, protocol.ImageSearchCall):
-            text, images, tool, ok = await self._image_search()
+            pieces, images, tool, ok = await self._image_search()
         elif isinstance(action, protocol.InvalidCall):
-            text, images, tool, ok = action.observation, [], action.tool, False
+            pieces, images, tool, ok = [action.observation], [], action.tool, False
         else:
             raise TypeError(f"not a tool action: {action!r}")
-        return Observation(text, images, ToolCall(tool, ok, time.perf_counter() - started), self._dropped)
+        # deepeyesv2: a sandbox or search failure ends the episode (env:148-150, env:201-203).
+        failed = not ok and pieces[0] in (protocol.CODE_ERROR, protocol.SEARCH_ERROR)
+        ends = failed and self._variant == protocol.DEEPEYESV2
+        return Observation(
+            protocol.IMAGE_PLACEHOLDER.join(pieces), images, ToolCall(tool, ok, time.perf_counter() - started),
+            self._dropped, tuple(pieces), ends,
+        )
 
     def _pixels(self, image: Path) -> int:
         if not self._toolbox.max_trajectory_pixels:
@@ -115,41 +129,63 @@ class ToolSession:
     async def _run_code(self, code: str):
         if self._code is None:  # returned images land in the step's store, named by their hash
             self._code = self._toolbox.sandbox.session(self._images, self._toolbox.scratch_root)
+        if self._variant == protocol.DEEPEYESV2:
+            code = await asyncio.to_thread(protocol.reindent_code, code)  # autopep8: off the event loop
         try:
             result = await self._code.run(code)
         except SandboxError as error:  # the service failed, not the cell: the model sees an error
             log.warning("code call failed: %s", error)
-            return protocol.render_code_observation("", f"SandboxError: {error}", 0), [], protocol.CODE, False
-        images = self._within_budget(list(result.images[: protocol.MAX_RETURNED_IMAGES]))
+            if self._variant == protocol.DEEPEYESV2:
+                return [protocol.CODE_ERROR], [], protocol.CODE, False
+            return [protocol.render_code_observation("", f"SandboxError: {error}", 0)], [], protocol.CODE, False
+        if result.failed and self._variant == protocol.DEEPEYESV2:  # timed out or the kernel died
+            return [protocol.CODE_ERROR], [], protocol.CODE, False
+        returned = list(result.images[: protocol.MAX_RETURNED_IMAGES])
+        if self._variant == protocol.DEEPEYESV2:
+            returned = await asyncio.to_thread(lambda: [self._release_size(image) for image in returned])
+        images = self._within_budget(returned)
         stderr = result.stderr
         if self._dropped:
             stderr += (
                 f"\n[{self._dropped} image(s) not shown: this trajectory's image budget "
                 f"({self._toolbox.max_trajectory_pixels} pixels) is used up]"
             )
-        text = protocol.render_code_observation(result.stdout, stderr, len(images))
-        return text, images, protocol.CODE, not result.failed
+        pieces = protocol.code_observation(result.stdout, stderr, len(images))
+        return pieces, images, protocol.CODE, not result.failed
+
+    def _release_size(self, image: Path) -> Path:
+        """The image as the released environment shows it (env:352, env:367-398): resized when a
+        side is under 32 pixels or the aspect ratio is over 200; a resized copy goes to the store."""
+        with Image.open(image) as opened:
+            resized = protocol.release_image_size(opened)
+            if resized is opened:
+                return image
+            buffer = io.BytesIO()
+            resized.save(buffer, format="PNG")
+        return self._toolbox.store.put(buffer.getvalue())
 
     async def _text_search(self, query: str):
         try:
             hits = await self._toolbox.search.search(query, self._toolbox.top_k)
         except SearchError:
-            return protocol.SEARCH_ERROR, [], protocol.TEXT_SEARCH, False
-        return protocol.render_text_search(query, hits), [], protocol.TEXT_SEARCH, True
+            return [protocol.SEARCH_ERROR], [], protocol.TEXT_SEARCH, False
+        return [protocol.text_search_observation(query, hits, self._variant)], [], protocol.TEXT_SEARCH, True
 
     async def _image_search(self):
         if not self._images:
-            return protocol.SEARCH_ERROR, [], protocol.IMAGE_SEARCH, False
-        if self._image_search_used:
-            return protocol.IMAGE_SEARCH_REPEATED, [], protocol.IMAGE_SEARCH, False
+            return [protocol.SEARCH_ERROR], [], protocol.IMAGE_SEARCH, False
+        # The released environment does not enforce the prompt's "only once"; feedback does.
+        if self._image_search_used and self._variant == protocol.FEEDBACK:
+            return [protocol.IMAGE_SEARCH_REPEATED], [], protocol.IMAGE_SEARCH, False
         try:
             hits = await self._toolbox.search.image_search(self._images[0], self._toolbox.top_k)
         except SearchError:  # a failed search does not use up the one allowed
-            return protocol.SEARCH_ERROR, [], protocol.IMAGE_SEARCH, False
+            return [protocol.SEARCH_ERROR], [], protocol.IMAGE_SEARCH, False
         self._image_search_used = True
+        hits = hits[: protocol.MAX_RETURNED_IMAGES]
         images = self._within_budget([self._toolbox.store.put_file(path) for _, path in hits])
-        text = protocol.render_image_search([title for title, _ in hits[: len(images)]])
-        return text, images, protocol.IMAGE_SEARCH, True
+        pieces = protocol.image_search_observation([title for title, _ in hits[: len(images)]], self._variant)
+        return pieces, images, protocol.IMAGE_SEARCH, True
 
     async def close(self) -> None:
         """End the sandbox session. Its returned images stay in the store until the step ends."""

@@ -35,7 +35,11 @@ class Trajectory:
     model_turns: list[str] = field(default_factory=list)  # decoded model turns (reward, logs)
     observations: list[str] = field(default_factory=list)  # tool results shown, after model_turns[i]
     tool_calls: list[ToolCall] = field(default_factory=list)
-    finish: str = ""  # "answer" | "max_turns" | "length"
+    # "answer" | "max_turns" | "length"; deepeyesv2 also "invalid" (an invalid action) and
+    # "tool_error" (the sandbox or search failed); "error" (an exception, see `fail`).
+    finish: str = ""
+    error_kind: str = ""  # the stage an exception ended it in: generate, decode, parse, tool, encode, reward
+    error: str = ""
     weight_versions: set[int] = field(default_factory=set)  # policy versions that sampled it
     reward: float = 0.0
     accuracy: float = 0.0
@@ -46,6 +50,13 @@ class Trajectory:
         self.response_ids += ids
         self.loss_mask += [int(trained)] * len(ids)
         self.rollout_logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+
+    def fail(self, kind: str, error: BaseException) -> None:
+        """End the trajectory on an exception: finish "error", reward 0, the error kept for metrics and logs."""
+        self.finish, self.error_kind = "error", kind
+        # backslashreplace: the message may quote a lone surrogate, which no UTF-8 log or file takes.
+        self.error = f"{type(error).__name__}: {error}"[:500].encode("utf-8", "backslashreplace").decode("utf-8")
+        self.reward = self.accuracy = self.format = 0.0
 
     @property
     def input_ids(self) -> list[int]:

@@ -136,7 +136,9 @@ def run_filter(cfg: FilterJobConfig) -> dict[str, Any]:
     policy = load_policy(cfg.model, cfg.ckpt)
     toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", None, policy,
                             cfg.model.max_trajectory_pixels)
-    runtime = AgentRuntime(build_engine(policy, cfg.rollout), ChatEncoder(policy.tokenizer, policy.pixels.tokens), toolbox)
+    runtime = AgentRuntime(
+        build_engine(policy, cfg.rollout), ChatEncoder(policy.tokenizer, policy.pixels.tokens), toolbox, cfg.protocol.variant
+    )
     try:
         verdicts = judge(runtime, records, cfg.filter, cfg.rollout, cfg.reward, cfg.run.seed, policy.pixels.release)
     finally:

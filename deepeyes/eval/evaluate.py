@@ -158,7 +158,7 @@ def run_eval(cfg: EvalJobConfig) -> dict[str, Any]:
     encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
     toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", None, policy,
                             cfg.model.max_trajectory_pixels)
-    runtime = AgentRuntime(build_engine(policy, cfg.rollout), encoder, toolbox)
+    runtime = AgentRuntime(build_engine(policy, cfg.rollout), encoder, toolbox, cfg.protocol.variant)
     try:
         metrics, trajectories = evaluate(
             runtime, benchmark, bench_cfg.tools, cfg.rollout, cfg.reward, cfg.eval.n, cfg.run.seed,

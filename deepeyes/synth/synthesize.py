@@ -228,7 +228,7 @@ class Synthesizer:
         }
         try:
             trajectory = await run_episode(attempt.record, attempt.index, attempt.attempt, STEP, seed, self.engine,
-                                           self.engine.encoder, self.toolbox, self.limits)
+                                           self.engine.encoder, self.toolbox, self.limits, self.cfg.protocol.variant)
         except TeacherError as error:
             log.warning("%s: %s", attempt.id, error)
             row |= {"outcome": "teacher_error", "error": str(error)}  # in place: the tokens below still land in it

@@ -21,13 +21,11 @@ import torch
 
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.loop import EpisodeLimits, rollout
-from deepeyes.agent.runtime import build_engine, build_toolbox
+from deepeyes.agent.runtime import build_engine, build_toolbox, score_trajectories
 from deepeyes.agent.tool_session import Toolbox, clear_scratch
 from deepeyes.agent.trajectory import Trajectory
 from deepeyes.config import RLJobConfig
 from deepeyes.model import ensure_tiny_model, load_processor
-from deepeyes.reward import Grader, accuracy, compute_reward
-from deepeyes.reward.format import MAX_ANSWER_CHARS, final_answer, model_text
 from deepeyes.rollout.client import RolloutClient
 from deepeyes.rollout.hf_engine import HFRolloutEngine
 from deepeyes.rollout.judge import JudgeClient
@@ -144,38 +142,24 @@ class GRPOTrainer:
             oldest = step - cfg.rollout.max_staleness
             self.weight_sync.wait_for(oldest)
             self.engine.min_weight_version = max(oldest, 0)
-        trajectories, graders = asyncio.run(self._rollout(records, step, limits))
-        for trajectory, grader in zip(trajectories, graders):
-            result = compute_reward(
-                trajectory.model_turns, trajectory.record.answer, cfg.reward.accuracy_weight, cfg.reward.format_weight,
-                grader=grader,
-            )
-            trajectory.reward, trajectory.accuracy = result.score, result.accuracy
-            trajectory.format, trajectory.answer = result.format, result.answer
-        return trajectories
+        return asyncio.run(self._rollout(records, step, limits))
 
-    async def _rollout(self, records, step: int, limits: EpisodeLimits) -> tuple[list[Trajectory], list[Grader]]:
-        """The trajectories, and the grader of each: the rule-based accuracy, or the judge's verdict."""
+    async def _rollout(self, records, step: int, limits: EpisodeLimits) -> list[Trajectory]:
+        """The trajectories, scored by the reward of the protocol variant (the judge's, when configured)."""
+        variant = self.cfg.protocol.variant
         try:
             trajectories = await rollout(
-                records, self.cfg.rollout.n, step, self.cfg.run.seed, self.engine, self.encoder, self.toolbox, limits
+                records, self.cfg.rollout.n, step, self.cfg.run.seed, self.engine, self.encoder, self.toolbox, limits,
+                variant=variant,
             )
-            if self.judge is None:
-                return trajectories, [accuracy] * len(trajectories)
-            return trajectories, list(await asyncio.gather(*(self._judged(t) for t in trajectories)))
+            await score_trajectories(trajectories, variant, self.cfg.reward, self.judge)
+            return trajectories
         finally:
             await self.engine.close()
             if self.judge is not None:
                 await self.judge.close()
             if isinstance(self.toolbox.search, SearchClient):
                 await self.toolbox.search.close()
-
-    async def _judged(self, trajectory: Trajectory) -> Grader:
-        answer = final_answer(model_text(trajectory.model_turns))
-        if answer is None or len(answer) >= MAX_ANSWER_CHARS:
-            return accuracy  # compute_reward grades no such answer
-        score = await self.judge.grade(trajectory.record.question, answer, trajectory.record.answer)
-        return lambda prediction, ground_truth: score
 
     def update(self, trajectories: list[Trajectory], advantages: list[float]) -> dict[str, float]:
         """Clipped policy-gradient steps over the batch, in mini-batches of trajectories."""
@@ -249,6 +233,9 @@ def rollout_metrics(trajectories: list[Trajectory], step: int) -> dict[str, floa
         metrics[f"tools/{tool}_failed"] = failed[tool] / n
     for finish, count in Counter(t.finish for t in trajectories).items():
         metrics[f"rollout/finish_{finish}"] = count / n
+    # Trajectories an exception ended (reward 0), by the stage it happened in: a count, not a share.
+    for kind, count in Counter(t.error_kind for t in trajectories if t.error_kind).items():
+        metrics[f"rollout/error_{kind}"] = float(count)
     families = Counter(t.record.family for t in trajectories)
     for family, count in families.items():
         metrics[f"accuracy/{family}"] = sum(t.accuracy for t in trajectories if t.record.family == family) / count
@@ -319,7 +306,10 @@ def write_rollouts(path: Path, trajectories: list[Trajectory]) -> None:
             row = {
                 "id": t.record.id, "group": t.group, "family": t.record.family, "ground_truth": t.record.answer,
                 "answer": t.answer, "reward": t.reward, "accuracy": t.accuracy, "format": t.format,
-                "finish": t.finish, "model_turns": t.model_turns, "response_tokens": len(t.response_ids),
+                "finish": t.finish, "error": t.error or None, "model_turns": t.model_turns,
+                "response_tokens": len(t.response_ids),
                 "tool_calls": [{"tool": c.tool, "ok": c.ok, "seconds": round(c.seconds, 3)} for c in t.tool_calls],
             }
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            # U+0085, U+2028 and U+2029 stay escaped: str.splitlines() would break a line at them.
+            line = json.dumps(row, ensure_ascii=False)
+            out.write(line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n")

@@ -1,8 +1,9 @@
 """The agent loop with real tools, driven by a policy that replays cold-start trajectories.
 
-Replaying a known-good conversation through the loop must rebuild it token for token: the
-code worker, the searches, the observation rendering and the chat assembly of RL rollouts
-agree exactly with what SFT trains on.
+Replaying a known-good conversation through the loop must rebuild it token for token: under the
+`feedback` variant, the code worker, the searches, the observation rendering and the chat
+assembly of RL rollouts agree exactly with what SFT trains on; under `deepeyesv2`, every
+observation is the token sequence the released environment's text tokenizes to.
 """
 
 import asyncio
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deepeyes.agent import protocol
 from deepeyes.agent.chat import ChatEncoder
 from deepeyes.agent.loop import EpisodeLimits, run_episode
 from deepeyes.agent.tool_session import Toolbox
@@ -28,9 +30,10 @@ class ReplayPolicy:
     """Answers `generate` with the next assistant turn of a conversation, as the engine would:
     tool turns end at their stop string, the last turn with <|im_end|>."""
 
-    def __init__(self, encoder: ChatEncoder, turns: list[str]):
+    def __init__(self, encoder: ChatEncoder, turns: list[str], opened_think: bool = False):
         self._encoder = encoder
-        self._turns = turns
+        # deepeyesv2: the observation before a turn already wrote its "<think>"; the model goes on from there.
+        self._turns = [t.removeprefix("<think>") if i and opened_think else t for i, t in enumerate(turns)]
         self.requests = []
 
     async def generate(self, request) -> GenerateResult:
@@ -55,7 +58,7 @@ def setup(tiny_dir, sample_data, tmp_path_factory):
     )
     tasks = {r.id: r for r in read_records(sample_data.rl_train)}
     conversations = read_sft_records(sample_data.sft_train)
-    yield encoder, toolbox, tasks, conversations
+    yield encoder, toolbox, tasks, conversations, pixels
     toolbox.close()
 
 
@@ -69,13 +72,13 @@ def pick(conversations, tasks, family, variant=None):
 
 @pytest.mark.parametrize("family, variant", [("perception", None), ("arithmetic", None), ("lookup", "flag")])
 def test_replaying_a_cold_start_trajectory_rebuilds_it_token_for_token(setup, family, variant):
-    encoder, toolbox, tasks, conversations = setup
+    encoder, toolbox, tasks, conversations, _ = setup
     task, conversation = pick(conversations, tasks, family, variant)
     turns = [m.content for m in conversation.messages if m.role == "assistant"]
     policy = ReplayPolicy(encoder, turns)
     limits = EpisodeLimits(max_turns=9, max_turn_tokens=4096, max_response_tokens=16384)
 
-    trajectory = asyncio.run(run_episode(task, 0, 0, 0, 0, policy, encoder, toolbox, limits))
+    trajectory = asyncio.run(run_episode(task, 0, 0, 0, 0, policy, encoder, toolbox, limits, protocol.FEEDBACK))
 
     ids, mask = encoder.conversation(conversation.messages, list(conversation.images))
     assert trajectory.finish == "answer"
@@ -99,8 +102,41 @@ def test_replaying_a_cold_start_trajectory_rebuilds_it_token_for_token(setup, fa
         assert trajectory.input_ids[: len(request.input_ids)] == request.input_ids
 
 
+@pytest.mark.parametrize("family, variant", [("perception", None), ("arithmetic", None), ("lookup", "flag"),
+                                             ("lookup", None)])
+def test_under_deepeyesv2_every_observation_is_the_released_text_tokenized(setup, tokenizer, family, variant):
+    """The released environment writes each observation as one string (env:162) that verl
+    tokenizes whole, special tokens included, with "<image>" become the vision tokens: a released
+    checkpoint run through our loop sees exactly those tokens, and the "<think>" it continues from."""
+    encoder, toolbox, tasks, conversations, pixels = setup
+    task, conversation = pick(conversations, tasks, family, variant)
+    turns = [m.content for m in conversation.messages if m.role == "assistant"]
+    policy = ReplayPolicy(encoder, turns, opened_think=True)
+    limits = EpisodeLimits(max_turns=9, max_turn_tokens=4096, max_response_tokens=16384)
+
+    trajectory = asyncio.run(run_episode(task, 0, 0, 0, 0, policy, encoder, toolbox, limits, protocol.DEEPEYESV2))
+
+    assert trajectory.finish == "answer"
+    assert len(trajectory.observations) == len(turns) - 1 and all(call.ok for call in trajectory.tool_calls)
+    expected = list(trajectory.prompt_ids)
+    images = iter(trajectory.images[len(task.images):])
+    for index, turn in enumerate(trajectory.model_turns):
+        expected += encoder.content(turn, []) + ([encoder.im_end] if index == len(turns) - 1 else [])
+        if index < len(trajectory.observations):
+            text = trajectory.observations[index]
+            pieces = text.split("<image>")
+            vision = ["<|vision_start|>" + "<|image_pad|>" * pixels.tokens(next(images)) + "<|vision_end|>"
+                      for _ in pieces[1:]]
+            released = "".join(p + v for p, v in zip(pieces, vision + [""]))
+            wrapped = f"<|im_end|>\n<|im_start|>user\n{released}<|im_end|>\n<|im_start|>assistant\n<think>"
+            expected += tokenizer(wrapped, add_special_tokens=False)["input_ids"]
+    assert trajectory.input_ids == expected
+    observation_tokens = [i for i, m in enumerate(trajectory.loss_mask) if m == 0]
+    assert tokenizer.decode([trajectory.response_ids[i] for i in observation_tokens]).count("<think>") == len(turns) - 1
+
+
 def test_the_turn_limit_ends_an_episode_without_running_the_last_call(setup):
-    encoder, toolbox, tasks, conversations = setup
+    encoder, toolbox, tasks, conversations, _ = setup
     task, conversation = pick(conversations, tasks, "arithmetic")
     turns = [m.content for m in conversation.messages if m.role == "assistant"]
     limits = EpisodeLimits(max_turns=1, max_turn_tokens=4096, max_response_tokens=16384)
@@ -109,7 +145,7 @@ def test_the_turn_limit_ends_an_episode_without_running_the_last_call(setup):
 
 
 def test_the_token_budget_ends_an_episode_before_an_observation_overflows_it(setup):
-    encoder, toolbox, tasks, conversations = setup
+    encoder, toolbox, tasks, conversations, _ = setup
     task, conversation = pick(conversations, tasks, "perception")
     turns = [m.content for m in conversation.messages if m.role == "assistant"]
     first_turn = len(encoder.content(turns[0], []))

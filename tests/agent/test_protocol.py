@@ -1,28 +1,37 @@
-"""The DeepEyesV2 protocol: turn parsing and observation text, byte for byte."""
+"""The protocol's `feedback` variant (turn parsing and observation text, byte for byte), and what
+both variants share: parsing never raises and is the regex's findall in linear time.
+The `deepeyesv2` variant's rules are replayed against the release in test_release_rules.py."""
 
 import json
+from functools import partial
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deepeyes.agent import protocol
 from deepeyes.agent.protocol import (
+    FEEDBACK,
     FORMAT_ERROR,
+    VARIANTS,
     MAX_RETURNED_IMAGES,
     STOP_STRINGS,
     USER_PROMPT,
     Answer,
     CodeCall,
+    EndEpisode,
     ImageSearchCall,
     InvalidCall,
     SearchCall,
     TextHit,
     extract_answer,
-    parse_action,
+    find_all,
     render_code_observation,
     render_image_search,
     render_text_search,
     user_prompt,
 )
+
+parse_action = partial(protocol.parse_action, variant=FEEDBACK)
 
 CODE_TURN = (
     "<think>The sign is small; zoom in.</think>\n<code>\n```python\n"
@@ -263,24 +272,38 @@ PIECES = st.one_of(
 
 
 def _check(action):
-    assert isinstance(action, (Answer, CodeCall, SearchCall, ImageSearchCall, InvalidCall))
-    if isinstance(action, InvalidCall):
+    assert isinstance(action, (Answer, CodeCall, SearchCall, ImageSearchCall, InvalidCall, EndEpisode))
+    if isinstance(action, (InvalidCall, EndEpisode)):
         assert action.tool in ("code", "search", "image_search", "none")
+    if isinstance(action, InvalidCall):
         assert isinstance(action.observation, str) and action.observation
     if isinstance(action, SearchCall):
-        assert isinstance(action.query, str) and action.query.strip()
+        assert isinstance(action.query, str)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text())
-def test_parse_action_never_raises_on_arbitrary_text(text):
-    _check(parse_action(text))
+@given(st.text(), st.sampled_from(VARIANTS))
+def test_parse_action_never_raises_on_arbitrary_text(text, variant):
+    _check(protocol.parse_action(text, variant))
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(PIECES, max_size=14).map("".join))
-def test_parse_action_never_raises_on_tag_soup(text):
-    _check(parse_action(text))
+@given(st.lists(PIECES, max_size=14).map("".join), st.sampled_from(VARIANTS))
+def test_parse_action_never_raises_on_tag_soup(text, variant):
+    _check(protocol.parse_action(text, variant))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(TAGS + ["x", " ", "  \n", "```python \n", "\n\n```"]), max_size=20).map("".join))
+def test_bounded_find_all_equals_the_regex_findall(text):
+    """find_all only searches up to the closing literal's last occurrence: the same matches."""
+    for pattern in (protocol._ANSWER, protocol._CODE, protocol._PYTHON_BLOCK, protocol._TOOL_CALL):
+        assert find_all(pattern, text) == pattern.findall(text)
+
+
+def test_bounded_find_all_handles_the_python_block_edge_cases():
+    for text in ("```python\n\n```", "```python \n  x\n```", "```python\n```", "```python\nx\n```python\ny\n```"):
+        assert find_all(protocol._PYTHON_BLOCK, text) == protocol._PYTHON_BLOCK.findall(text)
 
 
 def test_image_placeholder_is_the_schema_one():

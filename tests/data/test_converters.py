@@ -201,12 +201,34 @@ def test_image_search_cache_becomes_an_index_keyed_by_image_hash(tmp_path, caplo
     assert title == "Red square" and image.resolve() == (cached / "a.jpg").resolve()
 
 
+def test_image_search_cache_keeps_every_pair_whose_image_exists_as_the_release_does(tmp_path, caplog):
+    """search_utils.py:55-59 never checks a title: a null one is kept (and shows as "None"); a
+    result without its image, or a title or path without its partner, is left out and counted."""
+    rl = tmp_path / "rl" / "train.jsonl"
+    convert_verl_parquet([write_parquet(tmp_path / "search.parquet", [verl_row(0)])], rl)
+    cached = tmp_path / "cached_images"
+    cached.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.new("RGB", (4, 4), "green").save(cached / name)
+    cache = tmp_path / "cache.json"
+    cache.write_text(json.dumps({"fvqa_train_0": {
+        "tool_returned_web_title": [None, 3, "Gone", "Kept", "No path"],
+        "cached_images_path": ["a.jpg", "b.jpg", "missing.jpg", "c.jpg"],
+    }}))
+    out = tmp_path / "rl" / "image_index.jsonl"
+    with caplog.at_level(logging.WARNING):
+        conversion = convert_image_search_cache(cache, cached, rl, out)
+    assert conversion.skipped == {str(cache): 0, f"{cache}#results": 2} and "left out 2 results" in caplog.text
+    hits = LocalImageSearch.from_jsonl(out).search(read_records(rl)[0].images[0], 10)
+    assert [(title, image.name) for title, image in hits] == [("None", "a.jpg"), ("3", "b.jpg"), ("Kept", "c.jpg")]
+
+
 @pytest.mark.parametrize(
     "entry, problem",
     [
-        ({"tool_returned_web_title": ["a", "b"], "cached_images_path": ["a.jpg"]}, "2 titles but 1 cached"),
         ({"tool_returned_web_title": "a"}, "must both be lists"),
-        ({"tool_returned_web_title": [3], "cached_images_path": ["a.jpg"]}, "entry 0 is int"),
+        ({"cached_images_path": ["a.jpg"]}, "must both be lists"),
+        (["a.jpg"], "expected an object, got list"),
     ],
 )
 def test_image_search_cache_bad_entries(tmp_path, entry, problem):

@@ -173,6 +173,25 @@ def test_trainer_settings_that_would_do_nothing_are_refused(overrides, message):
         to_object(composed("rl", *overrides))
 
 
+@pytest.mark.parametrize("n", [1, 0])
+def test_a_grpo_group_of_one_is_refused_with_the_key_named(n):
+    """A group of one has advantage 0 (its reward minus its own mean): the run would learn nothing."""
+    with pytest.raises(ValueError, match=f"rollout.n={n}"):
+        to_object(composed("rl", f"rollout.n={n}"))
+    assert to_object(composed("eval", "rollout.n=1")).rollout.n == 1  # only RL needs a group
+
+
+def test_the_protocol_variant_is_checked_and_the_learning_presets_pin_feedback():
+    assert to_object(composed("rl")).protocol.variant == "deepeyesv2"
+    with pytest.raises(ValueError, match="protocol.variant='released'"):
+        to_object(composed("rl", "protocol.variant=released"))
+    for job, preset in (("rl", "learning_rl"), ("eval", "learning_eval")):
+        assert to_object(composed(job, f"+experiment={preset}")).protocol.variant == "feedback"
+    assert to_object(composed("synthesize")).protocol.variant == "feedback"
+    with pytest.raises(ValueError, match="synthesis needs 'feedback'"):
+        to_object(composed("synthesize", "protocol.variant=deepeyesv2"))
+
+
 def test_a_paper_model_without_a_checkpoint_path_is_refused():
     with pytest.raises(MissingMandatoryValue, match="model.path"):
         to_object(composed("rl", "model=qwen2_5_vl_7b"))

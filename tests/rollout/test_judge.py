@@ -69,3 +69,34 @@ def test_the_judges_verdict_overrides_the_rule_based_grade(tokenizer, reply, exp
                         fallback=lambda p, g: pytest.fail("fallback used"))
     assert grade(judge, "q", "a fox", "a dog" if expected else "a fox") == expected
     assert judge.stats == {"judged": 1}
+
+
+# --- protocol.variant=deepeyesv2: the released judges --------------------------------------------
+
+
+def release_grade(judge, method, *args):
+    async def run():
+        try:
+            return await getattr(judge, method)(*args)
+        finally:
+            await judge.close()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("method", ["release_grade", "release_math_grade"])
+def test_the_released_judge_on_a_real_server_gives_a_verdict(judge_server, token_file, tokenizer, method):
+    judge = JudgeClient(RolloutClient([judge_server.url], read_token(token_file)), tokenizer, timeout_s=120,
+                        max_new_tokens=16)
+    assert release_grade(judge, method, "How many dots?", "1517", "1,517") in (0.0, 1.0)
+    assert sum(judge.stats.values()) == 1 and not any(key.startswith("fallback") for key in judge.stats)
+
+
+@pytest.mark.parametrize("method", ["release_grade", "release_math_grade"])
+def test_a_released_judge_that_is_slow_or_down_gives_none_and_is_counted(judge_server, token_file, tokenizer, method):
+    slow = JudgeClient(RolloutClient([judge_server.url], read_token(token_file)), tokenizer, timeout_s=0.001)
+    assert release_grade(slow, method, "q", "a", "a") is None
+    assert slow.stats == {"fallback_timeout": 1}
+    down = JudgeClient(RolloutClient([f"http://127.0.0.1:{free_port()}"], read_token(token_file)), tokenizer, timeout_s=10)
+    assert release_grade(down, method, "q", "a", "a") is None
+    assert down.stats == {"fallback_unavailable": 1}

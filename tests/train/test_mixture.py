@@ -137,7 +137,7 @@ def test_sft_and_rl_jobs_log_the_realized_mix_of_every_step(sample_data, tmp_pat
     rl_paths = split_by_family(read_records(sample_data.rl_train), tmp_path, write_records)
     mix = "[" + ", ".join(f"{{name: {n}, path: '{p}'}}" for n, p in sorted(rl_paths.items())) + "]"
     rl = to_object(composed(
-        "rl", f"data.train_mix={mix}", "trainer=hf", "grpo.steps=2", "grpo.prompts_per_step=3", "rollout.n=1",
+        "rl", f"data.train_mix={mix}", "trainer=hf", "grpo.steps=2", "grpo.prompts_per_step=3", "rollout.n=2",
         "rollout.max_turn_tokens=8", "rollout.max_response_tokens=32", "rollout.max_turns=1", "rollout.servers=0",
         "logger.mode=disabled", f"run.out_dir={tmp_path / 'rl'}"))
     train_grpo(rl)
@@ -147,4 +147,4 @@ def test_sft_and_rl_jobs_log_the_realized_mix_of_every_step(sample_data, tmp_pat
         dumped = [json.loads(line) for line in (tmp_path / "rl" / "rollouts" / f"step_{step:06d}.jsonl").open()]
         families = Counter(d["family"] for d in dumped)
         assert {k: v for k, v in row.items() if k.startswith("data/mix/")} == {
-            f"data/mix/{family}": count / 3 for family, count in families.items()}
+            f"data/mix/{family}": count / 6 for family, count in families.items()}  # 3 prompts x 2 rollouts

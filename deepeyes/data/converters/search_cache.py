@@ -6,8 +6,11 @@ The released cache (`fvqa_train_image_search_results_cache.json`) maps a sample 
     {"<sample_id>": {"tool_returned_web_title": [str, ...], "cached_images_path": [path | null, ...]}}
 
 Our index is keyed by the sha256 of the query image instead, so the converter needs the converted
-RL records (`convert_verl_parquet` output) to find each sample's first image. Results whose image
-is null or missing are left out, as the released environment leaves them out; they are counted.
+RL records (`convert_verl_parquet` output) to find each sample's first image. As the released
+environment reads the cache (reinforcement_learning/verl/workers/agent/envs/deepeyesv2/
+search_utils.py:55-59), every (title, path) pair whose image exists is kept, whatever its title
+(a null title shows as "None", as the release's f-string writes it), and every other result is
+left out and counted: a null or missing image, a title or a path without its partner.
 A sample id no record carries, or whose image another sample already indexed, is a bad row.
 """
 
@@ -65,7 +68,8 @@ def convert_image_search_cache(
     rows = list(parse_rows(cache, enumerate(entries.items(), start=1), parse, on_error, conversion))
     conversion.skipped[f"{cache}#results"] = dropped
     if dropped:
-        log.warning("%s: left out %d results whose image is null or missing", cache, dropped)
+        log.warning("%s: left out %d results whose image is null or missing, or that lack a title or a path",
+                    cache, dropped)
     base = output.parent
     with open(output, "w", encoding="utf-8") as out:
         for row in rows:
@@ -83,17 +87,9 @@ def _results(entry: Any, image_root: Path) -> tuple[list[dict[str, Any]], int]:
     titles, paths = entry.get("tool_returned_web_title"), entry.get("cached_images_path")
     if not isinstance(titles, list) or not isinstance(paths, list):
         raise RowProblem("keys 'tool_returned_web_title' and 'cached_images_path' must both be lists")
-    if len(titles) != len(paths):
-        raise RowProblem(f"{len(titles)} titles but {len(paths)} cached image paths")
-    results, missing = [], 0
-    for index, (title, path) in enumerate(zip(titles, paths)):
-        if not isinstance(title, str):
-            raise RowProblem(f"key 'tool_returned_web_title': entry {index} is {type(title).__name__}, not str")
-        if path is not None and not isinstance(path, str):
-            raise RowProblem(f"key 'cached_images_path': entry {index} is {type(path).__name__}, not a path")
-        image = image_root / path if path else None
-        if image is None or not image.is_file():
-            missing += 1
-            continue
-        results.append({"title": title, "image": image.resolve()})
-    return results, missing
+    results = []
+    for title, path in zip(titles, paths):
+        image = image_root / path if isinstance(path, str) and path else None
+        if image is not None and image.is_file():
+            results.append({"title": title if isinstance(title, str) else f"{title}", "image": image.resolve()})
+    return results, max(len(titles), len(paths)) - len(results)
