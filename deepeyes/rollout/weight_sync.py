@@ -135,24 +135,34 @@ class WeightGroup:
             self._communicator.broadcast([tensor], options).wait()
 
     def close(self) -> None:
-        """Leave the group: a peer waiting on this rank then fails at once instead of timing out."""
+        """Leave the group: a peer waiting on this rank then fails at once instead of timing out
+        (NCCL: vLLM's `destroy` aborts the communicator, as its own engines shut down)."""
+        if self._communicator is not None and self.device.type == "cuda":
+            self._communicator.destroy()
         self._communicator = self._store = self._staging = None
 
 
 def join_weight_group(master_address: str, master_port: int, rank: int, world_size: int, device: torch.device,
                       timeout: timedelta) -> WeightGroup:
-    """Join (rank 0: open) the weight-broadcast group; returns once all `world_size` ranks joined."""
+    """Join (rank 0: open) the weight-broadcast group; returns once all `world_size` ranks joined.
+
+    Between GPUs the group is vLLM's own, made by the helper both sides of vLLM's NCCL weight
+    transfer use (`nccl_common.stateless_init_process_group`: vLLM's `trainer_init` is this call
+    with rank 0 on the current device; its workers make it with their own ranks): the same
+    rendezvous, communicator and NCCL environment. The device must carry its index: vLLM's
+    communicator refuses a tensor whose device is not equal to its own ("cuda" is not "cuda:0").
+    Its rendezvous is bounded by vLLM's store timeout; `timeout` bounds the gloo group."""
     if device.type == "cuda":
-        try:  # vLLM's workers join through this rendezvous and communicator: so must we
-            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-            from vllm.distributed.utils import StatelessProcessGroup
+        try:
+            from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
         except ImportError as error:
             raise ImportError(
                 f"broadcast weight sync between GPUs uses vLLM's NCCL communicator: pip install 'deepeyes[gpu]', "
                 f"or set rollout.weight_sync=file ({error})"
             ) from None
-        store = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size)
-        return WeightGroup(PyNcclCommunicator(store, device=device), store, device)
+        index = device.index if device.index is not None else torch.accelerator.current_device_index()
+        communicator = stateless_init_process_group(master_address, master_port, rank, world_size, index)
+        return WeightGroup(communicator, communicator.group, torch.device("cuda", index))
     store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
     return WeightGroup(dist.ProcessGroupGloo(store, rank, world_size, timeout), store, device)
 
@@ -193,6 +203,21 @@ def send_buckets(group: WeightGroup, tensors: Iterable[tuple[str, torch.Tensor]]
         flush(pieces, size)
         sent += size
     return sent
+
+
+def unaligned_in_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> list[str]:
+    """The tensors that a packed bucket would place at a byte offset not a multiple of their element
+    size. Receivers view each tensor in its bucket in place (vLLM's `unpack_tensor`, our
+    `receive_buckets`), which torch refuses for those: an fp32 after an odd count of bf16
+    elements, say. One dtype for every tensor never has any."""
+    unaligned, offset = [], 0
+    for name, tensor in tensors.items():
+        if offset % tensor.element_size():
+            unaligned.append(name)
+        offset += tensor.numel() * tensor.element_size()
+        if offset > bucket_bytes:
+            offset = 0
+    return unaligned
 
 
 def receive_buckets(group: WeightGroup, names: list[str], dtype_names: list[str], shapes: list[list[int]],
@@ -387,6 +412,11 @@ class BroadcastWeightSync(WeightSync):
                  group_id[:8], len(live), world_size - 1, self.master_address, port, time.perf_counter() - started)
 
     async def _send(self, client, snapshot: dict[str, torch.Tensor], version: int) -> int:
+        unaligned = unaligned_in_buckets(snapshot) if self.packed else []
+        if unaligned:
+            raise ValueError(f"a packed weight broadcast cannot carry {', '.join(unaligned[:3])}: they would start at "
+                             f"a byte offset their dtype cannot be viewed at (mixed dtypes); publish one dtype, or "
+                             f"send unpacked")
         info = update_info(snapshot, version, self.packed)
         receiving = asyncio.ensure_future(client.post_each("/weights/receive", {url: info for url in self._members}))
         try:
