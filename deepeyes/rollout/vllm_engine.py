@@ -237,8 +237,12 @@ class VLLMRolloutEngine:
 
     async def update_weights(self, path: Path, version: int) -> None:
         """The `file` weight sync: every worker loads the published safetensors at `path`."""
-        await asyncio.wrap_future(self._on_engine_loop(self._paused(
-            version, lambda: self.engine.collective_rpc("load_published", args=(str(path),)))))
+        await self.pause_generation()
+        try:
+            await self._on_engine_loop_changing(version, lambda: self.engine.collective_rpc(
+                "load_published", args=(str(path),)))
+        finally:
+            await self.resume_generation()
 
     def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                              packed: bool = True) -> None:
@@ -251,14 +255,21 @@ class VLLMRolloutEngine:
         init_info = weight_transfer_init_info(master_address, master_port, rank_offset, world_size, packed)
         self._on_engine_loop(self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info))).result()
 
-    async def receive_weights(self, version: int, names: list[str], dtype_names: list[str], shapes: list[list[int]],
-                              packed: bool) -> None:
-        """Receive `version` from the trainer's broadcast (sent as the module docstring says)."""
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
+    def check_weight_update(self, packed: bool) -> None:
+        """Refuse, before anyone broadcasts, an update this engine cannot take."""
         if packed != self._packed:
             raise ValueError(f"the trainer sends packed={packed} but this engine joined the group with "
                              f"packed={self._packed}: both are fixed when the group is set up")
+
+    async def receive_weights(self, version: int, names: list[str], dtype_names: list[str], shapes: list[list[int]],
+                              packed: bool) -> None:
+        """Receive `version` from the trainer's broadcast (sent as the module docstring says); the
+        caller has paused generation (`pause_generation`)."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        self.check_weight_update(packed)
+        if not names:  # vLLM reads empty lists as "the previous update's names" and would wait for those
+            raise ValueError("a weight update with no tensors")
         update = WeightTransferUpdateRequest({"names": names, "dtype_names": dtype_names, "shapes": shapes})
 
         async def receive() -> None:
@@ -266,25 +277,40 @@ class VLLMRolloutEngine:
             await self.engine.update_weights(update)
             await self.engine.finish_weight_update(str(version))
 
-        await asyncio.wrap_future(self._on_engine_loop(self._paused(version, receive)))
+        await self._on_engine_loop_changing(version, receive)
 
-    async def _paused(self, version: int, change: Callable[[], Awaitable[Any]]) -> None:
-        """Run `change()` with generation paused by vLLM; on success the engine serves `version`.
-        A change that fails midway may leave a mix of two versions: the engine then reports
-        version -1 until a later change succeeds."""
-        self._running.clear()
-        self._pauses += 1
-        try:
+    async def pause_generation(self) -> None:
+        """Pause through vLLM (`mode="wait"`: requests in flight finish on the old weights, each
+        response comes from one version; caches dropped); new requests wait at our door."""
+        async def pause() -> None:
+            self._running.clear()
+            self._pauses += 1
             await self.engine.pause_generation(mode="wait", clear_cache=True)
+
+        await asyncio.wrap_future(self._on_engine_loop(pause()))
+
+    async def resume_generation(self) -> None:
+        async def resume() -> None:
+            try:
+                await self.engine.resume_generation()
+            finally:
+                self._running.set()
+
+        await asyncio.wrap_future(self._on_engine_loop(resume()))
+
+    async def _on_engine_loop_changing(self, version: int, change: Callable[[], Awaitable[Any]]) -> None:
+        """Run `change()` on the engine's loop; on success the engine serves `version`. A change that
+        fails midway may leave a mix of two versions: the engine then reports version -1 until a
+        later change succeeds."""
+        async def changing() -> None:
             try:
                 await change()
             except BaseException:
                 self.weight_version = -1
                 raise
             self.weight_version = version
-        finally:
-            await self.engine.resume_generation()
-            self._running.set()
+
+        await asyncio.wrap_future(self._on_engine_loop(changing()))
 
     async def close(self) -> None:
         self.engine.shutdown()

@@ -390,11 +390,17 @@ def test_weight_changes_pause_generation_through_vllm_and_requests_wait(vllm_on_
         joined = threading.Thread(target=engine.init_weight_transfer, args=("10.0.0.1", 29600, 1, 3))
         joined.start()
         await asyncio.to_thread(joined.join)
+        await engine.pause_generation()  # the server's /weights/pause; the broadcast follows once all paused
         await engine.receive_weights(2, ["lm_head.weight"], ["bfloat16"], [[152064, 64]], packed=True)
+        await engine.resume_generation()
+        with pytest.raises(ValueError, match="packed"):
+            engine.check_weight_update(packed=False)  # refused at /weights/pause, before anyone broadcasts
         with pytest.raises(ValueError, match="packed"):
             await engine.receive_weights(3, ["lm_head.weight"], ["bfloat16"], [[152064, 64]], packed=False)
+        await engine.pause_generation()
         with pytest.raises(RuntimeError, match="NCCL"):
             await engine.receive_weights(3, ["broken"], ["bfloat16"], [[1]], packed=True)
+        await engine.resume_generation()
         assert engine.weight_version == -1
         await engine.close()
 
