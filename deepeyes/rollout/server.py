@@ -85,7 +85,7 @@ def build_vllm_engine(args: argparse.Namespace):
     return VLLMRolloutEngine.build(
         args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, max_batch=args.max_batch, min_pixels=args.min_pixels,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels, weight_timeout_s=args.weight_timeout_s,
     )
 
 
@@ -236,11 +236,10 @@ class RolloutServer:
             return web.json_response({"error": str(error), "kind": "weights"}, status=409)
         started = time.perf_counter()
         self._paused_for = body["version"]  # claimed now: a second pause is refused while this one waits
-        try:
-            await asyncio.wait_for(self.engine.pause_generation(), self.args.weight_timeout_s)
+        try:  # bounded by the engine (--weight-timeout-s), which undoes a pause it could not finish
+            await self.engine.pause_generation()
         except Exception as error:
             self._paused_for = None
-            await self._resume_quietly()
             log.error("could not pause generation for weight version %d: %s", body["version"], error)
             return web.json_response({"error": f"pausing generation failed: {type(error).__name__}: {error}",
                                       "kind": "weights"}, status=500)
@@ -269,8 +268,7 @@ class RolloutServer:
             await asyncio.wait_for(self.engine.receive_weights(body["version"], names, dtype_names, shapes,
                                                                body["packed"]), self.args.weight_timeout_s)
         except Exception as error:
-            self.weight_group = None
-            self.engine.weight_version = -1
+            self.weight_group = None  # the engine reports version -1 if the weights may be mixed
             log.error("receiving weight version %d failed: %s: %s", body["version"], type(error).__name__, error)
             return web.json_response({"error": f"receiving weight version {body['version']} failed: "
                                                f"{type(error).__name__}: {error}", "kind": "weights"}, status=500)
@@ -295,10 +293,7 @@ class RolloutServer:
         if self._pause_lease is not None:
             self._pause_lease.cancel()
             self._pause_lease = None
-        await self._resume_quietly()
-
-    async def _resume_quietly(self) -> None:
-        try:
+        try:  # bounded: a vLLM engine wedged in a collective answers nothing
             await asyncio.wait_for(self.engine.resume_generation(), self.args.weight_timeout_s)
         except Exception:
             log.exception("could not resume generation after a weight update")

@@ -170,12 +170,14 @@ class VLLMRolloutEngine:
     `init_weight_transfer` from a worker thread (it blocks until the trainer joins the group).
     """
 
-    def __init__(self, engine: Any):
-        """Serve `engine`, a `vllm.AsyncLLM` (`build` makes one from our settings)."""
+    def __init__(self, engine: Any, weight_timeout_s: float = 600.0):
+        """Serve `engine`, a `vllm.AsyncLLM` (`build` makes one from our settings); `weight_timeout_s`
+        bounds a pause for new weights."""
         import vllm
 
         self._vllm = vllm
         self.engine = engine
+        self.weight_timeout_s = weight_timeout_s
         self.image_pad = engine.model_config.hf_config.image_token_id
         self.vocab_size = engine.model_config.get_vocab_size()
         # Ranks this engine adds to the weight-broadcast group: one per worker (tensor x pipeline parallel).
@@ -193,7 +195,7 @@ class VLLMRolloutEngine:
     @classmethod
     def build(cls, model: Path, *, dtype: str = "bfloat16", tensor_parallel: int = 1, max_model_len: int | None = None,
               gpu_memory_utilization: float = 0.85, max_batch: int = 256, min_pixels: int = 3136,
-              max_pixels: int = 50176) -> VLLMRolloutEngine:
+              max_pixels: int = 50176, weight_timeout_s: float = 600.0) -> VLLMRolloutEngine:
         """vLLM's engine on `tensor_parallel` GPUs of this node, with the arguments `engine_args` gives."""
         try:
             import vllm
@@ -205,7 +207,7 @@ class VLLMRolloutEngine:
             gpu_memory_utilization=gpu_memory_utilization, max_batch=max_batch, min_pixels=min_pixels,
             max_pixels=max_pixels,
         ))
-        return cls(vllm.AsyncLLMEngine.from_engine_args(args))
+        return cls(vllm.AsyncLLMEngine.from_engine_args(args), weight_timeout_s)
 
     def _on_engine_loop(self, coroutine: Coroutine) -> Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -281,11 +283,18 @@ class VLLMRolloutEngine:
 
     async def pause_generation(self) -> None:
         """Pause through vLLM (`mode="wait"`: requests in flight finish on the old weights, each
-        response comes from one version; caches dropped); new requests wait at our door."""
+        response comes from one version; caches dropped); new requests wait at our door. A pause
+        not reached within the weight timeout is undone and raises."""
         async def pause() -> None:
             self._running.clear()
             self._pauses += 1
-            await self.engine.pause_generation(mode="wait", clear_cache=True)
+            try:
+                await asyncio.wait_for(self.engine.pause_generation(mode="wait", clear_cache=True),
+                                       self.weight_timeout_s)
+            except BaseException:  # not paused within the bound: serve on
+                await self.engine.resume_generation()
+                self._running.set()
+                raise
 
         await asyncio.wrap_future(self._on_engine_loop(pause()))
 
