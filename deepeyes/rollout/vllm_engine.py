@@ -13,19 +13,24 @@ Each image carries its content hash as vLLM's multimodal uuid, so vLLM processes
 for the n rollouts of a prompt and every later turn that resends it.
 
 Weights. Generation pauses through vLLM's own `pause_generation(mode="wait")` (requests in flight
-finish on the old weights; KV, prefix and multimodal caches are dropped) and resumes after. Two
-ways in: `update_weights(path, version)`, the published safetensors file loaded by every worker
-through the model's `load_weights` (the `file` fallback), and the broadcast from the trainer
-through vLLM's NCCL weight-transfer engine: `init_weight_transfer` once per group, then
-`receive_weights` per version. New requests wait at our door while weights change; one that slips
-into vLLM just as the pause starts is refused by vLLM and sent again after the update.
+finish on the old weights, so each response comes from one version; KV, prefix and multimodal
+caches are dropped) and resumes after. Two ways in: `update_weights(path, version)`, the
+published safetensors file loaded by every worker through the model's `load_weights` (the `file`
+fallback), and the broadcast from the trainer through vLLM's NCCL weight-transfer engine:
+`init_weight_transfer` once per group, then per version `pause_generation`, `receive_weights`,
+`resume_generation`, driven by the server. The pause is its own step because vLLM's NCCL receive
+has no timeout: the trainer broadcasts only once every engine has paused, so none waits inside
+the collective while another drains (deepeyes.rollout.weight_sync). New requests wait at our
+door while weights change; one that slips into vLLM just as the pause starts is refused by vLLM
+and sent again after the update.
 
 Wire format of the broadcast (vLLM 0.33 `vllm/distributed/weight_transfer/nccl_engine.py`,
 `nccl_common.py`, `packed_tensor.py`); the trainer's sender must match it exactly:
 - The group is vLLM's own: a `StatelessProcessGroup` (a TCPStore at master_address:master_port)
-  carrying a `PyNcclCommunicator`. The trainer joins it with
-  `vllm.distributed.weight_transfer.nccl_common.trainer_init({"master_address", "master_port",
-  "world_size"})`, not with a torch.distributed NCCL group (its store keys differ).
+  carrying a `PyNcclCommunicator`. The trainer joins it as vLLM's
+  `nccl_common.trainer_init` does, through the same `stateless_init_process_group` on its current
+  device index (`weight_sync.join_weight_group`), not with a torch.distributed NCCL group (its
+  store keys differ).
 - The trainer's sender is rank 0 and the only source of every broadcast. An engine's workers take
   ranks rank_offset + tp_rank (one group for all servers: server i of tensor-parallel size T gets
   rank_offset 1 + i*T; world_size = 1 + servers*T). Every rank must enter the rendezvous together.
@@ -38,8 +43,10 @@ Wire format of the broadcast (vLLM 0.33 `vllm/distributed/weight_transfer/nccl_e
   the tensor that takes it past `packed_buffer_size_bytes` (default 1 GiB, so a bucket may exceed
   it by one tensor); one broadcast per bucket from rank 0; `packed_num_buffers` (2) buckets in
   flight. The receiver cuts the same buckets from (shape, dtype) alone, so sizes and order must
-  agree exactly. Unpacked: one broadcast per tensor, in `names` order. `packed` and both buffer
-  sizes are fixed when the group is set up, not per update.
+  agree exactly, and each tensor must start at an offset its dtype can be viewed at (one dtype
+  for all never fails; the sender refuses other layouts). Unpacked: one broadcast per tensor, in
+  `names` order. `packed` and both buffer sizes are fixed when the group is set up, not per
+  update. The vllm tier runs vLLM's own trainer and worker engines against our sender.
 """
 
 from __future__ import annotations
