@@ -416,6 +416,34 @@ def test_weight_changes_pause_generation_through_vllm_and_requests_wait(vllm_on_
     assert (init["rank_offset"], init["world_size"], init["packed"]) == (1, 3, True)
 
 
+def test_a_pause_vllm_does_not_reach_in_time_is_undone(vllm_on_cpu, tiny_dir):
+    """Requests in flight that outlast the weight timeout (vLLM's mode="wait" waits for them): the
+    pause fails, naming the timeout, and generation goes on, so the server can refuse the
+    broadcast before anyone has entered it."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from deepeyes.rollout.api import GenerateRequest
+    from deepeyes.rollout.vllm_engine import VLLMRolloutEngine
+
+    class DrainingForever(AsyncLLMWithoutGPU):
+        async def pause_generation(self, *, mode="abort", clear_cache=True):
+            self.calls.append(("pause", mode, clear_cache))
+            await asyncio.sleep(3600)
+
+    stand_in = DrainingForever(AsyncEngineArgs(**args_for(tiny_dir)).create_engine_config())
+    engine = VLLMRolloutEngine(stand_in, weight_timeout_s=0.2)
+
+    async def scenario():
+        with pytest.raises(TimeoutError):
+            await engine.pause_generation()
+        result = await engine.generate(GenerateRequest([1, 2], [], SamplingParams(max_new_tokens=4)))
+        assert result.token_ids == [7, 8]  # requests are let in again
+        await engine.close()
+
+    asyncio.run(scenario())
+    assert [call[0] for call in stand_in.calls] == ["pause", "resume", "generate", "shutdown"]
+
+
 # ---- the broadcast's wire: our sender against vLLM's own trainer and worker code ------------------
 #
 # The communicator is the GPU boundary: a recording one stands in for PyNcclCommunicator (its
