@@ -114,6 +114,7 @@ class HFRolloutEngine:
         self._worker: asyncio.Task | None = None
         self._lock = threading.Lock()  # one generate at a time on the shared model; held while paused
         self._weight_group: WeightGroup | None = None
+        self._packed = True  # how the trainer sends: announced when the group forms
         self._weight_timeout = timedelta(seconds=weight_timeout_s)
         self.batches_served = 0
 
@@ -127,13 +128,22 @@ class HFRolloutEngine:
 
     @contextlib.asynccontextmanager
     async def paused(self):
-        """Generation paused for the block: the batch in progress finishes, no new batch starts
-        (queued requests wait and are then served with whatever weights the block left)."""
-        await asyncio.to_thread(self._lock.acquire)
+        """Generation paused for the block (see `pause_generation`)."""
+        await self.pause_generation()
         try:
             yield
         finally:
-            self._lock.release()
+            await self.resume_generation()
+
+    async def pause_generation(self) -> None:
+        """The batch in progress finishes, no new batch starts (queued requests wait and are then
+        served with whatever weights the pause left). Waits at most the weight timeout."""
+        timeout = self._weight_timeout.total_seconds()
+        if not await asyncio.to_thread(self._lock.acquire, True, timeout):
+            raise TimeoutError(f"generation did not pause within {timeout:.0f}s (a batch still running)")
+
+    async def resume_generation(self) -> None:
+        self._lock.release()
 
     async def update_weights(self, path: Path, version: int) -> None:
         """Load published weights from a file (the `file` weight sync), generation paused."""
@@ -142,13 +152,15 @@ class HFRolloutEngine:
             self.weight_version = version
             self.pixels.release()
 
-    def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+    def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                             packed: bool = True) -> None:
         """Join the trainer's weight-broadcast group as rank `rank_offset` (blocks until every rank
-        has joined). A previous group is left first: the trainer re-forms the group when a server
-        restarts."""
+        has joined); `packed` is how the trainer sends, fixed for the group. A previous group is
+        left first: the trainer re-forms the group when a server restarts."""
         self.close_weight_transfer()
         self._weight_group = join_weight_group(master_address, master_port, rank_offset, world_size,
                                                self.device, self._weight_timeout)
+        self._packed = packed
 
     def close_weight_transfer(self) -> None:
         if self._weight_group is not None:
@@ -159,22 +171,29 @@ class HFRolloutEngine:
     def in_weight_group(self) -> bool:
         return self._weight_group is not None
 
-    async def receive_weights(self, version: int, names: list[str], dtype_names: list[str], shapes: list[list[int]],
-                              packed: bool) -> None:
-        """Receive `version` from the trainer's broadcast, bucket by bucket into the parameters,
-        generation paused. If the broadcast breaks midway the weights are a mix of two versions:
-        the engine then reports version -1 (never served) and leaves the group until re-formed."""
+    def check_weight_update(self, packed: bool) -> None:
+        """Refuse, before anyone broadcasts, an update this engine cannot take."""
         if self._weight_group is None:
             raise RuntimeError("no weight-broadcast group: the trainer must call init_weight_transfer first")
-        async with self.paused():
-            try:
-                await asyncio.to_thread(self._receive, names, dtype_names, shapes, packed)
-            except BaseException:
-                self.weight_version = -1
-                self.close_weight_transfer()
-                raise
-            self.weight_version = version
-            self.pixels.release()
+        if packed != self._packed:
+            raise ValueError(f"the trainer sends packed={packed} but this engine joined the group with "
+                             f"packed={self._packed}: both are fixed when the group is set up")
+
+    async def receive_weights(self, version: int, names: list[str], dtype_names: list[str], shapes: list[list[int]],
+                              packed: bool) -> None:
+        """Receive `version` from the trainer's broadcast, bucket by bucket into the parameters; the
+        caller has paused generation (`pause_generation`). If the broadcast breaks midway the weights
+        are a mix of two versions: the engine then reports version -1 (never served) and leaves the
+        group until re-formed."""
+        self.check_weight_update(packed)
+        try:
+            await asyncio.to_thread(self._receive, names, dtype_names, shapes, packed)
+        except BaseException:
+            self.weight_version = -1
+            self.close_weight_transfer()
+            raise
+        self.weight_version = version
+        self.pixels.release()
 
     def _receive(self, names: list[str], dtype_names: list[str], shapes: list[list[int]], packed: bool) -> None:
         params = dict(self.model.named_parameters())

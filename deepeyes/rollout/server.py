@@ -15,14 +15,18 @@ Endpoints (every one needs the job's token, see `deepeyes.service`):
                     409 when this server's weights are older than min_weight_version
                     503 while loading, or after a weight update failed midway (until the next one)
     POST /weights   {version, path}  -> {version, seconds}   (load published weights, generation paused)
-    POST /weights/init     {master_address, master_port, rank_offset, world_size, group}
+    POST /weights/init     {master_address, master_port, rank_offset, world_size, group, packed}
                  -> {group}   join the trainer's weight-broadcast group (see deepeyes.rollout.weight_sync)
+    POST /weights/pause    {version, packed} -> {paused}   pause generation for a broadcast (held until
+                 /weights/receive or /weights/resume, at most --weight-timeout-s)
     POST /weights/receive  {version, names, dtype_names, shapes, packed}
-                 -> {version, seconds}   receive a broadcast version, generation paused
+                 -> {version, seconds}   receive the paused-for version, then resume generation
+    POST /weights/resume   -> {resumed}   the trainer abandoned the paused-for version
     GET  /weights/digest   -> {weight_version, sha256}   (hf backend: to check a sync bit for bit)
     POST /v1/chat/completions   OpenAI chat completions, text and data-URL images (hf backend;
                  see deepeyes.rollout.openai_api): a local teacher for `jobs/synthesize.py`
-    GET  /info      backend, model, weight_version, weight_group, weight_ranks, requests served
+    GET  /info      backend, model, weight_version, weight_group, weight_ranks, weights_paused_for,
+                    requests served
     GET  /health, /ready
 
 Every error is a JSON object `{"error": message}`; an engine failure on a request is a 500 with
@@ -35,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import logging
 import os
 import shutil
@@ -82,7 +85,7 @@ def build_vllm_engine(args: argparse.Namespace):
     return VLLMRolloutEngine.build(
         args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, max_batch=args.max_batch, min_pixels=args.min_pixels,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels, weight_timeout_s=args.weight_timeout_s,
     )
 
 
@@ -99,13 +102,17 @@ class RolloutServer:
         self.limits: RequestLimits | None = None
         self.requests_served = 0
         self.weight_group: str | None = None  # the trainer's broadcast group this server is in
+        self._paused_for: int | None = None  # the weight version generation is paused for (/weights/pause)
+        self._pause_lease: asyncio.TimerHandle | None = None  # resumes a pause the trainer never followed up
         self.chat_images = Path(tempfile.mkdtemp(prefix="deepeyes-chat-images-"))  # data-URL images, by content hash
         self.app = service_app(read_token(args.token_file), ready=lambda: self.engine is not None)
         self.app.middlewares.append(_errors_as_json)
         self.app.router.add_post("/generate", self.generate)
         self.app.router.add_post("/weights", self.update_weights)
         self.app.router.add_post("/weights/init", self.init_weight_transfer)
+        self.app.router.add_post("/weights/pause", self.pause_for_weights)
         self.app.router.add_post("/weights/receive", self.receive_weights)
+        self.app.router.add_post("/weights/resume", self.resume_generation)
         self.app.router.add_get("/weights/digest", self.weights_digest)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_get("/info", self.info)
@@ -192,29 +199,57 @@ class RolloutServer:
         if self.engine is None:
             return error_response(503, "model still loading")
         body = await _json_object(request)
-        fields = {"master_address": str, "master_port": int, "rank_offset": int, "world_size": int, "group": str}
+        fields = {"master_address": str, "master_port": int, "rank_offset": int, "world_size": int, "group": str,
+                  "packed": bool}
         wrong = [name for name, kind in fields.items() if not isinstance(body.get(name), kind)]
         if wrong or not 0 < body["rank_offset"] < body["world_size"]:
             return error_response(400, f"bad /weights/init request: fields {wrong or ['rank_offset']} "
                                        f"(expected {', '.join(fields)}, 0 < rank_offset < world_size)")
         self.weight_group = None
         started = time.perf_counter()
-        join = (body["master_address"], body["master_port"], body["rank_offset"], body["world_size"])
-        try:  # it blocks until every rank has joined: off the event loop (vLLM's engine has it async)
-            if inspect.iscoroutinefunction(self.engine.init_weight_transfer):
-                await self.engine.init_weight_transfer(*join)
-            else:
-                await asyncio.to_thread(self.engine.init_weight_transfer, *join)
+        join = (body["master_address"], body["master_port"], body["rank_offset"], body["world_size"], body["packed"])
+        try:  # it blocks until every rank has joined: off the event loop
+            await asyncio.to_thread(self.engine.init_weight_transfer, *join)
         except Exception as error:
             log.exception("could not join the weight-broadcast group")
             return web.json_response({"error": f"joining the weight group failed: {error}", "kind": "weights"}, status=500)
         self.weight_group = body["group"]
-        log.info("joined weight-broadcast group %s as rank %d of %d at %s:%d in %.2fs", body["group"][:8],
-                 body["rank_offset"], body["world_size"], body["master_address"], body["master_port"],
+        log.info("joined weight-broadcast group %s as rank %d of %d at %s:%d (packed=%s) in %.2fs", body["group"][:8],
+                 body["rank_offset"], body["world_size"], body["master_address"], body["master_port"], body["packed"],
                  time.perf_counter() - started)
         return web.json_response({"group": self.weight_group})
 
+    async def pause_for_weights(self, request: web.Request) -> web.Response:
+        """Phase 1 of a broadcast: check the update can be taken, pause generation, and say so. The
+        trainer broadcasts only once every member has answered (see `deepeyes.rollout.weight_sync`).
+        The pause is held until /weights/receive or /weights/resume, or the weight timeout."""
+        if self.engine is None:
+            return error_response(503, "model still loading")
+        body = await _json_object(request)
+        if not isinstance(body.get("version"), int) or not isinstance(body.get("packed"), bool):
+            return error_response(400, "bad /weights/pause request: expected {version: int, packed: bool}")
+        if self._paused_for is not None:
+            return error_response(409, f"generation is already paused for weight version {self._paused_for}")
+        try:
+            self.engine.check_weight_update(body["packed"])
+        except (RuntimeError, ValueError) as error:
+            return web.json_response({"error": str(error), "kind": "weights"}, status=409)
+        started = time.perf_counter()
+        self._paused_for = body["version"]  # claimed now: a second pause is refused while this one waits
+        try:  # bounded by the engine (--weight-timeout-s), which undoes a pause it could not finish
+            await self.engine.pause_generation()
+        except Exception as error:
+            self._paused_for = None
+            log.error("could not pause generation for weight version %d: %s", body["version"], error)
+            return web.json_response({"error": f"pausing generation failed: {type(error).__name__}: {error}",
+                                      "kind": "weights"}, status=500)
+        self._pause_lease = asyncio.get_running_loop().call_later(
+            self.args.weight_timeout_s, lambda: asyncio.ensure_future(self._resume_after_weights("the trainer went quiet")))
+        log.info("paused generation for weight version %d in %.2fs", body["version"], time.perf_counter() - started)
+        return web.json_response({"paused": body["version"]})
+
     async def receive_weights(self, request: web.Request) -> web.Response:
+        """Phase 2: receive the broadcast version (generation paused by phase 1), then resume."""
         if self.engine is None:
             return error_response(503, "model still loading")
         body = await _json_object(request)
@@ -224,17 +259,44 @@ class RolloutServer:
                 or not len(names) == len(dtype_names) == len(shapes)):
             return error_response(400, "bad /weights/receive request: expected {version: int, names, dtype_names, "
                                        "shapes: lists of one length, packed: bool}")
+        if self._paused_for != body["version"] or self._pause_lease is None:  # paused, and confirmed so
+            return error_response(409, f"/weights/receive of version {body['version']} without /weights/pause "
+                                       f"(paused for: {self._paused_for})")
+        self._pause_lease.cancel()  # held until this receive ends
         started = time.perf_counter()
-        try:
-            await self.engine.receive_weights(body["version"], names, dtype_names, shapes, body["packed"])
+        try:  # bounded: vLLM's NCCL receive itself waits for the trainer without a timeout
+            await asyncio.wait_for(self.engine.receive_weights(body["version"], names, dtype_names, shapes,
+                                                               body["packed"]), self.args.weight_timeout_s)
         except Exception as error:
-            self.weight_group = None
-            log.error("receiving weight version %d failed: %s", body["version"], error)
-            return web.json_response({"error": f"receiving weight version {body['version']} failed: {error}",
-                                      "kind": "weights"}, status=500)
+            self.weight_group = None  # the engine reports version -1 if the weights may be mixed
+            log.error("receiving weight version %d failed: %s: %s", body["version"], type(error).__name__, error)
+            return web.json_response({"error": f"receiving weight version {body['version']} failed: "
+                                               f"{type(error).__name__}: {error}", "kind": "weights"}, status=500)
+        finally:
+            await self._resume_after_weights()
         seconds = time.perf_counter() - started
         log.info("received weight version %d (%d tensors) in %.2fs", body["version"], len(names), seconds)
         return web.json_response({"version": self.engine.weight_version, "seconds": seconds})
+
+    async def resume_generation(self, request: web.Request) -> web.Response:
+        """The trainer abandoned a paused version (another member failed to pause): serve again."""
+        resumed = self._paused_for
+        await self._resume_after_weights("the trainer abandoned it")
+        return web.json_response({"resumed": resumed})
+
+    async def _resume_after_weights(self, why: str | None = None) -> None:
+        if self._paused_for is None:
+            return
+        if why:
+            log.warning("resuming generation paused for weight version %d: %s", self._paused_for, why)
+        self._paused_for = None
+        if self._pause_lease is not None:
+            self._pause_lease.cancel()
+            self._pause_lease = None
+        try:  # bounded: a vLLM engine wedged in a collective answers nothing
+            await asyncio.wait_for(self.engine.resume_generation(), self.args.weight_timeout_s)
+        except Exception:
+            log.exception("could not resume generation after a weight update")
 
     async def weights_digest(self, request: web.Request) -> web.Response:
         if self.engine is None:
@@ -248,7 +310,7 @@ class RolloutServer:
         return web.json_response({
             "backend": self.args.backend, "model": str(self.args.model), "ready": self.engine is not None,
             "weight_version": None if self.engine is None else self.engine.weight_version,
-            "weight_group": self.weight_group,
+            "weight_group": self.weight_group, "weights_paused_for": self._paused_for,
             "weight_ranks": None if self.engine is None else self.engine.weight_transfer_ranks,
             "requests_served": self.requests_served,
         })

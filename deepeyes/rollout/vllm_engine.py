@@ -13,19 +13,24 @@ Each image carries its content hash as vLLM's multimodal uuid, so vLLM processes
 for the n rollouts of a prompt and every later turn that resends it.
 
 Weights. Generation pauses through vLLM's own `pause_generation(mode="wait")` (requests in flight
-finish on the old weights; KV, prefix and multimodal caches are dropped) and resumes after. Two
-ways in: `update_weights(path, version)`, the published safetensors file loaded by every worker
-through the model's `load_weights` (the `file` fallback), and the broadcast from the trainer
-through vLLM's NCCL weight-transfer engine: `init_weight_transfer` once per group, then
-`receive_weights` per version. New requests wait at our door while weights change; one that slips
-into vLLM just as the pause starts is refused by vLLM and sent again after the update.
+finish on the old weights, so each response comes from one version; KV, prefix and multimodal
+caches are dropped) and resumes after. Two ways in: `update_weights(path, version)`, the
+published safetensors file loaded by every worker through the model's `load_weights` (the `file`
+fallback), and the broadcast from the trainer through vLLM's NCCL weight-transfer engine:
+`init_weight_transfer` once per group, then per version `pause_generation`, `receive_weights`,
+`resume_generation`, driven by the server. The pause is its own step because vLLM's NCCL receive
+has no timeout: the trainer broadcasts only once every engine has paused, so none waits inside
+the collective while another drains (deepeyes.rollout.weight_sync). New requests wait at our
+door while weights change; one that slips into vLLM just as the pause starts is refused by vLLM
+and sent again after the update.
 
 Wire format of the broadcast (vLLM 0.33 `vllm/distributed/weight_transfer/nccl_engine.py`,
 `nccl_common.py`, `packed_tensor.py`); the trainer's sender must match it exactly:
 - The group is vLLM's own: a `StatelessProcessGroup` (a TCPStore at master_address:master_port)
-  carrying a `PyNcclCommunicator`. The trainer joins it with
-  `vllm.distributed.weight_transfer.nccl_common.trainer_init({"master_address", "master_port",
-  "world_size"})`, not with a torch.distributed NCCL group (its store keys differ).
+  carrying a `PyNcclCommunicator`. The trainer joins it as vLLM's
+  `nccl_common.trainer_init` does, through the same `stateless_init_process_group` on its current
+  device index (`weight_sync.join_weight_group`), not with a torch.distributed NCCL group (its
+  store keys differ).
 - The trainer's sender is rank 0 and the only source of every broadcast. An engine's workers take
   ranks rank_offset + tp_rank (one group for all servers: server i of tensor-parallel size T gets
   rank_offset 1 + i*T; world_size = 1 + servers*T). Every rank must enter the rendezvous together.
@@ -38,8 +43,10 @@ Wire format of the broadcast (vLLM 0.33 `vllm/distributed/weight_transfer/nccl_e
   the tensor that takes it past `packed_buffer_size_bytes` (default 1 GiB, so a bucket may exceed
   it by one tensor); one broadcast per bucket from rank 0; `packed_num_buffers` (2) buckets in
   flight. The receiver cuts the same buckets from (shape, dtype) alone, so sizes and order must
-  agree exactly. Unpacked: one broadcast per tensor, in `names` order. `packed` and both buffer
-  sizes are fixed when the group is set up, not per update.
+  agree exactly, and each tensor must start at an offset its dtype can be viewed at (one dtype
+  for all never fails; the sender refuses other layouts). Unpacked: one broadcast per tensor, in
+  `names` order. `packed` and both buffer sizes are fixed when the group is set up, not per
+  update. The vllm tier runs vLLM's own trainer and worker engines against our sender.
 """
 
 from __future__ import annotations
@@ -170,12 +177,14 @@ class VLLMRolloutEngine:
     `init_weight_transfer` from a worker thread (it blocks until the trainer joins the group).
     """
 
-    def __init__(self, engine: Any):
-        """Serve `engine`, a `vllm.AsyncLLM` (`build` makes one from our settings)."""
+    def __init__(self, engine: Any, weight_timeout_s: float = 600.0):
+        """Serve `engine`, a `vllm.AsyncLLM` (`build` makes one from our settings); `weight_timeout_s`
+        bounds a pause for new weights."""
         import vllm
 
         self._vllm = vllm
         self.engine = engine
+        self.weight_timeout_s = weight_timeout_s
         self.image_pad = engine.model_config.hf_config.image_token_id
         self.vocab_size = engine.model_config.get_vocab_size()
         # Ranks this engine adds to the weight-broadcast group: one per worker (tensor x pipeline parallel).
@@ -193,7 +202,7 @@ class VLLMRolloutEngine:
     @classmethod
     def build(cls, model: Path, *, dtype: str = "bfloat16", tensor_parallel: int = 1, max_model_len: int | None = None,
               gpu_memory_utilization: float = 0.85, max_batch: int = 256, min_pixels: int = 3136,
-              max_pixels: int = 50176) -> VLLMRolloutEngine:
+              max_pixels: int = 50176, weight_timeout_s: float = 600.0) -> VLLMRolloutEngine:
         """vLLM's engine on `tensor_parallel` GPUs of this node, with the arguments `engine_args` gives."""
         try:
             import vllm
@@ -205,7 +214,7 @@ class VLLMRolloutEngine:
             gpu_memory_utilization=gpu_memory_utilization, max_batch=max_batch, min_pixels=min_pixels,
             max_pixels=max_pixels,
         ))
-        return cls(vllm.AsyncLLMEngine.from_engine_args(args))
+        return cls(vllm.AsyncLLMEngine.from_engine_args(args), weight_timeout_s)
 
     def _on_engine_loop(self, coroutine: Coroutine) -> Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -237,8 +246,12 @@ class VLLMRolloutEngine:
 
     async def update_weights(self, path: Path, version: int) -> None:
         """The `file` weight sync: every worker loads the published safetensors at `path`."""
-        await asyncio.wrap_future(self._on_engine_loop(self._paused(
-            version, lambda: self.engine.collective_rpc("load_published", args=(str(path),)))))
+        await self.pause_generation()
+        try:
+            await self._on_engine_loop_changing(version, lambda: self.engine.collective_rpc(
+                "load_published", args=(str(path),)))
+        finally:
+            await self.resume_generation()
 
     def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                              packed: bool = True) -> None:
@@ -251,14 +264,21 @@ class VLLMRolloutEngine:
         init_info = weight_transfer_init_info(master_address, master_port, rank_offset, world_size, packed)
         self._on_engine_loop(self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info))).result()
 
-    async def receive_weights(self, version: int, names: list[str], dtype_names: list[str], shapes: list[list[int]],
-                              packed: bool) -> None:
-        """Receive `version` from the trainer's broadcast (sent as the module docstring says)."""
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
+    def check_weight_update(self, packed: bool) -> None:
+        """Refuse, before anyone broadcasts, an update this engine cannot take."""
         if packed != self._packed:
             raise ValueError(f"the trainer sends packed={packed} but this engine joined the group with "
                              f"packed={self._packed}: both are fixed when the group is set up")
+
+    async def receive_weights(self, version: int, names: list[str], dtype_names: list[str], shapes: list[list[int]],
+                              packed: bool) -> None:
+        """Receive `version` from the trainer's broadcast (sent as the module docstring says); the
+        caller has paused generation (`pause_generation`)."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        self.check_weight_update(packed)
+        if not names:  # vLLM reads empty lists as "the previous update's names" and would wait for those
+            raise ValueError("a weight update with no tensors")
         update = WeightTransferUpdateRequest({"names": names, "dtype_names": dtype_names, "shapes": shapes})
 
         async def receive() -> None:
@@ -266,25 +286,47 @@ class VLLMRolloutEngine:
             await self.engine.update_weights(update)
             await self.engine.finish_weight_update(str(version))
 
-        await asyncio.wrap_future(self._on_engine_loop(self._paused(version, receive)))
+        await self._on_engine_loop_changing(version, receive)
 
-    async def _paused(self, version: int, change: Callable[[], Awaitable[Any]]) -> None:
-        """Run `change()` with generation paused by vLLM; on success the engine serves `version`.
-        A change that fails midway may leave a mix of two versions: the engine then reports
-        version -1 until a later change succeeds."""
-        self._running.clear()
-        self._pauses += 1
-        try:
-            await self.engine.pause_generation(mode="wait", clear_cache=True)
+    async def pause_generation(self) -> None:
+        """Pause through vLLM (`mode="wait"`: requests in flight finish on the old weights, each
+        response comes from one version; caches dropped); new requests wait at our door. A pause
+        not reached within the weight timeout is undone and raises."""
+        async def pause() -> None:
+            self._running.clear()
+            self._pauses += 1
+            try:
+                await asyncio.wait_for(self.engine.pause_generation(mode="wait", clear_cache=True),
+                                       self.weight_timeout_s)
+            except BaseException:  # not paused within the bound: serve on
+                await self.engine.resume_generation()
+                self._running.set()
+                raise
+
+        await asyncio.wrap_future(self._on_engine_loop(pause()))
+
+    async def resume_generation(self) -> None:
+        async def resume() -> None:
+            try:
+                await self.engine.resume_generation()
+            finally:
+                self._running.set()
+
+        await asyncio.wrap_future(self._on_engine_loop(resume()))
+
+    async def _on_engine_loop_changing(self, version: int, change: Callable[[], Awaitable[Any]]) -> None:
+        """Run `change()` on the engine's loop; on success the engine serves `version`. A change that
+        fails midway may leave a mix of two versions: the engine then reports version -1 until a
+        later change succeeds."""
+        async def changing() -> None:
             try:
                 await change()
             except BaseException:
                 self.weight_version = -1
                 raise
             self.weight_version = version
-        finally:
-            await self.engine.resume_generation()
-            self._running.set()
+
+        await asyncio.wrap_future(self._on_engine_loop(changing()))
 
     async def close(self) -> None:
         self.engine.shutdown()

@@ -19,13 +19,17 @@ Broadcast protocol, over each server's HTTP API (`deepeyes.rollout.server`):
   1. GET /info on every server: live servers, their group id and their ranks (`weight_ranks`).
   2. If the group is missing, or a live server is not in it (it restarted), or a member is gone:
      re-form it. The leader opens the rendezvous store at MASTER_ADDR on a free port and sends
-     POST /weights/init {master_address, master_port, rank_offset, world_size, group} to each live
-     server; all join (a restarted server so rejoins, and gets the version this publish sends).
-  3. POST /weights/receive {version, names, dtype_names, shapes, packed} to every member while
-     the leader broadcasts the buckets; each server pauses generation, receives, resumes.
-  4. A failure (a server dying mid-broadcast, a timeout) tears the group down — the other
-     receivers stop waiting at once — counts the server, re-forms the group with the live servers
-     and sends again, once. Every wait is bounded by `timeout_s`: an error, never a hang.
+     POST /weights/init {master_address, master_port, rank_offset, world_size, group, packed} to
+     each live server (`packed` is fixed for the group, as in vLLM); all join (a restarted server
+     so rejoins, and gets the version this publish sends).
+  3. POST /weights/pause {version, packed} to every member: each checks it can take the update,
+     pauses generation and answers. Only when all have (else POST /weights/resume to those that
+     did, and step 4), POST /weights/receive {version, names, dtype_names, shapes, packed} to
+     every member while the leader broadcasts the buckets; each receives, then resumes.
+  4. A failure (a server dying mid-broadcast or failing to pause, a timeout) tears the group
+     down — the other receivers stop waiting at once — counts the server, re-forms the group with
+     the live servers and sends again, once. Every wait is bounded by `timeout_s`
+     (rollout.request_timeout_s, the servers' --weight-timeout-s): an error, never a hang.
 """
 
 from __future__ import annotations
@@ -135,24 +139,34 @@ class WeightGroup:
             self._communicator.broadcast([tensor], options).wait()
 
     def close(self) -> None:
-        """Leave the group: a peer waiting on this rank then fails at once instead of timing out."""
+        """Leave the group: a peer waiting on this rank then fails at once instead of timing out
+        (NCCL: vLLM's `destroy` aborts the communicator, as its own engines shut down)."""
+        if self._communicator is not None and self.device.type == "cuda":
+            self._communicator.destroy()
         self._communicator = self._store = self._staging = None
 
 
 def join_weight_group(master_address: str, master_port: int, rank: int, world_size: int, device: torch.device,
                       timeout: timedelta) -> WeightGroup:
-    """Join (rank 0: open) the weight-broadcast group; returns once all `world_size` ranks joined."""
+    """Join (rank 0: open) the weight-broadcast group; returns once all `world_size` ranks joined.
+
+    Between GPUs the group is vLLM's own, made by the helper both sides of vLLM's NCCL weight
+    transfer use (`nccl_common.stateless_init_process_group`: vLLM's `trainer_init` is this call
+    with rank 0 on the current device; its workers make it with their own ranks): the same
+    rendezvous, communicator and NCCL environment. The device must carry its index: vLLM's
+    communicator refuses a tensor whose device is not equal to its own ("cuda" is not "cuda:0").
+    Its rendezvous is bounded by vLLM's store timeout; `timeout` bounds the gloo group."""
     if device.type == "cuda":
-        try:  # vLLM's workers join through this rendezvous and communicator: so must we
-            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-            from vllm.distributed.utils import StatelessProcessGroup
+        try:
+            from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
         except ImportError as error:
             raise ImportError(
                 f"broadcast weight sync between GPUs uses vLLM's NCCL communicator: pip install 'deepeyes[gpu]', "
                 f"or set rollout.weight_sync=file ({error})"
             ) from None
-        store = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size)
-        return WeightGroup(PyNcclCommunicator(store, device=device), store, device)
+        index = device.index if device.index is not None else torch.accelerator.current_device_index()
+        communicator = stateless_init_process_group(master_address, master_port, rank, world_size, index)
+        return WeightGroup(communicator, communicator.group, torch.device("cuda", index))
     store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
     return WeightGroup(dist.ProcessGroupGloo(store, rank, world_size, timeout), store, device)
 
@@ -193,6 +207,21 @@ def send_buckets(group: WeightGroup, tensors: Iterable[tuple[str, torch.Tensor]]
         flush(pieces, size)
         sent += size
     return sent
+
+
+def unaligned_in_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> list[str]:
+    """The tensors that a packed bucket would place at a byte offset not a multiple of their element
+    size. Receivers view each tensor in its bucket in place (vLLM's `unpack_tensor`, our
+    `receive_buckets`), which torch refuses for those: an fp32 after an odd count of bf16
+    elements, say. One dtype for every tensor never has any."""
+    unaligned, offset = [], 0
+    for name, tensor in tensors.items():
+        if offset % tensor.element_size():
+            unaligned.append(name)
+        offset += tensor.numel() * tensor.element_size()
+        if offset > bucket_bytes:
+            offset = 0
+    return unaligned
 
 
 def receive_buckets(group: WeightGroup, names: list[str], dtype_names: list[str], shapes: list[list[int]],
@@ -367,14 +396,14 @@ class BroadcastWeightSync(WeightSync):
         bodies, offset = {}, 1
         for url, count in zip(live, ranks):
             bodies[url] = {"master_address": self.master_address, "master_port": port, "rank_offset": offset,
-                           "world_size": world_size, "group": group_id}
+                           "world_size": world_size, "group": group_id, "packed": self.packed}
             offset += count
         started = time.perf_counter()
         joining = asyncio.ensure_future(asyncio.to_thread(
             join_weight_group, self.master_address, port, 0, world_size, self.device, self.timeout))
         replies = await client.post_each("/weights/init", bodies)
         try:
-            group = await joining
+            group = await asyncio.wait_for(joining, self.timeout.total_seconds())
         except Exception as error:
             raise BroadcastFailed(f"forming the weight group at {self.master_address}:{port} failed: {error}") from None
         failed = [url for url, reply in replies.items() if reply is None]
@@ -387,14 +416,32 @@ class BroadcastWeightSync(WeightSync):
                  group_id[:8], len(live), world_size - 1, self.master_address, port, time.perf_counter() - started)
 
     async def _send(self, client, snapshot: dict[str, torch.Tensor], version: int) -> int:
+        unaligned = unaligned_in_buckets(snapshot) if self.packed else []
+        if unaligned:
+            raise ValueError(f"a packed weight broadcast cannot carry {', '.join(unaligned[:3])}: they would start at "
+                             f"a byte offset their dtype cannot be viewed at (mixed dtypes); publish one dtype, or "
+                             f"send unpacked")
         info = update_info(snapshot, version, self.packed)
+        # Every member pauses first, and the broadcast starts only once all have said so. vLLM's pause
+        # (mode="wait") lets the requests in flight finish, which with max_staleness > 0 can take a
+        # whole turn; had the broadcast started at once, the members already paused would sit inside
+        # NCCL's receive, which has no timeout on vLLM's side, for as long as the slowest drains, and
+        # for ever if one fails to pause. Pausing is bounded on each server (--weight-timeout-s);
+        # only the transfer itself runs inside the collective.
+        members = {url: {"version": version, "packed": self.packed} for url in self._members}
+        paused = await client.post_each("/weights/pause", members)
+        failed = [url for url, reply in paused.items() if reply is None]
+        if failed:
+            await client.post_each("/weights/resume", {url: {} for url, reply in paused.items() if reply is not None})
+            raise BroadcastFailed(f"{', '.join(failed)} could not pause for version {version}")
         receiving = asyncio.ensure_future(client.post_each("/weights/receive", {url: info for url in self._members}))
         try:
-            sent = await asyncio.to_thread(send_buckets, self._group, snapshot.items(), self.packed)
+            sent = await asyncio.wait_for(asyncio.to_thread(send_buckets, self._group, snapshot.items(), self.packed),
+                                          self.timeout.total_seconds())
         except Exception as error:
             self._drop_group()  # the receivers still waiting fail at once, not at their timeout
             await receiving
-            raise BroadcastFailed(f"sending version {version}: {error}") from None
+            raise BroadcastFailed(f"sending version {version}: {type(error).__name__}: {error}") from None
         replies = await receiving
         failed = [url for url, reply in replies.items() if reply is None]
         if failed:

@@ -11,8 +11,10 @@ Run them in a venv with vLLM (README "On a GPU cluster"); elsewhere they skip.
 """
 
 import asyncio
+import contextlib
 import importlib.util
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,9 @@ from deepeyes.rollout.vllm_engine import (
     PACKED_BUFFER_SIZE_BYTES, PACKED_NUM_BUFFERS, collapse_image_pads, engine_args, rollout_max_model_len,
     sampling_kwargs, vllm_prompt, weight_transfer_init_info,
 )
-from deepeyes.rollout.weight_sync import trained_state
+from deepeyes.rollout.weight_sync import (
+    WeightGroup, join_weight_group, send_buckets, trained_state, unaligned_in_buckets, update_info,
+)
 from deepeyes.service import free_port
 
 pytestmark = [
@@ -386,11 +390,17 @@ def test_weight_changes_pause_generation_through_vllm_and_requests_wait(vllm_on_
         joined = threading.Thread(target=engine.init_weight_transfer, args=("10.0.0.1", 29600, 1, 3))
         joined.start()
         await asyncio.to_thread(joined.join)
+        await engine.pause_generation()  # the server's /weights/pause; the broadcast follows once all paused
         await engine.receive_weights(2, ["lm_head.weight"], ["bfloat16"], [[152064, 64]], packed=True)
+        await engine.resume_generation()
+        with pytest.raises(ValueError, match="packed"):
+            engine.check_weight_update(packed=False)  # refused at /weights/pause, before anyone broadcasts
         with pytest.raises(ValueError, match="packed"):
             await engine.receive_weights(3, ["lm_head.weight"], ["bfloat16"], [[152064, 64]], packed=False)
+        await engine.pause_generation()
         with pytest.raises(RuntimeError, match="NCCL"):
             await engine.receive_weights(3, ["broken"], ["bfloat16"], [[1]], packed=True)
+        await engine.resume_generation()
         assert engine.weight_version == -1
         await engine.close()
 
@@ -404,3 +414,277 @@ def test_weight_changes_pause_generation_through_vllm_and_requests_wait(vllm_on_
     assert ("finish", "2") in stand_in.calls
     init = next(call[1] for call in stand_in.calls if call[0] == "init")
     assert (init["rank_offset"], init["world_size"], init["packed"]) == (1, 3, True)
+
+
+def test_a_pause_vllm_does_not_reach_in_time_is_undone(vllm_on_cpu, tiny_dir):
+    """Requests in flight that outlast the weight timeout (vLLM's mode="wait" waits for them): the
+    pause fails, naming the timeout, and generation goes on, so the server can refuse the
+    broadcast before anyone has entered it."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from deepeyes.rollout.api import GenerateRequest
+    from deepeyes.rollout.vllm_engine import VLLMRolloutEngine
+
+    class DrainingForever(AsyncLLMWithoutGPU):
+        async def pause_generation(self, *, mode="abort", clear_cache=True):
+            self.calls.append(("pause", mode, clear_cache))
+            await asyncio.sleep(3600)
+
+    stand_in = DrainingForever(AsyncEngineArgs(**args_for(tiny_dir)).create_engine_config())
+    engine = VLLMRolloutEngine(stand_in, weight_timeout_s=0.2)
+
+    async def scenario():
+        with pytest.raises(TimeoutError):
+            await engine.pause_generation()
+        result = await engine.generate(GenerateRequest([1, 2], [], SamplingParams(max_new_tokens=4)))
+        assert result.token_ids == [7, 8]  # requests are let in again
+        await engine.close()
+
+    asyncio.run(scenario())
+    assert [call[0] for call in stand_in.calls] == ["pause", "resume", "generate", "shutdown"]
+
+
+# ---- the broadcast's wire: our sender against vLLM's own trainer and worker code ------------------
+#
+# The communicator is the GPU boundary: a recording one stands in for PyNcclCommunicator (its
+# `broadcast(tensor, src, stream)` signature), and vLLM's CUDA stream bookkeeping becomes no-ops.
+# Everything else is vLLM's code: its trainer engine packing and broadcasting, its worker engine
+# cutting buckets and unpacking into `load_weights`.
+
+
+class RecordingCommunicator:
+    """As the sender, records a copy of every broadcast tensor; as a receiver (`replay`), fills each
+    broadcast tensor with the next recorded one, which must have its exact size and dtype."""
+
+    def __init__(self, replay: list[torch.Tensor] | None = None):
+        self.sent: list[torch.Tensor] = []
+        self._replay = None if replay is None else list(replay)
+
+    def broadcast(self, tensor, src, stream=None):
+        assert src == 0
+        if self._replay is None:
+            self.sent.append(tensor.detach().clone())
+            return
+        assert self._replay, "the receiver waits for a broadcast the sender never made"
+        recorded = self._replay.pop(0)
+        assert (recorded.dtype, recorded.shape) == (tensor.dtype, tensor.shape), (
+            f"receiver expects {tensor.dtype} {tuple(tensor.shape)}, the sender broadcast {recorded.dtype} "
+            f"{tuple(recorded.shape)}")
+        tensor.copy_(recorded)
+
+    def unreceived(self) -> int:
+        return len(self._replay)
+
+
+class RecordedGroup(WeightGroup):
+    """Our WeightGroup with its broadcast going to a recording communicator (as on the NCCL path)."""
+
+    def __init__(self, communicator: RecordingCommunicator):
+        super().__init__(communicator, None, torch.device("cpu"))
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        self._communicator.broadcast(tensor, src=0)
+
+
+@pytest.fixture
+def cuda_streams_as_no_ops(vllm_on_cpu, monkeypatch):
+    """vLLM's packed broadcast overlaps buckets on CUDA streams and events: ordering only, which a
+    CPU does not need."""
+    from vllm.distributed.weight_transfer import packed_tensor
+
+    class NoStream:
+        def synchronize(self):
+            pass
+
+        def wait_event(self, event):
+            pass
+
+    class NoEvent:
+        def record(self, stream=None):
+            pass
+
+    monkeypatch.setattr(packed_tensor, "_get_streams", lambda device, count: tuple(NoStream() for _ in range(count)))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    monkeypatch.setattr(torch.accelerator, "current_stream", lambda *device: NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *device: None)
+    monkeypatch.setattr(torch, "Event", NoEvent)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+
+
+def mixed_parameters() -> torch.nn.Module:
+    """Parameters of the dtypes a trainer sends, of sizes on both sides of a small bucket: larger
+    than a bucket alone, filling one exactly with its neighbours (64 + 256 + 12 + 1280 bytes), a
+    scalar, an empty one. Wider dtypes come first, so every tensor starts at an offset its dtype
+    can be viewed at (see `test_a_packed_bucket_vllm_cannot_view_is_refused_before_sending`)."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"norm.weight": ([16], torch.float32), "exact.weight": ([64], torch.float32), "last.bias": ([3], torch.float32),
+              "embed.weight": ([40, 16], torch.bfloat16), "scale": ([], torch.float16), "empty.bias": ([0], torch.bfloat16),
+              "proj.weight": ([8, 8], torch.float16), "head.weight": ([300], torch.bfloat16)}
+    module = torch.nn.Module()
+    for name, (shape, dtype) in shapes.items():
+        value = torch.randn(shape, generator=generator).to(dtype)
+        module.register_parameter(name.replace(".", "_"), torch.nn.Parameter(value, requires_grad=True))
+    return module
+
+
+SMALL_BUCKET = 320  # bytes: "norm.weight" + "exact.weight" fill one exactly, so the bucket closes only after "last.bias"
+
+
+@pytest.fixture(params=["tiny Qwen2.5-VL in bfloat16", "mixed dtypes and sizes"])
+def trained_module(request, tiny_dir):
+    if request.param == "mixed dtypes and sizes":
+        return mixed_parameters()
+    return load_model(tiny_dir).to(torch.bfloat16)
+
+
+@pytest.mark.filterwarnings("ignore:Tensor .* exceeds buffer_size_bytes")  # vLLM's note on a tensor above a small bucket
+@pytest.mark.parametrize("bucket_bytes", [SMALL_BUCKET, PACKED_BUFFER_SIZE_BYTES], ids=["small buckets", "vLLM's 1 GiB"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_our_sender_broadcasts_exactly_what_vllms_trainer_engine_broadcasts(
+        cuda_streams_as_no_ops, trained_module, packed, bucket_bytes):
+    """vLLM's NCCLTrainerWeightTransferEngine (its `_broadcast`: packed_nccl_broadcast_producer, or one
+    tensor at a time) and our `send_buckets`, given the same parameters, make the same broadcasts:
+    same count, same sizes, same bytes, in the same order."""
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
+
+    source = ModuleSource(trained_module)
+    vllm_trainer = NCCLTrainerWeightTransferEngine(client=None, source=source, packed=packed,
+                                                   packed_buffer_size_bytes=bucket_bytes)
+    vllm_trainer.model_update_group = vllms = RecordingCommunicator()
+    vllm_trainer._broadcast(source, source.metadata)
+
+    ours = RecordingCommunicator()
+    sent = send_buckets(RecordedGroup(ours), trained_state(trained_module, everything=True).items(), packed,
+                        bucket_bytes=bucket_bytes)
+
+    assert len(ours.sent) == len(vllms.sent) > 0
+    if packed and bucket_bytes == SMALL_BUCKET:
+        assert len(ours.sent) > 1  # the small buckets test bucket boundaries
+    for index, (mine, theirs) in enumerate(zip(ours.sent, vllms.sent)):
+        assert (mine.dtype, mine.shape) == (theirs.dtype, theirs.shape), f"broadcast {index}"
+        assert torch.equal(mine.reshape(-1).view(torch.uint8), theirs.reshape(-1).view(torch.uint8)), f"broadcast {index}"
+    assert sent == sum(t.numel() * t.element_size() for t in ours.sent)
+    # The update info our sender announces is the one vLLM's trainer engine announces.
+    info = update_info(trained_state(trained_module, everything=True), version=1, packed=packed)
+    assert (info["names"], info["dtype_names"], info["shapes"]) == (
+        [m.name for m in source.metadata], [str(m.dtype).split(".")[-1] for m in source.metadata],
+        [list(m.shape) for m in source.metadata])
+
+
+class LoadRecorder(torch.nn.Module):
+    """A model whose `load_weights` keeps copies of what it is given (vLLM passes views of a bucket)."""
+
+    def __init__(self):
+        super().__init__()
+        self.loaded: list[tuple[str, torch.Tensor]] = []
+
+    def load_weights(self, weights):
+        self.loaded += [(name, tensor.clone()) for name, tensor in weights]
+        return {name for name, _ in weights}
+
+
+@pytest.mark.parametrize("bucket_bytes", [SMALL_BUCKET, PACKED_BUFFER_SIZE_BYTES], ids=["small buckets", "vLLM's 1 GiB"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_vllms_worker_engine_receives_our_broadcast_as_our_tensors(
+        cuda_streams_as_no_ops, vllm_config, trained_module, packed, bucket_bytes):
+    """What our sender broadcasts, fed to vLLM's NCCLWeightTransferEngine (set up from the init info
+    our engine sends it, receiving with the update info our trainer announces), reaches the
+    model's `load_weights` as exactly our tensors: names, dtypes, shapes and values, every
+    broadcast consumed."""
+    from vllm.distributed.weight_transfer import nccl_engine
+
+    tensors = trained_state(trained_module, everything=True)
+    ours = RecordingCommunicator()
+    send_buckets(RecordedGroup(ours), tensors.items(), packed, bucket_bytes=bucket_bytes)
+
+    receiving = RecordingCommunicator(replay=ours.sent)
+    model = LoadRecorder()
+    worker = nccl_engine.NCCLWeightTransferEngine(vllm_config.weight_transfer_config, vllm_config,
+                                                  torch.device("cpu"), model)
+    init = {**weight_transfer_init_info("10.0.0.1", 29600, 1, 2, packed), "packed_buffer_size_bytes": bucket_bytes}
+    with pytest.MonkeyPatch.context() as patch:  # the NCCL group itself: the recorded broadcasts
+        patch.setattr(nccl_engine, "worker_init_process_group", lambda init_info, parallel_config: receiving)
+        worker.init_transfer_engine(worker.parse_init_info(init))
+    info = update_info(tensors, version=1, packed=packed)
+    worker.receive_weights(worker.parse_update_info({key: info[key] for key in ("names", "dtype_names", "shapes")}))
+
+    assert receiving.unreceived() == 0
+    assert [name for name, _ in model.loaded] == list(tensors)
+    for (name, received), expected in zip(model.loaded, tensors.values()):
+        assert (received.dtype, received.shape) == (expected.dtype, expected.shape), name
+        assert torch.equal(received, expected), name
+
+
+def test_a_packed_bucket_vllm_cannot_view_is_refused_before_sending(cuda_streams_as_no_ops, vllm_config):
+    """An fp32 tensor after an odd count of bf16 elements sits in a bucket where vLLM's worker cannot
+    view it (so neither can ours): the sender names it before anything is broadcast."""
+    from vllm.distributed.weight_transfer import nccl_engine
+
+    tensors = {"a": torch.ones(3, dtype=torch.bfloat16), "b": torch.ones(2, dtype=torch.float32)}
+    assert unaligned_in_buckets(tensors) == ["b"]
+    assert unaligned_in_buckets({"b": tensors["b"], "a": tensors["a"]}) == []
+    assert unaligned_in_buckets(tensors, bucket_bytes=4) == []  # "b" opens a bucket of its own
+
+    ours = RecordingCommunicator()
+    send_buckets(RecordedGroup(ours), tensors.items(), packed=True)
+    worker = nccl_engine.NCCLWeightTransferEngine(vllm_config.weight_transfer_config, vllm_config,
+                                                  torch.device("cpu"), LoadRecorder())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nccl_engine, "worker_init_process_group",
+                      lambda init_info, parallel_config: RecordingCommunicator(replay=ours.sent))
+        worker.init_transfer_engine(worker.parse_init_info(weight_transfer_init_info("10.0.0.1", 29600, 1, 2, True)))
+    info = update_info(tensors, version=1)
+    with pytest.raises(RuntimeError, match="storage_offset"):
+        worker.receive_weights(worker.parse_update_info({key: info[key] for key in ("names", "dtype_names", "shapes")}))
+
+
+def test_our_init_info_is_the_one_vllms_trainer_engine_sends_its_workers(vllm_on_cpu):
+    from vllm.distributed.weight_transfer.nccl_common import build_worker_init_payload
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+    for packed in (True, False):
+        vllms = build_worker_init_payload(
+            NCCLTrainerInitInfo(rank=0, master_address="10.0.0.1", master_port=29600, world_size=2), packed=packed)
+        assert weight_transfer_init_info("10.0.0.1", 29600, 1, 2, packed) == vllms
+
+
+def test_the_trainer_joins_the_group_as_vllms_trainer_init_does(vllm_on_cpu, vllm_config, monkeypatch):
+    """vLLM's `trainer_init` (the trainer's side) and `worker_init_process_group` (a worker's) against
+    our `join_weight_group` as the trainer's leader (rank 0) and as an hf engine on a GPU (its
+    rank_offset): the same rendezvous store and NCCL communicator, made with the same arguments,
+    on a device with an index (vLLM's communicator refuses tensors of any other device)."""
+    from vllm.distributed import utils
+    from vllm.distributed.device_communicators import pynccl
+    from vllm.distributed.weight_transfer import nccl_common
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferInitInfo
+
+    made: list[tuple] = []
+
+    class Store:
+        def __init__(self, **arguments):
+            made.append(("store", arguments))
+
+    class Communicator:  # the GPU boundary: vLLM's PyNcclCommunicator(group, device)
+        def __init__(self, group, device):
+            made.append(("communicator", type(group).__name__, device))
+            self.group = group
+
+    monkeypatch.setattr(utils.StatelessProcessGroup, "create", staticmethod(lambda **arguments: Store(**arguments)))
+    monkeypatch.setattr(pynccl, "PyNcclCommunicator", Communicator)
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 3)
+
+    nccl_common.trainer_init({"master_address": "10.0.0.1", "master_port": 29600, "world_size": 5})
+    vllms, made[:] = list(made), []
+    group = join_weight_group("10.0.0.1", 29600, 0, 5, torch.device("cuda"), timedelta(seconds=5))
+    assert made == vllms
+    assert group.device == torch.device("cuda:3")  # PyNcclCommunicator's device from index 3
+
+    init = NCCLWeightTransferInitInfo(master_address="10.0.0.1", master_port=29600, rank_offset=2, world_size=5)
+    made[:] = []
+    nccl_common.worker_init_process_group(init, vllm_config.parallel_config)
+    vllms, made[:] = list(made), []
+    group = join_weight_group("10.0.0.1", 29600, 2, 5, torch.device("cuda", 3), timedelta(seconds=5))
+    assert made == vllms
+    assert group.device == torch.device("cuda:3")

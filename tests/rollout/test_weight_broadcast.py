@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from deepeyes.config import ModelConfig
 from deepeyes.rollout import weight_sync
 from deepeyes.rollout.client import RolloutClient
-from deepeyes.rollout.weight_sync import BroadcastWeightSync, weights_digest
+from deepeyes.rollout.weight_sync import BroadcastFailed, BroadcastWeightSync, weights_digest
 from deepeyes.service import LOOPBACK, auth_headers, free_port, local_services, read_token
 from deepeyes.train.setup import load_policy
 from tests.launch.conftest import slurm_cluster  # noqa: F401  (the fixture, for the Slurm job)
@@ -66,6 +67,16 @@ def get(service, path):
         return json.load(response)
 
 
+def post(service, path, body) -> tuple[int, dict]:
+    request = urllib.request.Request(service.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={**auth_headers(service.token), "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
 def served_digests(servers):
     return [get(s, "/weights/digest")["sha256"] for s in servers]
 
@@ -87,7 +98,7 @@ def trainer_world(tiny_dir, tmp_path):
 
 
 def test_broadcast_leaves_every_server_bit_equal_to_the_trainer_after_each_step_and_a_restart(
-    trainer_world, tiny_dir, token_file, tmp_path
+    trainer_world, tiny_dir, token_file, tmp_path, monkeypatch
 ):
     servers = [rollout_server(f"rollout{i}", tiny_dir, token_file, tmp_path) for i in range(2)]
     with local_services(servers, ready_timeout_s=120):
@@ -95,6 +106,14 @@ def test_broadcast_leaves_every_server_bit_equal_to_the_trainer_after_each_step_
         # Packed buckets, vLLM's NCCL format (the other test runs the unpacked, in-place path).
         sync = BroadcastWeightSync(lambda: RolloutClient([s.url for s in servers], read_token(token_file)),
                                    LOOPBACK, timeout_s=60, packed=True)
+        paused_when_sending = []  # every member must have paused before the first byte is broadcast
+        real_send = weight_sync.send_buckets
+
+        def send_once_all_paused(group, tensors, packed=True, *args):
+            paused_when_sending.append([get(s, "/info")["weights_paused_for"] for s in servers])
+            return real_send(group, tensors, packed, *args)
+
+        monkeypatch.setattr(weight_sync, "send_buckets", send_once_all_paused)
         try:
             sync.publish(policy.model, 0, everything=True)  # as a job starts: the group forms once
             assert served_digests(servers) == [weights_digest(policy.model)] * 2
@@ -115,7 +134,22 @@ def test_broadcast_leaves_every_server_bit_equal_to_the_trainer_after_each_step_
                 assert infos[0]["weight_group"] == infos[1]["weight_group"] == sync.group_id
             assert sync.formations == 2  # once at the start, once to take the restarted server back in
             assert sum(sync.server_failures.values()) == 0
+            assert paused_when_sending == [[version, version] for version in range(STEPS + 1)]
             leader_digest = weights_digest(policy.model)
+
+            # `packed` was announced when the group formed: a pause for another wire format is refused.
+            status, reply = post(servers[0], "/weights/pause", {"version": 99, "packed": False})
+            assert status == 409 and "packed" in reply["error"]
+            # A member that cannot pause (here: paused already) stops the broadcast before it starts:
+            # the other member is resumed with its weights untouched, and the publish fails loudly.
+            assert post(servers[1], "/weights/pause", {"version": 99, "packed": True}) == (200, {"paused": 99})
+            with pytest.raises(BroadcastFailed, match="could not pause"):
+                sync.publish(policy.model, STEPS + 1)
+            assert len(paused_when_sending) == STEPS + 1  # nothing was broadcast
+            assert [get(s, "/info")["weights_paused_for"] for s in servers] == [None, 99]
+            assert get(servers[0], "/info")["weight_version"] == STEPS
+            assert post(servers[1], "/weights/resume", {}) == (200, {"resumed": 99})
+            assert served_digests(servers) == [leader_digest] * 2
         finally:
             sync.close()
     assert trainer_world.read_text() == leader_digest  # both trainer ranks hold what the servers hold
