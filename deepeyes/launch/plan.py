@@ -47,6 +47,7 @@ from typing import Any
 from deepeyes.launch.memory import (
     DTYPE_BYTES, TRAINER_RESERVE_GIB, ModelShape, TrainerLayout, model_shape, rollout_memory, trainer_memory,
 )
+from deepeyes.rollout.vllm_engine import rollout_max_model_len
 
 PORT_RANGE = 12000  # every job's ports lie in [port_base, port_base + PORT_RANGE)
 MIN_PORTS_PER_JOB = 100
@@ -155,14 +156,10 @@ class LaunchPlan:
 # per process.
 TRAJECTORY_BYTES_PER_TOKEN = 70
 SANDBOX_SESSION_GB = 0.025
-PROMPT_TEXT_TOKENS = 1024  # the system prompt and a question; the prompt's image comes on top
-PIXELS_PER_IMAGE_TOKEN = 28 * 28  # Qwen2.5-VL: 14-pixel patches, 2 x 2 merged into one token
-
-
 def max_trajectory_tokens(cfg: Any) -> int:
-    """The longest trajectory the rollout limits allow: the prompt (text and its image at the
-    per-image pixel maximum) and `rollout.max_response_tokens`. vLLM's max_model_len."""
-    return PROMPT_TEXT_TOKENS + cfg.model.max_pixels // PIXELS_PER_IMAGE_TOKEN + cfg.rollout.max_response_tokens
+    """The longest trajectory the rollout limits allow (vLLM's max_model_len; the trainer's
+    sequence length): deepeyes.rollout.vllm_engine.rollout_max_model_len."""
+    return rollout_max_model_len(cfg.model, cfg.rollout)
 
 
 @dataclass(frozen=True)
@@ -199,19 +196,30 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
             next_port += 1
         roles.append(role)
 
-    # The trainer: plain memory estimate, host side. On GPUs the host holds a staging copy of the
-    # weights while loading; on CPU it holds fp32 weights, gradients and Adam's two moments.
+    # The trainer, host side, per rank. On GPUs a megatron rank reads only its own slices of the
+    # checkpoint (1.04-1.22x its share measured by bench/host_memory.py --loading, so 1.25x), the
+    # reference trainer the whole model; on CPU it holds fp32 weights, gradients and Adam's moments.
+    # The RL leader (node 0) also keeps the whole HF model for its rollout side.
     params = shape.parameters if shape else 0
-    trainer_memory_gb = (weight_gb + 4) if cluster.gpus_per_node else (params * 16 / 1e9 + 2)
+    if not cluster.gpus_per_node:
+        trainer_memory_gb = params * 16 / 1e9 + 2
+    elif cfg.trainer.backend == "megatron" and shape is not None:
+        split = cfg.trainer.tensor_parallel * cfg.trainer.pipeline_parallel
+        share = shape.language_parameters / split + shape.vision.parameters
+        trainer_memory_gb = 1.25 * DTYPE_BYTES[cfg.model.dtype] * share / 1e9 + 4
+    else:
+        trainer_memory_gb = weight_gb + 4
     pixel_cache_gb = cfg.model.pixel_cache_mb / 1024
     trainer_memory_gb += pixel_cache_gb
-    if job == "rl":  # the step's trajectories, all held by the trainer until its update
+    if job == "rl":  # the step's trajectories, held by every rank until its update
         trainer_memory_gb += (cfg.grpo.prompts_per_step * cfg.rollout.n * max_trajectory_tokens(cfg)
                               * TRAJECTORY_BYTES_PER_TOKEN / 1e9)
+    leader_copy_gb = weight_gb if job == "rl" and cluster.gpus_per_node and cfg.trainer.backend == "megatron" else 0.0
     trainer_gpu = _trainer_gpu_memory(job, cfg, place, shape)
     for node in range(place.trainer_nodes):
         add(Role("trainer", trainer_command(launch_dir), node=node, gpus=place.trainer_gpus, main=True,
-                 memory_gb=trainer_memory_gb * place.ranks_per_node, gpu_memory=trainer_gpu,
+                 memory_gb=trainer_memory_gb * place.ranks_per_node + (leader_copy_gb if node == 0 else 0.0),
+                 gpu_memory=trainer_gpu,
                  processes=place.ranks_per_node, first_rank=node * place.ranks_per_node, world_size=place.world),
             serves=False)
     server_memory_gb = ((weight_gb + 2) if cluster.gpus_per_node else (params * 4 / 1e9 + 1)) + pixel_cache_gb

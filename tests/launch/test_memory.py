@@ -110,13 +110,13 @@ def test_a_paper_like_7b_config_on_8_nodes_fits_and_a_plain_one_is_refused_namin
     assert 20 < total < H100_GIB - TRAINER_RESERVE_GIB
     engines = [r for r in plan.roles if r.name == "rollout"]
     assert len(engines) == 4 * 8 and all(len(r.gpus) == 1 for r in engines)
-    assert "sequences of 17742 tokens at once" in engines[0].gpu_memory
+    assert "sequences of 22757 tokens at once" in engines[0].gpu_memory
 
     plain = [*PAPER_7B_RL, "trainer.tensor_parallel=1", "trainer.sequence_parallel=false", "trainer.distributed_optimizer=false"]
     with pytest.raises(ValueError, match="the trainer does not fit its GPUs") as refused:
         build_plan("rl", job_config(*plain), tmp_path)
     for named in ("cluster.gpu_memory_gb=80", "trainer.tensor_parallel=1", "trainer.distributed_optimizer=False",
-                  "trainer.recompute=True", "grpo.micro_batch_size=1 x 17742 tokens"):
+                  "trainer.recompute=True", "grpo.micro_batch_size=1 x 22757 tokens"):
         assert named in str(refused.value)
 
 
@@ -130,7 +130,7 @@ def test_max_model_len_and_the_engine_flags_come_from_the_rollout_limits(tmp_pat
     cfg = job_config(*PAPER_7B_RL, "rollout.tensor_parallel=2", "rollout.gpu_memory_utilization=0.9")
     plan = build_plan("rl", cfg, tmp_path)
     command = next(r for r in plan.roles if r.name == "rollout").command
-    assert max_trajectory_tokens(cfg) == 1024 + 262144 // 784 + 16384
+    assert max_trajectory_tokens(cfg) == 1024 + 4194304 // 784 + 16384  # text, every image of the trajectory, response
     flags = dict(zip(command, command[1:]))
     assert flags["--tensor-parallel"] == "2" and flags["--gpu-memory-utilization"] == "0.9"
     assert flags["--max-model-len"] == str(max_trajectory_tokens(cfg))

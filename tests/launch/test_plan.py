@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from deepeyes.config import register_configs, to_object
 from deepeyes.launch.plan import (
-    PORT_RANGE, PROMPT_TEXT_TOKENS, SANDBOX_SESSION_GB, TRAJECTORY_BYTES_PER_TOKEN, LaunchPlan, build_plan,
+    PORT_RANGE, SANDBOX_SESSION_GB, TRAJECTORY_BYTES_PER_TOKEN, LaunchPlan, build_plan,
 )
 from tests.paths import CONF_DIR, REPO
 
@@ -205,7 +205,7 @@ def test_the_memory_estimate_follows_the_measured_image_path_costs(tmp_path):
         return {(r.node, r.name): r.memory_gb for r in plan.roles}
 
     paper = memory()  # 256 prompts x 16 rollouts, responses up to 16384 tokens
-    trajectory_gb = (PROMPT_TEXT_TOKENS + 262144 // 784 + 16384) * TRAJECTORY_BYTES_PER_TOKEN / 1e9
+    trajectory_gb = (1024 + 4194304 // 784 + 16384) * TRAJECTORY_BYTES_PER_TOKEN / 1e9  # text, trajectory images, response
     twice = memory("grpo.prompts_per_step=512")
     assert twice[0, "trainer"] - paper[0, "trainer"] == pytest.approx(256 * 16 * trajectory_gb)
     cache = memory("model.pixel_cache_mb=2048")  # the 7B config keeps 1024 MB
