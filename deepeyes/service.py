@@ -54,10 +54,27 @@ SAFE_VARIABLES = frozenset({
 SAFE_PREFIXES = ("LC_",)
 
 
+# What a service process (rollout server, judge, search) may inherit beyond that: the GPU stack's,
+# the scheduler's and our own settings, and offline switches; never a token or key.
+RUNTIME_VARIABLES = frozenset({
+    "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "LD_PRELOAD",
+})
+RUNTIME_PREFIXES = ("CUDA_", "NCCL_", "NVIDIA_", "VLLM_", "TORCH_", "TRITON_", "OMP_", "MKL_", "SLURM_", "DEEPEYES_")
+
+
 def safe_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The allowlisted part of `environ` (default: this process's environment)."""
     environ = os.environ if environ is None else environ
     return {name: value for name, value in environ.items() if name in SAFE_VARIABLES or name.startswith(SAFE_PREFIXES)}
+
+
+def service_environment(secrets: Sequence[str] = (), environ: dict[str, str] | None = None) -> dict[str, str]:
+    """A service's environment: the safe variables, the runtime's, and only the secrets it names
+    (e.g. the search service's SERPAPI_API_KEY) — not the trainer's wandb or API keys."""
+    environ = os.environ if environ is None else environ
+    runtime = {name: value for name, value in environ.items()
+               if name in RUNTIME_VARIABLES or name.startswith(RUNTIME_PREFIXES)}
+    return safe_environment(environ) | runtime | {name: environ[name] for name in secrets if name in environ}
 
 
 # ---- the token -------------------------------------------------------------------------------
@@ -163,7 +180,9 @@ class LocalService:
     log_path: Path
     host: str = LOOPBACK
     env: dict[str, str] = field(default_factory=dict)
-    clean_environment: bool = False  # True: only safe_environment() + env, none of this process's secrets
+    # True: service_environment(secrets) + env, none of this process's other secrets; False: all of it.
+    clean_environment: bool = False
+    secrets: Sequence[str] = ()
     process: subprocess.Popen | None = None
 
     @property
@@ -175,7 +194,8 @@ class LocalService:
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 list(self.argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**(safe_environment() if self.clean_environment else os.environ), **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
+                env={**(service_environment(self.secrets) if self.clean_environment else os.environ), **self.env},
+                start_new_session=True, preexec_fn=_die_with_parent,
             )
         log.info("started %s (pid %d) on %s, log %s", self.name, self.process.pid, self.url, self.log_path)
 

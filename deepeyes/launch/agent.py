@@ -168,7 +168,8 @@ class NodeAgent:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(self.plan.gpus_per_node))))
             env["CUDA_VISIBLE_DEVICES"] = ",".join(visible.split(",")[i] for i in role.gpus)
         log_path = self.run_dir / self.plan.log_name(role, rank)
-        return LocalService(role.name, argv, port, read_token(self.token_file), log_path, host=host, env=env)
+        return LocalService(role.name, argv, port, read_token(self.token_file), log_path, host=host, env=env,
+                            clean_environment=not role.inherit_environment, secrets=role.secrets)
 
     def _rendezvous_env(self) -> dict[str, str]:
         job_id = self.allocation.job_id

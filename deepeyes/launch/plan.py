@@ -68,6 +68,11 @@ class Role:
     main: bool = False  # the job is over when this role exits
     memory_gb: float = 0.0  # estimated host memory
     gpu_memory: str = ""  # the estimate per GPU, as the dry run prints it
+    # The node agent starts a role with the job's whole environment only when it inherits it (the
+    # trainer: wandb; extra roles: the user's command); any other role gets deepeyes.service's
+    # service_environment and just the secrets it names (search: SERPAPI_API_KEY).
+    inherit_environment: bool = False
+    secrets: list[str] = field(default_factory=list)
     # A multi-rank trainer: this node's `processes` ranks are first_rank, first_rank + 1, ... of world_size.
     processes: int = 1
     first_rank: int = 0
@@ -218,13 +223,14 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
     trainer_gpu = _trainer_gpu_memory(job, cfg, place, shape)
     for node in range(place.trainer_nodes):
         add(Role("trainer", trainer_command(launch_dir), node=node, gpus=place.trainer_gpus, main=True,
+                 inherit_environment=True,
                  memory_gb=trainer_memory_gb * place.ranks_per_node + (leader_copy_gb if node == 0 else 0.0),
                  gpu_memory=trainer_gpu,
                  processes=place.ranks_per_node, first_rank=node * place.ranks_per_node, world_size=place.world),
             serves=False)
     server_memory_gb = ((weight_gb + 2) if cluster.gpus_per_node else (params * 4 / 1e9 + 1)) + pixel_cache_gb
     if job == "rl":
-        from deepeyes.rollout.services import search_service_command
+        from deepeyes.rollout.services import search_secrets, search_service_command
         from deepeyes.train.setup import data_paths
 
         engines, judge_slot = _engine_slots(cfg, place)
@@ -240,7 +246,8 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
         search = search_service_command(
             cfg, paths.corpus, paths.image_index, paths.train, launch_dir / "search_cache", PORT, TOKEN_FILE
         )
-        add(Role("search", search + ["--host", HOST], node=0, ready=True, memory_gb=1.0))
+        add(Role("search", search + ["--host", HOST], node=0, ready=True, memory_gb=1.0,
+                 secrets=search_secrets(cfg.tools)))
         if judge_slot is not None:
             judge_path = Path(cfg.reward.judge.model) if cfg.reward.judge.model else _tiny_model_path()
             node, gpus = judge_slot
@@ -260,7 +267,8 @@ def build_plan(job: str, cfg: Any, launch_dir: Path) -> LaunchPlan:
         if not extra.name or not extra.command:
             raise ValueError(f"config cluster.extra_roles: every role needs a name and a command, got {extra}")
         for node in range(cluster.nodes) if extra.every_node else [0]:
-            add(Role(extra.name, list(extra.command), node=node, ready=extra.ready, memory_gb=1.0))
+            add(Role(extra.name, list(extra.command), node=node, ready=extra.ready, memory_gb=1.0,
+                     inherit_environment=True))
     ports_per_job = MIN_PORTS_PER_JOB * math.ceil(next_port / MIN_PORTS_PER_JOB)
     if cluster.port_base + PORT_RANGE > 65536 or ports_per_job > PORT_RANGE:
         raise ValueError(f"config cluster.port_base={cluster.port_base}: the job's ports need "

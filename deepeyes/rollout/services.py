@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from deepeyes.config import RLJobConfig
+from deepeyes.config import SERPAPI_KEY_VARIABLE, RLJobConfig
 from deepeyes.service import (
     LocalService, free_port, local_services, new_token_file, python_module, read_token,
 )
@@ -64,6 +64,12 @@ def search_service_command(cfg: RLJobConfig, corpus: Path | None, image_index: P
     return argv + [str(part) for flag, value in optional.items() if value for part in (flag, value)]
 
 
+def search_secrets(tools) -> list[str]:
+    """The secrets the search service uses: the SerpAPI key when a backend searches the web."""
+    uses_serpapi = "serpapi" in (tools.search_backend, tools.image_search_backend)
+    return [SERPAPI_KEY_VARIABLE] if uses_serpapi else []
+
+
 @contextlib.contextmanager
 def rl_services(
     cfg: RLJobConfig, out_dir: Path, policy_path: Path, weight_version: int, corpus: Path | None,
@@ -81,9 +87,10 @@ def rl_services(
     token_file = new_token_file(service_dir)
     token = read_token(token_file)
 
-    def service(name: str, make_argv) -> LocalService:
-        port = free_port()
-        return LocalService(name, make_argv(port), port, token, service_dir / f"{name}.log")
+    def service(name: str, make_argv, secrets: list[str] = ()) -> LocalService:
+        port = free_port()  # no service gets the trainer's secrets (wandb, API keys), only those it names
+        return LocalService(name, make_argv(port), port, token, service_dir / f"{name}.log",
+                            clean_environment=True, secrets=secrets)
 
     services = [
         service(f"{ROLLOUT}{i}", lambda port: rollout_server_command(
@@ -91,7 +98,7 @@ def rl_services(
         for i in range(cfg.rollout.servers)
     ]
     services.append(service(SEARCH, lambda port: search_service_command(
-        cfg, corpus, image_index, records, service_dir / "search_cache", port, token_file)))
+        cfg, corpus, image_index, records, service_dir / "search_cache", port, token_file), search_secrets(cfg.tools)))
     if cfg.reward.judge.enabled:
         judge_model = Path(cfg.reward.judge.model) if cfg.reward.judge.model else _tiny_model()
         services.append(service(JUDGE, lambda port: rollout_server_command(

@@ -316,7 +316,7 @@ def teacher_endpoint(cfg: SynthJobConfig, out_dir: Path) -> Iterator[tuple[str, 
     port = free_port()
     checkpoint = Path(teacher.checkpoint) if teacher.checkpoint else ensure_tiny_model()
     server = LocalService("teacher", rollout_server_command(cfg, checkpoint, port, token_file, 0, cfg.rollout.server_threads),
-                          port, read_token(token_file), out_dir / "services" / "teacher.log")
+                          port, read_token(token_file), out_dir / "services" / "teacher.log", clean_environment=True)
     with local_services([server]):
         yield server.url + "/v1", read_token(token_file)
 

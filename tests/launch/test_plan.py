@@ -213,3 +213,14 @@ def test_the_memory_estimate_follows_the_measured_image_path_costs(tmp_path):
     assert cache[1, "rollout"] - paper[1, "rollout"] == pytest.approx(1.0)
     sessions = memory("tools.code.max_sessions=128")
     assert sessions[0, "sandbox"] - paper[0, "sandbox"] == pytest.approx(64 * SANDBOX_SESSION_GB)
+
+
+def test_only_the_trainer_and_extra_roles_inherit_the_jobs_environment_and_search_names_its_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERPAPI_API_KEY", "x")
+    plan = build_plan("rl", job_config("cluster=slurm", "nodes=2", "tools.search_backend=serpapi",
+                                       "+cluster.extra_roles=[{name: probe, command: [true]}]"), tmp_path)
+    inheriting = {r.name for r in plan.roles if r.inherit_environment}
+    assert inheriting == {"trainer", "probe"}
+    assert {r.name: r.secrets for r in plan.roles if r.secrets} == {"search": ["SERPAPI_API_KEY"]}
+    local = build_plan("rl", job_config("cluster=slurm", "nodes=2"), tmp_path)
+    assert not any(r.secrets for r in local.roles)

@@ -81,3 +81,31 @@ def test_interrupting_the_job_stops_its_services(tmp_path, sig):
     finally:
         if job.poll() is None:
             job.kill()
+
+
+def test_services_get_no_secret_of_the_trainer_and_search_only_the_key_it_uses(tmp_path, monkeypatch):
+    """Canaries planted in the trainer's environment reach none of the service processes; the
+    search service gets SERPAPI_API_KEY exactly when a search backend is serpapi."""
+    from deepeyes.rollout.services import rl_services
+    from deepeyes.train.setup import data_paths, ensure_tiny_model
+
+    canaries = {"WANDB_API_KEY": "canary-wandb", "OPENAI_API_KEY": "canary-openai", "SERPAPI_API_KEY": "canary-serp"}
+    for name, value in canaries.items():
+        monkeypatch.setenv(name, value)
+
+    def service_environments(name, *overrides):
+        cfg = rl_config(tmp_path / name, "rollout.servers=1", *overrides)
+        paths = data_paths(cfg.data, cfg.tools)
+        with rl_services(cfg, tmp_path / "run", ensure_tiny_model(), 0, paths.corpus, paths.image_index, paths.train):
+            processes = service_processes(psutil.Process())
+            return {next(m for m in SERVICE_MODULES if m in " ".join(p.cmdline())): p.environ() for p in processes}
+
+    local = service_environments("local")
+    assert set(local) == set(SERVICE_MODULES)
+    assert all(name not in env for env in local.values() for name in canaries)
+    assert local["deepeyes.tools.search_service"]["PATH"]  # what a process needs is still there
+
+    web = service_environments("web", "tools.image_search_backend=serpapi")
+    assert web["deepeyes.tools.search_service"]["SERPAPI_API_KEY"] == "canary-serp"
+    assert all(name not in web["deepeyes.tools.search_service"] for name in ("WANDB_API_KEY", "OPENAI_API_KEY"))
+    assert all(name not in web["deepeyes.rollout.server"] for name in canaries)
