@@ -84,6 +84,8 @@ class GRPOTrainer:
     def step(self, step: int) -> tuple[dict[str, float], list[Trajectory]]:
         """One GRPO step; returns its metrics and its scored trajectories."""
         started = time.perf_counter()
+        # The previous step's image store: kept until the job logged that step's sample table.
+        clear_scratch(self.toolbox.scratch_root)
         trajectories = self.collect(step)
         rollout_s = time.perf_counter() - started
         advantages = grpo_advantages([t.reward for t in trajectories], [t.group for t in trajectories])
@@ -91,7 +93,6 @@ class GRPOTrainer:
         update_metrics = self.update(trajectories, advantages)
         self.publish_weights(step + 1)
         self.policy.pixels.release()
-        clear_scratch(self.toolbox.scratch_root)
 
         metrics = rollout_metrics(trajectories, step)
         metrics.update(update_metrics)
