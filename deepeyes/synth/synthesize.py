@@ -227,7 +227,9 @@ class Synthesizer:
             "data_source": attempt.record.data_source, "family": attempt.record.family,
         }
         try:
-            trajectory = await run_episode(attempt.record, attempt.index, attempt.attempt, STEP, seed, self.engine,
+            # The question's images as store copies: the sandbox reads inputs only under its store root.
+            record = self.toolbox.stored(attempt.record)
+            trajectory = await run_episode(record, attempt.index, attempt.attempt, STEP, seed, self.engine,
                                            self.engine.encoder, self.toolbox, self.limits, self.cfg.protocol.variant)
         except TeacherError as error:
             log.warning("%s: %s", attempt.id, error)

@@ -84,6 +84,8 @@ def served_digests(servers):
 @pytest.fixture
 def trainer_world(tiny_dir, tmp_path):
     """This process as rank 0 of a 2-rank gloo trainer; yields rank 1's digest file."""
+    if dist.is_initialized():  # an earlier in-process megatron run's world of one (init_parallel keeps it)
+        dist.destroy_process_group()
     port = free_port()
     digest_file = tmp_path / "follower.sha256"
     code = "import sys; from tests.rollout.test_weight_broadcast import follower; follower(*sys.argv[1:])"
@@ -206,9 +208,11 @@ def test_an_rl_job_on_three_slurm_nodes_moves_its_weights_by_broadcast(slurm_clu
     rollout_nodes = [n for n, summary in nodes.items() if "rollout" in summary["roles"]]
     assert sorted(rollout_nodes) == [1, 2] and "trainer" in nodes[0]["roles"]
     assert len(list(run.glob("trainer_node0*.log"))) == 2  # a 2-rank trainer; its leader broadcasts
-    assert "trainer + 2 servers" in (run / "trainer_node0.log").read_text()
+    assert "trainer + 4 servers" in (run / "trainer_node0.log").read_text()  # an engine per GPU of 2 nodes
     for node in rollout_nodes:
-        (log,) = run.glob(f"rollout_node{node}*.log")
-        text = log.read_text()
-        assert "joined weight-broadcast group" in text and "received weight version 2" in text, log
+        logs = sorted(run.glob(f"rollout_node{node}_*.log"))
+        assert len(logs) == 2
+        for log in logs:
+            text = log.read_text()
+            assert "joined weight-broadcast group" in text and "received weight version 2" in text, log
     assert not list(tmp_path.glob("weights/*.safetensors"))  # no file moved the weights

@@ -365,7 +365,10 @@ def test_degenerate_returned_images_never_fail_the_agent_loop(daemon, roots, tin
     (trajectory,) = asyncio.run(rollout([record], 1, 0, 0, policy, encoder, toolbox, EpisodeLimits(3, 4096, 8192), progress=False))
     assert trajectory.finish == "answer"
     returned = trajectory.images[1:]
-    assert [Image.open(path).size for path in returned] == [(5600, 28), (40, 30), (50, 50)]
+    # The daemon fits them (at least 28 pixels a side, at most 200:1, one frame), then the default
+    # protocol variant shows them as the released environment does (a side under 32 scaled up).
+    fitted = [(5600, 28), (40, 30), (50, 50)]
+    assert [Image.open(path).size for path in returned] == [protocol.release_image_size(Image.new("L", s)).size for s in fitted]
     assert all(Image.open(path).format == "PNG" for path in returned)
     observation = trajectory.observations[0]
     assert "[image 4 not returned: 8000x3000 pixels" in observation
