@@ -276,7 +276,9 @@ def main() -> None:
     parser.add_argument("--pixel-cache-mb", type=int, default=256)
     parser.add_argument("--max-sessions", type=int, default=64)
     parser.add_argument("--loading", action="store_true", help="measure rank-local checkpoint loading instead")
-    parser.add_argument("--smoke", action="store_true", help="--loading at a small shape (hidden 256, 4 layers)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny shape that checks the script runs: 2 small photos, 2 rollouts, 2 turns; with "
+                             "--loading, hidden 256 and 4 layers")
     parser.add_argument("--hidden", type=int, default=1024, help="--loading: the synthetic model's width")
     parser.add_argument("--layers", type=int, default=8, help="--loading: its language-model layers")
     parser.add_argument("--tp", type=int, default=2, help="--loading: tensor parallel size (4 ranks in all)")
@@ -285,7 +287,6 @@ def main() -> None:
     parser.add_argument("--loading-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("store", "baseline", "full", "rank_local"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
-    parser.add_argument("--smoke", action="store_true", help="2 small photos, 2 rollouts, 2 turns: checks the script runs")
     args = parser.parse_args()
     if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         # tcmalloc keeps freed memory mapped: the RSS and PSS measured would not be glibc's.
