@@ -43,6 +43,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -158,13 +159,18 @@ def main() -> None:
     pixels = PixelCache(Qwen2VLImageProcessorPil(), 3136, 262144)
     processor = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=PAD_ID))
 
+    scratch = tempfile.TemporaryDirectory(prefix="mfu-")  # removed at exit
+    checkpoint = Path(scratch.name)  # megatron ranks read their slices from the checkpoint's files
+
     def policy() -> Policy:
         """The model with the same random weights on every call (one at a time fits the GPU)."""
         torch.manual_seed(0)
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
         model.model.visual.requires_grad_(False)  # frozen, as model.freeze_vision does
-        return Policy(model, processor, pixels, Path("."))
+        if not (checkpoint / "config.json").exists():
+            model.save_pretrained(checkpoint)
+        return Policy(model, processor, pixels, checkpoint)
 
     generator = torch.Generator().manual_seed(0)
     batch = [TokenSequence(torch.randint(0, PAD_ID, (args.seq,), generator=generator).tolist(), [], [0] + [1] * (args.seq - 1))
