@@ -136,8 +136,11 @@ EOF
   chmod 600 /etc/slurm/slurmdbd.conf
 }
 
-running() {  # running PIDFILE
-  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+running() {  # running PIDFILE: it names a live process that is one of these daemons. /run is on
+  # disk here, so a machine restored from a snapshot finds old pidfiles whose pids others now hold.
+  local pid
+  [ -f "$1" ] && pid=$(cat "$1") && kill -0 "$pid" 2>/dev/null \
+    && grep -qxE 'munged|mariadbd|slurmdbd|slurmctld|slurmd' "/proc/$pid/comm" 2>/dev/null
 }
 
 start_munge() {
@@ -169,12 +172,28 @@ start_slurm() {
   if ! sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER"; then
     sacctmgr -i add cluster "$CLUSTER" >/dev/null
   fi
-  running "$RUN/slurmctld.pid" || slurmctld
+  local restarted=0
+  running "$RUN/slurmctld.pid" || { slurmctld; restarted=1; }
   wait_for 30 slurmctld scontrol ping
   for i in $(seq 1 $NODES); do
     running "$RUN/slurmd-n$i.pid" || slurmd -N "n$i"
   done
   wait_for 60 "$NODES idle nodes" nodes_answer
+  [ $restarted = 0 ] || clear_stale_jobs
+}
+
+clear_stale_jobs() {
+  # A controller started afresh recovers the jobs of its last run from its state files (a machine
+  # restored from a snapshot taken mid-job, or daemons killed under a test). Their processes are
+  # gone, yet the controller holds their nodes until it notices, which took 32 minutes once: every
+  # new job pends behind them. On this one-machine cluster nothing can have survived, so cancel them.
+  local stale
+  stale=$(squeue -h -o %i | tr '\n' ' ')
+  [ -n "${stale// }" ] || return 0
+  log "cancelling jobs recovered from the controller's last run (their processes are gone): $stale"
+  # shellcheck disable=SC2086
+  scancel $stale
+  wait_for 60 "the stale jobs to leave the queue" test -z "$(squeue -h -o %i)"
 }
 
 up() {

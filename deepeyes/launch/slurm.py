@@ -109,11 +109,19 @@ def submit(plan: LaunchPlan, cluster: ClusterConfig, launch_dir: Path) -> submit
     return slurm_executor(plan, cluster, launch_dir / "submitit").submit(SlurmNodeJob(launch_dir))
 
 
+def pending_reason(job_id: str) -> str:
+    """Why Slurm keeps a job waiting (Resources, Priority, ReqNodeNotAvail, ...), as squeue says it."""
+    result = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], capture_output=True, text=True)
+    return result.stdout.strip() or "reason unknown"
+
+
 def wait(job: submitit.Job, launch_dir: Path, poll_s: float = 1.0) -> list[dict]:
     """Block until the job ends; its per-node summaries, or an error with what the nodes reported."""
     last_state = None
     while not job.done(force_check=True):  # one sacct call per poll; submitit alone backs off to minutes
         state = job.state
+        if state == "PENDING":
+            state = f"PENDING ({pending_reason(job.job_id)})"
         if state != last_state:
             log.info("job %s: %s", job.job_id, state)
             last_state = state
