@@ -158,6 +158,7 @@ class SandboxDaemon:
         # The job's files (as the store root's owner) and returned images: two at a time, which
         # bounds the memory that decoding them takes.
         self._files: ThreadPoolExecutor | None = None
+        self._warmer = ThreadPoolExecutor(1, "sandbox-cgroup-warm")  # see CgroupTree.warm
         self.counts: Counter[str] = Counter()
         self.ready = False
 
@@ -235,6 +236,7 @@ class SandboxDaemon:
             self._cgroups.remove()
         if self._files is not None:
             self._files.shutdown()
+        self._warmer.shutdown()
 
     # ---- sessions ---------------------------------------------------------------------------
 
@@ -270,6 +272,8 @@ class SandboxDaemon:
         if self._cgroups is not None:
             self._cgroups.weigh(len(self._sessions))
         if self.ready:
+            if self._cgroups is not None:  # after the cgroup is made: the warming holds cgroup_mutex
+                loop.run_in_executor(self._warmer, self._cgroups.warm)  # not awaited: it only saves time
             session.starting = asyncio.create_task(self._start_kernel(session))
         return session
 
