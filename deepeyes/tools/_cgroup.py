@@ -106,9 +106,21 @@ class SessionCgroup:
 class CgroupTree:
     """Where this daemon's session cgroups go."""
 
-    def __init__(self, version: int, parents: dict[str, Path]):
+    def __init__(self, version: int, parents: dict[str, Path], own_procs: Path):
         self.version = version
         self.parents = parents  # v2: {"": <own>/sessions}; v1: {controller: <own>/deepeyes-sandbox-<pid>}
+        self._own_procs = own_procs  # the cgroup.procs of the cgroup this daemon is in
+
+    def warm(self) -> None:
+        """Start the grace period that the next move into a session's cgroup waits for.
+
+        Every move into a cgroup takes a global kernel lock (cgroup_threadgroup_rwsem) whose
+        first taker after a quiet spell waits for an RCU grace period: 6-15 ms measured here,
+        most of a session's start. Moving this daemon into the cgroup it is already in takes
+        the lock and moves nothing; called (in a thread) when a session opens, the grace period
+        passes while the keeper forks, and the kernel's own move finds the lock ready."""
+        with contextlib.suppress(OSError):
+            _write(self._own_procs, os.getpid())
 
     @classmethod
     def create(cls, name: str) -> CgroupTree:
@@ -192,7 +204,7 @@ class CgroupTree:
                 f"cgroup v2 at {own}: cannot enable {CONTROLLERS} for sessions ({error.strerror}); the daemon "
                 "needs a delegated cgroup of its own"
             ) from None
-        return cls(2, {"": sessions})
+        return cls(2, {"": sessions}, leaf / "cgroup.procs")
 
     @classmethod
     def _v1(cls, name: str) -> CgroupTree:
@@ -202,12 +214,13 @@ class CgroupTree:
                 parent = _mount_point("cgroup", controller) / _own_path(controller) / f"{name}-{os.getpid()}"
                 parent.mkdir(exist_ok=True)
                 parents[controller] = parent
+            own_procs = parents["pids"].parent / "cgroup.procs"
         except OSError as error:
             for parent in parents.values():
                 with contextlib.suppress(OSError):
                     parent.rmdir()
             raise CgroupError(f"cgroup v1: {error}") from None
-        return cls(1, parents)
+        return cls(1, parents, own_procs)
 
 
 def _dead(pid: int) -> bool:

@@ -11,7 +11,9 @@ Each fork is a session's *keeper*: it enters the session's namespaces (see `_iso
 forks the *kernel*, puts it in the session's cgroup (`_cgroup`; the keeper stays outside, so
 the daemon can kill everything in there but the kernel), and the kernel becomes pid 1 of the
 new pid namespace, builds its root filesystem,
-drops its privileges and runs the notebook (`_kernel.Notebook`) over the socket. The keeper
+drops its privileges and runs the notebook (`_kernel.Notebook`) over the socket. The kernel
+sets itself up while the keeper moves it into the cgroup (on cgroup v1 a move waits for an RCU
+grace period, ~10 ms, most of a session's start), and runs no cell before it is in. The keeper
 sends the daemon the kernel's pid, waits for the kernel to die and sends how it died. What
 the daemon reads on a session socket, in order:
 
@@ -96,7 +98,7 @@ def serve(control: socket.socket) -> None:
 def keep_session(spec: dict, session_fd: int, image_fds: list[int]) -> int:
     """In the keeper: enter the namespaces, fork the kernel, put it in the session's cgroup,
     report its pid, map its user namespace to the session's uid (as root, when the kernel asks),
-    and report its end."""
+    let it start serving cells, and report its end."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the fork-server ignores it; we wait for the kernel
     replies = os.fdopen(os.dup(session_fd), "wb")
     try:
@@ -106,14 +108,12 @@ def keep_session(spec: dict, session_fd: int, image_fds: list[int]) -> int:
     except OSError as error:
         send_message(replies, {"error": f"cannot isolate the session: {error}"})
         return 1
-    go_read, go_write = os.pipe()
+    go_read, go_write = os.pipe()  # "m": mapped (or "x": not); "g": in the cgroup, go
     map_read, map_write = os.pipe()  # root: the kernel asks to be mapped to the session's uid
     kernel = os.fork()
     if kernel == 0:
         os.close(go_write)
         os.close(map_read)
-        if os.read(go_read, 1) != b"g":  # wait until the kernel is in its cgroup and the daemon has the pid
-            os._exit(1)
         replies.close()
         run_kernel(spec, session_fd, image_fds, (map_write, go_read))
         os._exit(0)
@@ -131,13 +131,13 @@ def keep_session(spec: dict, session_fd: int, image_fds: list[int]) -> int:
         os.waitpid(kernel, 0)
         return 1
     send_message(replies, {"pid": kernel})
-    os.write(go_write, b"g")
     if os.read(map_read, 1):  # EOF instead: the kernel died before, or needs no mapping
         try:
             _isolation.map_root(kernel, spec["uid"], spec["uid"])
             os.write(go_write, b"m")
         except OSError:
             os.write(go_write, b"x")  # the kernel reports it
+    os.write(go_write, b"g")
     os.close(go_write)
     os.close(map_read)
     _, status = os.waitpid(kernel, 0)
@@ -149,8 +149,9 @@ def keep_session(spec: dict, session_fd: int, image_fds: list[int]) -> int:
 
 
 def run_kernel(spec: dict, session_fd: int, image_fds: list[int], keeper: tuple[int, int]) -> None:
-    """In the kernel: load the images, wall off, then serve cells until the daemon hangs up.
-    `keeper`: (ask, answer) pipe ends to have the keeper map this kernel's user namespace."""
+    """In the kernel: load the images, wall off, wait until the keeper has put this process in
+    the session's cgroup, then serve cells until the daemon hangs up. `keeper`: (ask, answer)
+    pipe ends to have the keeper map this kernel's user namespace and say when it is in."""
     os.setsid()  # its own process group: without namespaces, that is what the daemon kills
     requests = os.fdopen(session_fd, "rb")
     replies = os.fdopen(os.dup(session_fd), "wb")
@@ -159,6 +160,7 @@ def run_kernel(spec: dict, session_fd: int, image_fds: list[int], keeper: tuple[
         os.dup2(devnull, fd)
     try:
         notebook = Notebook(image_fds, "/scratch" if spec["isolated"] else spec["scratch"])
+        install_inline_backend(notebook)
         keep = {0, 1, 2, requests.fileno(), replies.fileno(), *keeper, *image_fds}
         for fd in map(int, os.listdir("/proc/self/fd")):
             if fd not in keep:
@@ -181,12 +183,13 @@ def run_kernel(spec: dict, session_fd: int, image_fds: list[int], keeper: tuple[
             if spec["uid"] is not None:
                 _isolation.become(spec["uid"])
         os.close(ask)
-        os.close(answer)
         _isolation.die_with_parent()
         os.environ.clear()
         os.environ.update(KERNEL_ENV if spec["isolated"] else {**KERNEL_ENV, "HOME": spec["scratch"]})
-        install_inline_backend(notebook)
         apply_limits(spec["limits"])
+        if os.read(answer, 1) != b"g":
+            raise _isolation.IsolationError("the keeper could not put the kernel in the session's cgroup")
+        os.close(answer)
     except Exception as error:  # noqa: BLE001 — reported to the daemon, which raises it
         send_message(replies, {"error": "".join(traceback.format_exception_only(error)).strip()})
         return

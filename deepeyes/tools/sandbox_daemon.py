@@ -115,6 +115,7 @@ class _Session:
     scratch: Path  # isolation none only: the host directory the kernel works in
     cgroup: SessionCgroup | None = None
     kernel: _Kernel | None = None
+    starting: asyncio.Task | None = None  # the kernel's start, begun when the session opens
     cells: int = 0  # never reset, so returned file names stay unique across kernel restarts
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -153,9 +154,11 @@ class SandboxDaemon:
         self._control: socket.socket | None = None
         self._reaper: asyncio.Task | None = None
         self._cgroups: CgroupTree | None = None
+        self._read_only = _python_environment()
         # The job's files (as the store root's owner) and returned images: two at a time, which
         # bounds the memory that decoding them takes.
         self._files: ThreadPoolExecutor | None = None
+        self._warmer = ThreadPoolExecutor(1, "sandbox-cgroup-warm")  # see CgroupTree.warm
         self.counts: Counter[str] = Counter()
         self.ready = False
 
@@ -233,13 +236,15 @@ class SandboxDaemon:
             self._cgroups.remove()
         if self._files is not None:
             self._files.shutdown()
+        self._warmer.shutdown()
 
     # ---- sessions ---------------------------------------------------------------------------
 
     async def open_session(self, images: list[str], out_dir: str | Path, wait_s: float = 600.0) -> _Session:
-        """A session with image_1.. from `images`; its kernel starts with the first cell.
-        Everything is checked before a slot is taken (SessionRefused says what is wrong), and
-        a failure after that frees what was taken. Waits up to `wait_s` for a free slot."""
+        """A session with image_1.. from `images`; its kernel starts now, in the background,
+        while the client sends the first cell (a start that fails is retried, and reported, by
+        that cell). Everything is checked before a slot is taken (SessionRefused says what is
+        wrong), and a failure after that frees what was taken. Waits up to `wait_s` for a free slot."""
         if len(images) > MAX_SESSION_IMAGES:
             raise SessionRefused(f"{len(images)} images: a session takes at most {MAX_SESSION_IMAGES}")
         loop = asyncio.get_running_loop()
@@ -266,7 +271,16 @@ class SandboxDaemon:
         self.counts["sessions_opened"] += self.ready  # not the start-up probe
         if self._cgroups is not None:
             self._cgroups.weigh(len(self._sessions))
+        if self.ready:
+            if self._cgroups is not None:  # after the cgroup is made: the warming holds cgroup_mutex
+                loop.run_in_executor(self._warmer, self._cgroups.warm)  # not awaited: it only saves time
+            session.starting = asyncio.create_task(self._start_kernel(session))
         return session
+
+    async def _start_kernel(self, session: _Session) -> None:
+        async with session.lock:
+            with contextlib.suppress(SandboxUnavailable):
+                await self._ensure_kernel(session)
 
     async def run(self, session_id: str, code: str) -> dict:
         """Run one cell; see the module docstring for what a timeout or a dead kernel returns."""
@@ -322,6 +336,8 @@ class SandboxDaemon:
         """Kill the session's processes, remove its cgroup and scratch, free its slot. Returned images stay."""
         session = self._sessions.pop(session_id, None)
         if session is not None:
+            if session.starting is not None:
+                await asyncio.wait([session.starting])  # then its kernel, if it started, is killed below
             await self._release(session)
             if self._cgroups is not None:
                 self._cgroups.weigh(len(self._sessions))
@@ -348,17 +364,19 @@ class SandboxDaemon:
 
     async def _fork(self, session: _Session) -> _Kernel:
         """Ask the fork-server for a kernel; wait until it has loaded the images and walled off."""
-        try:
-            image_fds = await asyncio.get_running_loop().run_in_executor(self._files, _open_images, session.images)
-        except OSError as error:
-            raise SandboxUnavailable(f"cannot open the session's images: {error}") from None
+        image_fds = []
+        if session.images:  # a thread hop only where there is a file to open
+            try:
+                image_fds = await asyncio.get_running_loop().run_in_executor(self._files, _open_images, session.images)
+            except OSError as error:
+                raise SandboxUnavailable(f"cannot open the session's images: {error}") from None
         ours, theirs = socket.socketpair()
         spec = {
             "scratch": str(session.scratch),
             "isolated": self.isolation == "namespaces",
             "uid": None if self._uid_base is None else self._uid_base + session.slot,
             "cgroup": session.cgroup.procs_files if session.cgroup is not None else [],
-            "read_only": _python_environment(),
+            "read_only": self._read_only,
             "limits": asdict(self.limits),
         }
         try:
