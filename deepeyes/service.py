@@ -241,6 +241,7 @@ def stop_services(services: Sequence[LocalService], grace_s: float = 5.0) -> Non
     """Stop several services at once: SIGTERM to all, then SIGKILL to any still running after
     `grace_s` (so shutdown takes the slowest service's time, not the sum)."""
     running = [s for s in services if s.process is not None and s.process.poll() is None]
+    stopping = list(running)  # those already stopped were reported when they were
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         for service in running:
             service._signal(sig)
@@ -253,9 +254,8 @@ def stop_services(services: Sequence[LocalService], grace_s: float = 5.0) -> Non
             log.warning("service %s did not stop on %s", service.name, sig.name)
         if not running:
             break
-    for service in services:
-        if service.process is not None:
-            log.info("stopped %s (exit code %s)", service.name, service.process.returncode)
+    for service in stopping:
+        log.info("stopped %s (exit code %s)", service.name, service.process.returncode)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from deepeyes.reward.format import MAX_ANSWER_CHARS, final_answer, model_text
 from deepeyes.rollout.judge import JudgeClient
 from deepeyes.rollout.hf_engine import GenerateRequest, GenerateResult, HFRolloutEngine
 from deepeyes.tools import connect_sandbox
-from deepeyes.tools.search_service import LocalSearch, Search
+from deepeyes.tools.search_service import Search, build_search
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,25 @@ def build_engine(policy, cfg: RolloutConfig) -> HFRolloutEngine:
 
 
 def build_toolbox(
-    cfg: ToolsConfig, corpus: Path, image_index: Path | None, scratch_root: Path, search: Search | None = None,
-    policy=None, max_trajectory_pixels: int = 0,
+    cfg: ToolsConfig, corpus: Path | None, image_index: Path | None, scratch_root: Path, search: Search | None = None,
+    policy=None, max_trajectory_pixels: int = 0, records: Path | None = None,
 ) -> Toolbox:
-    """`search`: a client of a running search service; None = the local indexes in this process.
-    The code sandbox is the nodes' daemons (`cfg.code.urls`) or one started here, next to
-    `scratch_root` (the step's image store): `toolbox.close()` stops it. With a `policy`, each
-    trajectory's images are held to `max_trajectory_pixels` as its processor measures them."""
+    """`search`: a client of a running search service; None = the configured backends
+    (`tools.search_backend`, `tools.image_search_backend`) in this process, over `corpus` and
+    `image_index` when local, `records` for the MMSearch cache. The code sandbox is the nodes'
+    daemons (`cfg.code.urls`) or one started here, next to `scratch_root` (the step's image
+    store): `toolbox.close()` stops it. With a `policy`, each trajectory's images are held to
+    `max_trajectory_pixels` as its processor measures them."""
+    if search is None:
+        cache = Path(cfg.search_cache_records) if cfg.search_cache_records else records
+        search = build_search(
+            cfg.search_backend, cfg.image_search_backend, scratch_root.with_name("search"), corpus=corpus,
+            image_index=image_index, timeout_s=cfg.search_timeout_s, image_url_base=cfg.serpapi_image_url_base,
+            mmsearch_cache=Path(cfg.search_cache) if cfg.search_cache else None,
+            mmsearch_images=Path(cfg.search_cache_images) if cfg.search_cache_images else None, records=cache,
+        )
     return Toolbox(
-        search=search or LocalSearch.from_files(corpus, image_index),
+        search=search,
         sandbox=connect_sandbox(cfg.code, scratch_root.with_name("sandbox")),
         scratch_root=scratch_root,
         top_k=cfg.search_top_k,
@@ -95,6 +105,7 @@ def run_scored(
             )
         finally:
             await runtime.engine.close()
+            await runtime.toolbox.search.close()
         await score_trajectories(trajectories, runtime.variant, reward, grader=grader)
         return trajectories
 

@@ -131,11 +131,11 @@ def run_filter(cfg: FilterJobConfig) -> dict[str, Any]:
     """The filter job on this machine; returns the summary (also in <out_dir>/summary.json)."""
     out_dir = Path(cfg.run.out_dir)
     seed_everything(cfg.run.seed)
-    paths = data_paths(cfg.data)
+    paths = data_paths(cfg.data, cfg.tools)
     source, records = question_records(cfg.data, cfg.filter.input, cfg.filter.limit)
     policy = load_policy(cfg.model, cfg.ckpt)
     toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", None, policy,
-                            cfg.model.max_trajectory_pixels)
+                            cfg.model.max_trajectory_pixels, source)
     runtime = AgentRuntime(
         build_engine(policy, cfg.rollout), ChatEncoder(policy.tokenizer, policy.pixels.tokens), toolbox, cfg.protocol.variant
     )

@@ -143,10 +143,11 @@ def run_eval(cfg: EvalJobConfig) -> dict[str, Any]:
     """The eval job on this machine; returns the benchmark's metrics (also in <out_dir>/report.json)."""
     out_dir = Path(cfg.run.out_dir)
     seed_everything(cfg.run.seed)
-    paths = data_paths(cfg.data)
+    paths = data_paths(cfg.data, cfg.tools)
     bench_cfg = cfg.benchmark
+    questions = Path(bench_cfg.path or paths.test)
     benchmark = load_benchmark(
-        bench_cfg.name, bench_cfg.format, Path(bench_cfg.path or paths.test),
+        bench_cfg.name, bench_cfg.format, questions,
         Path(bench_cfg.image_root) if bench_cfg.image_root else None,
         cache_root() / "benchmark_images", bench_cfg.on_bad_record,  # content-addressed: shared by runs
     )
@@ -157,7 +158,7 @@ def run_eval(cfg: EvalJobConfig) -> dict[str, Any]:
     policy = load_policy(cfg.model, cfg.ckpt)
     encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
     toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", None, policy,
-                            cfg.model.max_trajectory_pixels)
+                            cfg.model.max_trajectory_pixels, questions)
     runtime = AgentRuntime(build_engine(policy, cfg.rollout), encoder, toolbox, cfg.protocol.variant)
     try:
         metrics, trajectories = evaluate(

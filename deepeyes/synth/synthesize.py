@@ -337,7 +337,7 @@ def run_synthesis(cfg: SynthJobConfig, progress: bool = True) -> dict[str, Any]:
                          "with cluster=local, teacher.base_url pointing at the teacher's server")
     out_dir = Path(cfg.run.out_dir)
     seed_everything(cfg.run.seed)
-    paths = data_paths(cfg.data)
+    paths = data_paths(cfg.data, cfg.tools)
     source, records = question_records(cfg.data, cfg.synth.input, cfg.synth.limit)
     output = SynthesisOutput(out_dir)
     attempts = [
@@ -346,7 +346,7 @@ def run_synthesis(cfg: SynthJobConfig, progress: bool = True) -> dict[str, Any]:
     ]
     encoder, tokenizer = student_encoder(cfg)
     log.info("synthesize %s: %d questions x %d attempts, %d to run", source, len(records), cfg.synth.k, len(attempts))
-    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch")
+    toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", records=source)
     try:
         with teacher_endpoint(cfg, out_dir) as (base_url, key):
             judged = asyncio.run(_synthesize(cfg, base_url, key, encoder, tokenizer, toolbox, output, attempts, progress))
@@ -373,4 +373,5 @@ async def _synthesize(cfg, base_url, key, encoder, tokenizer, toolbox, output, a
         await Synthesizer(cfg, engine, toolbox, output, grader).run(attempts, progress)
     finally:
         await client.close()
+        await toolbox.search.close()
     return dict(judge.stats)

@@ -21,8 +21,8 @@ same query; at most `--cache-mb` of queries and answers), runs at most `--max-co
 backend calls at once and bounds each by `--timeout-s` (504). It reads a query image only under
 its roots (the image index's directory and each `--image-root`), at most 64 MB of it, off the
 event loop; an image store's file (named by its hash) is looked up by its name without being
-read. `SearchClient` is the only code that speaks this wire format; `LocalSearch` serves the
-same calls in process.
+read. `SearchClient` is the only code that speaks this wire format; `build_search` gives a job
+that runs no service the same backends in its own process.
 
     POST /search        {query, k}  -> {results: [{title, link, snippet, date}]}
     POST /image_search  {image, k}  -> {results: [{title, image}]}     (image: a path on the shared filesystem)
@@ -68,6 +68,30 @@ class Search(Protocol):
 
     async def image_search(self, image: Path, k: int) -> list[ImageHit]: ...
 
+    async def close(self) -> None:
+        """Release what the calls of the running event loop opened (jobs run one loop per step)."""
+
+
+class LoopSession:
+    """An aiohttp session for the running event loop: jobs call asyncio.run once per step or
+    batch, and a session cannot outlive the loop it was made in."""
+
+    def __init__(self, **options: Any):
+        self._options = options
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def current(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._loop is not loop:
+            self._session, self._loop = aiohttp.ClientSession(**self._options), loop
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and self._loop is asyncio.get_running_loop():
+            await self._session.close()
+        self._session = None
+
 
 # ---- backends --------------------------------------------------------------------------------
 
@@ -96,11 +120,15 @@ class LocalSearch:
             raise SearchError("no image-search index is configured")
         return await asyncio.to_thread(self.image.search, image, k)
 
+    async def close(self) -> None:
+        pass  # nothing open: the indexes are in memory
+
 
 def mmsearch_cache_search(cache: Path, cache_images: Path, records: Path, work_dir: Path) -> LocalSearch:
-    """Image search over the MMSearch-R1 cache, converted to our index once per service start."""
+    """Image search over the MMSearch-R1 cache, converted to our index once per start (service or job)."""
     from deepeyes.data.converters import convert_image_search_cache
 
+    work_dir.mkdir(parents=True, exist_ok=True)
     index = work_dir / "mmsearch_image_index.jsonl"
     conversion = convert_image_search_cache(cache, cache_images, records, index)
     log.info("mmsearch cache %s: %s", cache, conversion)
@@ -121,7 +149,6 @@ class SerpAPISearch:
         if not self._key:
             raise SearchError(f"the serpapi search backend needs an API key in the environment variable {api_key_env}")
         self._image_url_base = image_url_base.rstrip("/") if image_url_base else None
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._cache_dir = Path(cache_dir)
         (self._cache_dir / "images").mkdir(parents=True, exist_ok=True)
         self._cache_file = self._cache_dir / "serpapi.jsonl"
@@ -131,7 +158,7 @@ class SerpAPISearch:
                 if line.strip():
                     entry = json.loads(line)
                     self._cache[entry["key"]] = entry["reply"]
-        self._session: aiohttp.ClientSession | None = None
+        self._http = LoopSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
 
     async def search(self, query: str, k: int) -> list[TextHit]:
         reply = await self._get({"engine": "google", "q": query, "num": max(k, 10)})
@@ -157,7 +184,7 @@ class SerpAPISearch:
         if key in self._cache:
             return self._cache[key]
         try:
-            async with self._client().get(self.ENDPOINT, params={**params, "api_key": self._key}) as response:
+            async with self._http.current().get(self.ENDPOINT, params={**params, "api_key": self._key}) as response:
                 reply = await response.json(content_type=None)
                 if response.status != 200 or "error" in reply:
                     raise SearchError(f"serpapi {params.get('engine')} answered {response.status}: {reply.get('error')}")
@@ -171,7 +198,7 @@ class SerpAPISearch:
     async def _download(self, url: str) -> Path:
         path = self._cache_dir / "images" / (hashlib.sha256(url.encode()).hexdigest() + ".jpg")
         if not path.is_file():
-            async with self._client().get(url) as response:
+            async with self._http.current().get(url) as response:
                 if response.status != 200:
                     raise SearchError(f"result image {url} answered {response.status}")
                 partial = path.with_suffix(".partial")
@@ -179,14 +206,8 @@ class SerpAPISearch:
                 os.replace(partial, path)
         return path
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        return self._session
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._http.close()
 
 
 class CombinedSearch:
@@ -201,6 +222,11 @@ class CombinedSearch:
     async def image_search(self, image: Path, k: int) -> list[ImageHit]:
         return await self.image.image_search(image, k)
 
+    async def close(self) -> None:
+        await self.text.close()
+        if self.image is not self.text:
+            await self.image.close()
+
 
 # ---- the client ------------------------------------------------------------------------------
 
@@ -210,10 +236,7 @@ class SearchClient:
 
     def __init__(self, url: str, token: str, timeout_s: float = 30.0):
         self.url = url
-        self._headers = auth_headers(token)
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._http = LoopSession(headers=auth_headers(token), timeout=aiohttp.ClientTimeout(total=timeout_s))
 
     async def search(self, query: str, k: int) -> list[TextHit]:
         reply = await self._post("/search", {"query": query, "k": k})
@@ -224,12 +247,8 @@ class SearchClient:
         return [(r["title"], Path(r["image"])) for r in reply["results"]]
 
     async def _post(self, path: str, body: dict) -> dict:
-        loop = asyncio.get_running_loop()
-        if self._session is None or self._loop is not loop:  # each asyncio.run gets its own session
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
-            self._loop = loop
         try:
-            async with self._session.post(self.url + path, json=body) as response:
+            async with self._http.current().post(self.url + path, json=body) as response:
                 reply = await response.json(content_type=None)
                 if response.status != 200:
                     raise SearchError(f"search service {self.url}{path} answered {response.status}: {reply.get('error')}")
@@ -238,9 +257,7 @@ class SearchClient:
             raise SearchError(f"search service {self.url}{path} failed: {type(error).__name__}: {error}") from None
 
     async def close(self) -> None:
-        if self._session is not None and self._loop is asyncio.get_running_loop():
-            await self._session.close()
-        self._session = None
+        await self._http.close()
 
 
 # ---- the server ------------------------------------------------------------------------------
@@ -338,19 +355,26 @@ TEXT_BACKENDS = ("local", "serpapi")
 IMAGE_BACKENDS = ("local", "serpapi", "mmsearch_cache")
 
 
-def build_backend(args: argparse.Namespace) -> Search:
-    local = LocalSearch.from_files(args.corpus if args.text_backend == "local" else None,
-                                   args.image_index if args.image_backend == "local" else None)
-    serpapi = None
-    if "serpapi" in (args.text_backend, args.image_backend):
-        serpapi = SerpAPISearch(args.cache_dir, args.image_url_base, args.timeout_s)
-    text = serpapi if args.text_backend == "serpapi" else local
-    if args.image_backend == "mmsearch_cache":
-        if not (args.mmsearch_cache and args.mmsearch_images and args.records):
-            raise SystemExit("--image-backend mmsearch_cache needs --mmsearch-cache, --mmsearch-images and --records")
-        image: Search = mmsearch_cache_search(args.mmsearch_cache, args.mmsearch_images, args.records, args.cache_dir)
+def build_search(
+    text_backend: str, image_backend: str, work_dir: Path, *, corpus: Path | None = None,
+    image_index: Path | None = None, timeout_s: float = 20.0, image_url_base: str | None = None,
+    mmsearch_cache: Path | None = None, mmsearch_images: Path | None = None, records: Path | None = None,
+) -> Search:
+    """The named backends: what this service answers with, and what a job searches with in its own
+    process (evaluation, the difficulty filter, synthesis, an RL job without services). `work_dir`
+    holds the serpapi cache and the converted MMSearch index."""
+    local = LocalSearch.from_files(corpus if text_backend == "local" else None,
+                                   image_index if image_backend == "local" else None)
+    serpapi = SerpAPISearch(work_dir, image_url_base, timeout_s) if "serpapi" in (text_backend, image_backend) else None
+    text = serpapi if text_backend == "serpapi" else local
+    if image_backend == "mmsearch_cache":
+        if not (mmsearch_cache and mmsearch_images and records):
+            raise ValueError("the mmsearch_cache image backend needs the cache JSON, the folder of its images and the "
+                             "RL records (tools.search_cache, tools.search_cache_images, tools.search_cache_records or "
+                             "data.train; the service's --mmsearch-cache, --mmsearch-images, --records)")
+        image: Search = mmsearch_cache_search(mmsearch_cache, mmsearch_images, records, work_dir)
     else:
-        image = serpapi if args.image_backend == "serpapi" else local
+        image = serpapi if image_backend == "serpapi" else local
     return CombinedSearch(text, image)
 
 
@@ -379,7 +403,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     roots = [*args.image_root, *([args.image_index.parent] if args.image_index else []),
              *([args.mmsearch_images] if args.mmsearch_images else [])]
-    server = SearchServer(build_backend(args), read_token(args.token_file), args.max_concurrency, args.timeout_s,
+    backend = build_search(
+        args.text_backend, args.image_backend, args.cache_dir, corpus=args.corpus, image_index=args.image_index,
+        timeout_s=args.timeout_s, image_url_base=args.image_url_base, mmsearch_cache=args.mmsearch_cache,
+        mmsearch_images=args.mmsearch_images, records=args.records,
+    )
+    server = SearchServer(backend, read_token(args.token_file), args.max_concurrency, args.timeout_s,
                           args.cache_mb << 20, tuple(roots))
     serve(server.app, args)
 

@@ -159,8 +159,7 @@ class GRPOTrainer:
             await self.engine.close()
             if self.judge is not None:
                 await self.judge.close()
-            if isinstance(self.toolbox.search, SearchClient):
-                await self.toolbox.search.close()
+            await self.toolbox.search.close()
 
     def update(self, trajectories: list[Trajectory], advantages: list[float]) -> dict[str, float]:
         """Clipped policy-gradient steps over the batch, in mini-batches of trajectories."""
@@ -255,7 +254,7 @@ def rollout_side(cfg: RLJobConfig, out_dir: Path, policy: Policy) -> dict:
     engine, weight_sync, search, judge = _service_clients(cfg, endpoints, out_dir)
     engine = engine or build_engine(policy, cfg.rollout)
     toolbox = build_toolbox(cfg.tools, paths.corpus, paths.image_index, out_dir / "scratch", search, policy,
-                            cfg.model.max_trajectory_pixels)
+                            cfg.model.max_trajectory_pixels, paths.train)
     services.callback(toolbox.close)  # the code sandbox daemon, if the job started one
     encoder = ChatEncoder(policy.tokenizer, policy.pixels.tokens)
     return dict(engine=engine, encoder=encoder, toolbox=toolbox, sampler=sampler, weight_sync=weight_sync,

@@ -188,6 +188,9 @@ def test_a_rl_step_survives_a_lone_surrogate_and_a_tool_that_raises(tmp_path):
         async def image_search(self, image, k):
             return await self.search_backend.image_search(image, k)
 
+        async def close(self):
+            await self.search_backend.close()
+
     trainer.toolbox = replace(trainer.toolbox, search=ExplodingSearch(trainer.toolbox.search))
     answer = "<think>Done.</think><answer>A</answer>"
     scripts = {

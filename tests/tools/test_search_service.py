@@ -10,13 +10,15 @@ import pytest
 from aiohttp import web
 
 from deepeyes.agent import protocol
+from deepeyes.agent.runtime import build_toolbox
 from deepeyes.agent.tool_session import Toolbox
+from deepeyes.config import CodeToolConfig, ToolsConfig
 from deepeyes.service import (
     LocalService, free_port, local_services, new_token_file, python_module, read_token,
 )
 from deepeyes.tools import LocalImageSearch, LocalTextSearch, SandboxClient
 from deepeyes.tools.search_service import (
-    LocalSearch, SearchClient, SearchError, SearchServer, SerpAPISearch, mmsearch_cache_search,
+    LocalSearch, SearchClient, SearchError, SearchServer, SerpAPISearch,
 )
 
 
@@ -149,7 +151,10 @@ def test_backend_calls_are_bounded_in_number_and_time(tmp_path):
     assert run(scenario) == 2
 
 
-def test_mmsearch_cache_backend_answers_the_cached_titles_and_images(tmp_path, sample_data):
+def test_a_job_searching_in_process_uses_its_configured_backends(tmp_path, sample_data):
+    """Evaluation, the filter and synthesis search in their own process (`build_toolbox` without a
+    service): tools.image_search_backend=mmsearch_cache answers images from the MMSearch cache,
+    keyed by the job's records, while the text search stays on the local corpus."""
     records = [json.loads(line) for line in sample_data.rl_train.read_text().splitlines()][:2]
     for i, record in enumerate(records):
         record["metadata"]["index"] = f"fvqa_{i}"
@@ -162,11 +167,17 @@ def test_mmsearch_cache_backend_answers_the_cached_titles_and_images(tmp_path, s
         "fvqa_0": {"tool_returned_web_title": ["first", "gone"], "cached_images_path": [str(cached[0]), None]},
         "fvqa_1": {"tool_returned_web_title": ["second"], "cached_images_path": [str(cached[1])]},
     }))
-    search = mmsearch_cache_search(cache, sample_data.root, rl, tmp_path / "work")
-    hits = run(lambda: search.image_search(records[1]["images"][0], 5))
+    token_file = new_token_file(tmp_path)  # a sandbox pool that is never called: this test searches only
+    tools = ToolsConfig(CodeToolConfig(urls=["http://127.0.0.1:9"], token_file=str(token_file)),
+                        image_search_backend="mmsearch_cache", search_cache=str(cache),
+                        search_cache_images=str(sample_data.root))
+    toolbox = build_toolbox(tools, sample_data.corpus, sample_data.image_index, tmp_path / "scratch", records=rl)
+    hits = run(lambda: toolbox.search.image_search(records[1]["images"][0], 5))
     assert [(title, path.resolve()) for title, path in hits] == [("second", cached[1].resolve())]
-    with pytest.raises(SearchError):
-        run(lambda: search.search("text search is not in this cache", 5))
+    assert run(lambda: toolbox.search.search("capital", 3))  # the corpus, not the cache
+    with pytest.raises(ValueError, match="tools.search_cache"):
+        build_toolbox(ToolsConfig(tools.code, image_search_backend="mmsearch_cache"), sample_data.corpus, None,
+                      tmp_path / "scratch", records=rl)
 
 
 def test_serpapi_needs_its_key_from_the_environment(tmp_path, monkeypatch):
