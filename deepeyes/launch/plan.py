@@ -382,11 +382,17 @@ def _server_command(cfg: Any, model: Path, tensor_parallel: int) -> list[str]:
     return command
 
 
+# A GPU estimate needs the model's shape: its config.json, or a paper model's known shape.
+NOT_ESTIMATED = "not estimated: the model's config.json is not readable here and its shape is not known"
+
+
 def _trainer_gpu_memory(job: str, cfg: Any, place: _Placement, shape: ModelShape | None) -> str:
-    """The trainer's estimate per GPU (empty without GPUs or a known shape); raises when it
+    """The trainer's estimate per GPU (empty without GPUs); raises when it
     cannot fit, naming the keys that change it."""
-    if not place.trainer_gpus or shape is None:
+    if not place.trainer_gpus:
         return ""
+    if shape is None:
+        return NOT_ESTIMATED
     trainer = cfg.trainer
     megatron = trainer.backend == "megatron"
     tp, pp = (trainer.tensor_parallel, trainer.pipeline_parallel) if megatron else (1, 1)
@@ -421,8 +427,10 @@ def _rollout_gpu_memory(cfg: Any, shape: ModelShape | None, role: str, tensor_pa
     """A vLLM engine's estimate per GPU; raises when its share cannot hold the weights and one
     sequence of max_model_len (vLLM would refuse to start after the queue wait). `tensor_parallel`
     is (its key, its value)."""
-    if cfg.rollout.backend != "vllm" or shape is None:
+    if cfg.rollout.backend != "vllm":
         return ""
+    if shape is None:
+        return NOT_ESTIMATED
     rollout = cfg.rollout
     tp_key, tp = tensor_parallel
     estimate = rollout_memory(shape, tp, cfg.model.dtype, cfg.cluster.gpu_memory_gb,

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from deepeyes.config import register_configs, to_object
 from deepeyes.launch.plan import (
-    PORT_RANGE, SANDBOX_SESSION_GB, TRAJECTORY_BYTES_PER_TOKEN, LaunchPlan, build_plan,
+    NOT_ESTIMATED, PORT_RANGE, SANDBOX_SESSION_GB, TRAJECTORY_BYTES_PER_TOKEN, LaunchPlan, build_plan,
 )
 from tests.paths import CONF_DIR, REPO
 
@@ -65,6 +65,12 @@ def test_the_judge_takes_one_engine_slot_of_gpus(tmp_path):
     judge = next(r for r in plan.roles if r.name == "judge")
     assert (judge.node, judge.gpus) == (2, [4, 5, 6, 7])
     assert judge.command[judge.command.index("--tensor-parallel") + 1] == "4"
+    # A judge whose checkpoint this machine cannot read (a login node without the shared
+    # filesystem): the plan says its GPU memory is not estimated rather than printing nothing.
+    plan = build_plan("rl", job_config("cluster=slurm", "nodes=3", "rollout=vllm", "reward=deepeyesv2_judge",
+                                       f"reward.judge.model={tmp_path / 'absent-72b'}"), tmp_path)
+    judge = next(r for r in plan.roles if r.name == "judge")
+    assert judge.gpu_memory == NOT_ESTIMATED and NOT_ESTIMATED in plan.describe()
 
 
 def test_one_node_shares_it_with_rollout_engines_and_the_judge(tmp_path):
