@@ -13,13 +13,14 @@ from deepeyes.config import register_configs, to_object
 from deepeyes.launch.plan import (
     PORT_RANGE, SANDBOX_SESSION_GB, TRAJECTORY_BYTES_PER_TOKEN, LaunchPlan, build_plan,
 )
-from tests.paths import CONF_DIR, REPO
+from tests.paths import CONF_DIR, REPO, TOY_RL
 
 
 def job_config(*overrides, job="rl"):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return to_object(compose(job, overrides=["run.out_dir=unused", *overrides]))
+        toy = TOY_RL if job == "rl" else ()
+        return to_object(compose(job, overrides=["run.out_dir=unused", *toy, *overrides]))
 
 
 def test_two_nodes_put_the_trainer_on_the_first_and_rollout_engines_on_the_second(tmp_path):
@@ -142,7 +143,7 @@ def test_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing(tmp_p
     no_slurm = str(Path(sys.executable).parent)
     assert shutil.which("srun", path=no_slurm) is None and shutil.which("sbatch", path=no_slurm) is None
     result = subprocess.run(
-        [sys.executable, "jobs/rl.py", "cluster=slurm", "nodes=2", "cluster.dry_run=true", "cluster.partition=gpu",
+        [sys.executable, "jobs/rl.py", *TOY_RL, "cluster=slurm", "nodes=2", "cluster.dry_run=true", "cluster.partition=gpu",
          "cluster.account=vision", "+cluster.sbatch_extra.exclusive=''", "cluster.container_image=/images/deepeyes.sif",
          "cluster.container_binds=[/shared,/scratch]", f"hydra.run.dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": no_slurm},
