@@ -29,7 +29,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-JOB = ["grpo.steps=1", "grpo.prompts_per_step=2", "rollout.n=2", "rollout.max_turn_tokens=32", "model.threads=1"]
+# The tiny model with random weights, a rollout server and the megatron trainer (the embedded default
+# starts from the cold start, minutes of SFT to build, and generates in the trainer's process).
+JOB = ["model=tiny", "data=sample", "rollout=hf", "trainer=megatron",
+       "grpo.steps=1", "grpo.prompts_per_step=2", "rollout.n=2", "rollout.max_turn_tokens=32", "model.threads=1"]
 
 
 def run_job(out_dir: Path, *overrides: str) -> tuple[float, float]:

@@ -480,6 +480,9 @@ def register_configs() -> None:
     store.store(name="synthesize_schema", node=SynthJobConfig)
 
 
+# The data groups of the bundled generated tasks (conf/data/): toy data for the tiny model only.
+BUNDLED_DATA = ("sample", "learning")
+
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "optim.schedule": ("constant", "cosine"),
@@ -547,9 +550,9 @@ def to_object(cfg: DictConfig) -> Any:
         _check_serpapi_key(job)
     if data is not None and not data.allow_sample:
         _refuse_sample_data(job)
-    elif isinstance(job, (RLJobConfig, SFTJobConfig)) and job.model.name != "tiny" and data.name == "sample":
-        log.warning("model=%s trains on the bundled toy data (data=sample) with the small default recipe; the "
-                    "paper's recipe is +experiment=deepeyesv2_<size>_sft / deepeyesv2_<size>_rl", job.model.name)
+    elif isinstance(job, (RLJobConfig, SFTJobConfig)) and job.model.name != "tiny" and data.name in BUNDLED_DATA:
+        log.warning("model=%s trains on the bundled toy data (data=%s) with the small default recipe; the paper's "
+                    "recipe is +experiment=deepeyesv2_<size>_sft / deepeyesv2_<size>_rl", job.model.name, data.name)
     return job
 
 

@@ -42,6 +42,8 @@ def launch(job: str, cfg: DictConfig) -> None:
             sys.exit(exit_code)
         return
     launch_dir = Path(typed.run.out_dir).resolve() / "launch"
+    if not typed.cluster.dry_run:
+        _cold_start_before_queueing(cfg, typed)
     plan = write_launch_dir(job, cfg, typed, launch_dir)
     print(plan.describe())
     if typed.cluster.name == "local":  # a dry run of the local plan
@@ -78,6 +80,20 @@ def write_launch_dir(job: str, cfg: DictConfig, typed, launch_dir: Path) -> Laun
     new_token_file(launch_dir)
     (launch_dir / "plan.json").write_text(plan.to_json())
     return plan
+
+
+def _cold_start_before_queueing(cfg: DictConfig, typed) -> None:
+    """With `model.cold_start` (the embedded default), the tiny model's cold start is minutes of
+    SFT: it is built (or found in the cache) here, before the job waits in the queue, as the plan
+    finds the tiny model, and the job's nodes load it as `model.path` instead of racing to build it."""
+    model = typed.model
+    if not model.cold_start or model.path or typed.run.init_from:
+        return
+    from deepeyes.train.cold_start import ensure_cold_start_checkpoint
+
+    model.path = str(ensure_cold_start_checkpoint())
+    with open_dict(cfg):
+        cfg.model.path = model.path
 
 
 def _group_sweep_runs(cfg: DictConfig) -> bool:

@@ -1,5 +1,6 @@
 """The jobs' config: composed and validated before anything runs (or waits in a queue)."""
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,6 +15,7 @@ from deepeyes.agent.protocol import STOP_STRINGS
 from deepeyes.config import SERPAPI_KEY_VARIABLE, RLJobConfig, register_configs, to_object
 from deepeyes.data import ensure_sample_data
 from deepeyes.launch.plan import build_plan
+from deepeyes.model import ensure_tiny_model
 from deepeyes.rollout.services import search_service_command
 from deepeyes.tools.search_service import SearchError, SerpAPISearch
 from deepeyes.train.setup import data_paths
@@ -36,7 +38,35 @@ def serpapi_key(monkeypatch):
 def test_the_embedded_default_is_the_tiny_model_on_this_machine():
     cfg = to_object(composed("rl"))
     assert isinstance(cfg, RLJobConfig)
-    assert (cfg.cluster.name, cfg.model.name, cfg.data.name, cfg.logger.mode) == ("local", "tiny", "sample", "offline")
+    assert (cfg.cluster.name, cfg.model.name, cfg.logger.mode) == ("local", "tiny", "offline")
+
+
+@pytest.mark.slow
+def test_the_main_job_is_rl_from_the_cold_start_on_the_learning_recipe_and_planning_it_builds_nothing(tmp_path):
+    """`make run` (`python jobs/rl.py`) shows learning: GRPO from the tiny model's cold start, with
+    the learning recipe's data and RL settings, the learning proof's RL preset. Printing or
+    planning the job does not build the cold start (minutes of SFT)."""
+    cfg = to_object(composed("rl"))
+    assert cfg.model.cold_start and cfg.model.path is None and cfg.run.init_from is None
+    assert (cfg.data.name, cfg.data.sample_recipe, cfg.trainer.backend) == ("learning", "learning", "hf")
+    assert (cfg.protocol.variant, cfg.rollout.temperature, cfg.rollout.servers, cfg.optim.lr) == ("feedback", 0.7, 0, 3e-4)
+    assert to_object(composed("rl", "+experiment=learning_rl")) == cfg
+
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / ensure_tiny_model().name).symlink_to(ensure_tiny_model())
+    (cache / "data").symlink_to(data_paths(cfg.data).train.parent.parent)
+
+    def printed(*overrides):
+        out = subprocess.run([sys.executable, "jobs/rl.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "DEEPEYES_CACHE": str(cache)})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    assert "cold_start: true" in printed("--cfg", "job")
+    assert "launch plan: rl on 1 node(s)" in printed("cluster.dry_run=true")
+    assert "launch plan: rl on 2 node(s)" in printed("cluster=slurm", "nodes=2", "cluster.dry_run=true")
+    assert [p.name for p in (cache / "models").iterdir()] == [ensure_tiny_model().name]
 
 
 PAPER_REQUIRED = {
@@ -157,7 +187,7 @@ def test_search_indexes_the_backends_do_not_read_are_neither_built_nor_passed(tm
 
 def test_a_paper_model_alone_is_the_model_only_and_says_where_the_recipe_is(caplog):
     cfg = to_object(composed("rl", "model=qwen2_5_vl_7b", "model.path=/models/x"))
-    assert (cfg.grpo.steps, cfg.rollout.backend, cfg.data.name) == (3, "hf", "sample")
+    assert (cfg.grpo.steps, cfg.rollout.backend, cfg.data.name) == (8, "hf", "learning")
     assert "+experiment=deepeyesv2_<size>_sft / deepeyesv2_<size>_rl" in caplog.text
 
 
@@ -165,8 +195,9 @@ def test_a_paper_model_alone_is_the_model_only_and_says_where_the_recipe_is(capl
     "overrides, message",
     [(["trainer=hf", "trainer.distributed_optimizer=true"], "trainer.distributed_optimizer=True needs trainer=megatron"),
      (["trainer=hf", "trainer.tensor_parallel=2"], "trainer.tensor_parallel=2 needs trainer=megatron"),
-     (["trainer.sequence_parallel=true"], "sequence_parallel=true needs trainer.tensor_parallel > 1"),
-     (["trainer.pipeline_parallel=0"], "trainer.pipeline_parallel=0: must be >= 1")],
+     (["trainer=megatron", "trainer.sequence_parallel=true"],
+      "sequence_parallel=true needs trainer.tensor_parallel > 1"),
+     (["trainer=megatron", "trainer.pipeline_parallel=0"], "trainer.pipeline_parallel=0: must be >= 1")],
 )
 def test_trainer_settings_that_would_do_nothing_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -182,7 +213,8 @@ def test_a_grpo_group_of_one_is_refused_with_the_key_named(n):
 
 
 def test_the_protocol_variant_is_checked_and_the_learning_presets_pin_feedback():
-    assert to_object(composed("rl")).protocol.variant == "deepeyesv2"
+    assert to_object(composed("rl")).protocol.variant == "feedback"  # the embedded default is the learning recipe's
+    assert to_object(paper("rl", "7b")).protocol.variant == "deepeyesv2"  # the paper's: the released rules
     with pytest.raises(ValueError, match="protocol.variant='released'"):
         to_object(composed("rl", "protocol.variant=released"))
     for job, preset in (("rl", "learning_rl"), ("eval", "learning_eval")):

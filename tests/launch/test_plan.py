@@ -13,13 +13,14 @@ from deepeyes.config import register_configs, to_object
 from deepeyes.launch.plan import (
     NOT_ESTIMATED, PORT_RANGE, SANDBOX_SESSION_GB, TRAJECTORY_BYTES_PER_TOKEN, LaunchPlan, build_plan,
 )
-from tests.paths import CONF_DIR, REPO
+from tests.paths import CONF_DIR, REPO, TOY_RL
 
 
 def job_config(*overrides, job="rl"):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return to_object(compose(job, overrides=["run.out_dir=unused", *overrides]))
+        toy = TOY_RL if job == "rl" else ()
+        return to_object(compose(job, overrides=["run.out_dir=unused", *toy, *overrides]))
 
 
 def test_two_nodes_put_the_trainer_on_the_first_and_rollout_engines_on_the_second(tmp_path):
@@ -148,7 +149,7 @@ def test_dry_run_prints_the_plan_and_the_sbatch_script_and_submits_nothing(tmp_p
     no_slurm = str(Path(sys.executable).parent)
     assert shutil.which("srun", path=no_slurm) is None and shutil.which("sbatch", path=no_slurm) is None
     result = subprocess.run(
-        [sys.executable, "jobs/rl.py", "cluster=slurm", "nodes=2", "cluster.dry_run=true", "cluster.partition=gpu",
+        [sys.executable, "jobs/rl.py", *TOY_RL, "cluster=slurm", "nodes=2", "cluster.dry_run=true", "cluster.partition=gpu",
          "cluster.account=vision", "+cluster.sbatch_extra.exclusive=''", "cluster.container_image=/images/deepeyes.sif",
          "cluster.container_binds=[/shared,/scratch]", f"hydra.run.dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": no_slurm},
@@ -230,3 +231,27 @@ def test_only_the_trainer_and_extra_roles_inherit_the_jobs_environment_and_searc
     assert {r.name: r.secrets for r in plan.roles if r.secrets} == {"search": ["SERPAPI_API_KEY"]}
     local = build_plan("rl", job_config("cluster=slurm", "nodes=2"), tmp_path)
     assert not any(r.secrets for r in local.roles)
+
+
+def test_on_slurm_the_cold_start_is_found_before_queueing_and_the_nodes_load_it(tmp_path, monkeypatch):
+    """The embedded default starts from the tiny model's cold start (minutes of SFT, built by
+    deepeyes.train.cold_start: tests/train/test_cold_start.py). The launcher asks for it before
+    the job is queued and hands the nodes its path; here the cache answers with a model directory."""
+    from deepeyes.launch.launcher import _cold_start_before_queueing
+    from deepeyes.model import ensure_tiny_model
+
+    cold_start = tmp_path / "cold-start"
+    cold_start.symlink_to(ensure_tiny_model())
+    monkeypatch.setattr("deepeyes.train.cold_start.ensure_cold_start_checkpoint", lambda: cold_start)
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("rl", overrides=["run.out_dir=unused", "cluster=slurm", "nodes=2", "rollout=hf"])
+        given = compose("rl", overrides=["run.out_dir=unused", "cluster=slurm", "run.init_from=/runs/sft"])
+    typed = to_object(cfg)
+    _cold_start_before_queueing(cfg, typed)
+    assert cfg.model.path == typed.model.path == str(cold_start)
+    rollout = next(r for r in build_plan("rl", typed, tmp_path).roles if r.name == "rollout")
+    assert rollout.command[rollout.command.index("--model") + 1] == str(cold_start)
+    typed = to_object(given)
+    _cold_start_before_queueing(given, typed)  # the job starts from its own checkpoint
+    assert given.model.path is None and typed.model.path is None

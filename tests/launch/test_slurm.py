@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.paths import REPO
+from tests.paths import REPO, TOY_RL
 from tests.wandb_files import history, run_groups
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 SMALL_RL = [
-    "grpo.steps=3", "grpo.prompts_per_step=2", "rollout.n=2", "rollout.max_turn_tokens=32", "model.threads=1",
+    *TOY_RL, "grpo.steps=3", "grpo.prompts_per_step=2", "rollout.n=2", "rollout.max_turn_tokens=32", "model.threads=1",
     "cluster.gpus_per_node=2", "cluster.cpus_per_node=2",
 ]
 

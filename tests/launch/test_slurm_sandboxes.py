@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from deepeyes.cache import build_once, cache_root
-from tests.paths import REPO
+from tests.paths import REPO, TOY_RL
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -53,7 +53,7 @@ def code_writing_model(sample_data):
 
 def test_an_rl_step_on_four_nodes_uses_the_sandboxes_of_several(code_writing_model, tmp_path):
     rl = subprocess.run(
-        [sys.executable, "jobs/rl.py", "cluster=slurm", "cluster.wait=true", "nodes=4", "cluster.gpus_per_node=1",
+        [sys.executable, "jobs/rl.py", *TOY_RL, "cluster=slurm", "cluster.wait=true", "nodes=4", "cluster.gpus_per_node=1",
          "cluster.cpus_per_node=2", "trainer=hf", f"run.init_from={code_writing_model}", "grpo.steps=1",
          "grpo.prompts_per_step=2", "rollout.n=4", "rollout.max_turns=2", "rollout.max_turn_tokens=48",
          "rollout.temperature=0.3", "tools.code.max_sessions=2", "model.threads=1", "logger.mode=disabled",

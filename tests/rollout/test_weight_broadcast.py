@@ -30,7 +30,7 @@ from deepeyes.rollout.weight_sync import BroadcastFailed, BroadcastWeightSync, w
 from deepeyes.service import LOOPBACK, auth_headers, free_port, local_services, read_token
 from deepeyes.train.setup import load_policy
 from tests.launch.conftest import slurm_cluster  # noqa: F401  (the fixture, for the Slurm job)
-from tests.paths import REPO
+from tests.paths import REPO, TOY_RL
 from tests.rollout.conftest import rollout_server
 
 pytestmark = pytest.mark.slow
@@ -197,7 +197,7 @@ def test_a_server_killed_mid_broadcast_is_counted_and_the_others_get_the_version
 
 def test_an_rl_job_on_three_slurm_nodes_moves_its_weights_by_broadcast(slurm_cluster, tmp_path):  # noqa: F811
     result = subprocess.run(
-        [sys.executable, "jobs/rl.py", "cluster=slurm", "cluster.wait=true", "nodes=3", "cluster.gpus_per_node=2",
+        [sys.executable, "jobs/rl.py", *TOY_RL, "cluster=slurm", "cluster.wait=true", "nodes=3", "cluster.gpus_per_node=2",
          "cluster.cpus_per_node=2", "grpo.steps=2", "grpo.prompts_per_step=2", "rollout.n=2",
          "rollout.max_turn_tokens=32", "model.threads=1", "rollout.weight_sync=broadcast", f"hydra.run.dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,

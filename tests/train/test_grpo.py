@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 from deepeyes.config import register_configs, to_object
 from deepeyes.train.rl import build_trainer, train_grpo
 from deepeyes.train.losses import grpo_advantages
-from tests.paths import CONF_DIR
+from tests.paths import CONF_DIR, TOY_RL
 
 pytestmark = pytest.mark.slow
 
 SMALL = [
-    "grpo.steps=1", "grpo.prompts_per_step=2", "rollout.n=2", "rollout.max_turn_tokens=12",
+    *TOY_RL, "grpo.steps=1", "grpo.prompts_per_step=2", "rollout.n=2", "rollout.max_turn_tokens=12",
     "rollout.max_response_tokens=64", "rollout.max_turns=2", "optim.lr=1e-3", "data.sample_per_family=4",
     "rollout.servers=0",  # the in-process reference path; tests/rollout/test_rl_services.py runs the services
 ]

@@ -12,7 +12,7 @@ from deepeyes.config import DataConfig, SourceConfig, register_configs, to_objec
 from deepeyes.data import read_records, read_sft_records, write_records, write_sft_records
 from deepeyes.train.sampler import EpochSampler, MixtureSampler, realized_mix
 from deepeyes.train.setup import task_sampler
-from tests.paths import CONF_DIR
+from tests.paths import CONF_DIR, TOY_RL
 
 WEIGHTS = {"perception": 5.0, "reasoning": 3.0, "long_cot": 2.0}
 
@@ -137,7 +137,7 @@ def test_sft_and_rl_jobs_log_the_realized_mix_of_every_step(sample_data, tmp_pat
     rl_paths = split_by_family(read_records(sample_data.rl_train), tmp_path, write_records)
     mix = "[" + ", ".join(f"{{name: {n}, path: '{p}'}}" for n, p in sorted(rl_paths.items())) + "]"
     rl = to_object(composed(
-        "rl", f"data.train_mix={mix}", "trainer=hf", "grpo.steps=2", "grpo.prompts_per_step=3", "rollout.n=2",
+        "rl", *TOY_RL, f"data.train_mix={mix}", "trainer=hf", "grpo.steps=2", "grpo.prompts_per_step=3", "rollout.n=2",
         "rollout.max_turn_tokens=8", "rollout.max_response_tokens=32", "rollout.max_turns=1", "rollout.servers=0",
         "logger.mode=disabled", f"run.out_dir={tmp_path / 'rl'}"))
     train_grpo(rl)
