@@ -54,12 +54,12 @@ def build_toolbox(
     store): `toolbox.close()` stops it. With a `policy`, each trajectory's images are held to
     `max_trajectory_pixels` as its processor measures them."""
     if search is None:
-        cache = Path(cfg.search_cache_records) if cfg.search_cache_records else records
+        cache_records = Path(cfg.search_cache_records) if cfg.search_cache_records else records
         search = build_search(
             cfg.search_backend, cfg.image_search_backend, scratch_root.with_name("search"), corpus=corpus,
             image_index=image_index, timeout_s=cfg.search_timeout_s, image_url_base=cfg.serpapi_image_url_base,
             mmsearch_cache=Path(cfg.search_cache) if cfg.search_cache else None,
-            mmsearch_images=Path(cfg.search_cache_images) if cfg.search_cache_images else None, records=cache,
+            mmsearch_images=Path(cfg.search_cache_images) if cfg.search_cache_images else None, records=cache_records,
         )
     return Toolbox(
         search=search,
