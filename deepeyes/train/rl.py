@@ -89,7 +89,7 @@ def train_grpo(cfg: RLJobConfig) -> Path:
     # resume): from here on they serve the trainer's weights, labelled with its step.
     trainer.publish_weights(start, everything=True)
     logger = RunLogger(cfg.logger, cfg, out_dir, job="rl", run_id=run_id, resumed_at=start) if trainer.leader else None
-    console = Console()
+    console = Console(soft_wrap=True)  # no line breaks at 80 columns in a Slurm log (not a TTY)
     checkpoint = resume
     first = last_metrics = None
     stop = StopSignal.install()  # Slurm's SIGUSR2: checkpoint at the end of this step, then stop for a requeue
