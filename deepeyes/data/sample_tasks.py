@@ -59,7 +59,7 @@ from deepeyes.data.writers import write_records, write_sft_records
 
 # Part of the cache key: bump whenever the generated files change, including when
 # deepeyes.tools.search ranks differently (trajectories embed its results).
-GENERATOR_VERSION = 6  # 6: learning recipe with lookups about unlisted islands
+GENERATOR_VERSION = 7  # 7: the learning recipe's islands are named by two common words
 
 FAMILIES = ("perception", "arithmetic", "lookup")
 RECIPES = ("default", "learning")
@@ -124,7 +124,7 @@ def generate_sample_data(
     for family in (*FAMILIES, "search", "sft"):
         (dataset.root / "images" / family).mkdir(parents=True, exist_ok=True)
 
-    islands = _make_islands(random.Random(f"{seed}:islands"), n_per_family + n_test_per_family + 8)
+    islands = _make_islands(random.Random(f"{seed}:islands"), n_per_family + n_test_per_family + 8, recipe)
     train_islands = islands[:n_per_family]
     test_islands = islands[n_per_family : n_per_family + n_test_per_family]
     unlisted = {island.name for split in (train_islands, test_islands) for index, island in enumerate(split)
@@ -369,6 +369,18 @@ _ONSETS = ("b", "d", "k", "l", "m", "n", "r", "s", "t", "v", "z", "th", "gr", "b
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "io")
 _ENDINGS = ("ria", "nia", "dor", "land", "mere", "holm", "ssa", "vel", "tia", "ros")
 _SEAS = ("Amber", "Glass", "Salt", "Quiet", "Iron", "Pearl")
+# The learning recipe's island names: two words, each one token of the Qwen2.5 vocabulary (with its
+# leading space) and each in many train islands' names, so a test island's name is a new pair of
+# tokens the model has seen. Made-up names split into 2-5 rare pieces, some seen only in test names:
+# the tiny model garbled them when it copied one into a search query, and the garbled, open-ended
+# copy broke the tool call's JSON (at bench seed 2, 12 of 16 held-out lookups failed the format
+# after SFT). A copy of two known tokens, right or wrong, ends where every copy in training ends.
+_NAME_WORDS = (
+    ("Coral", "Copper", "Silver", "Golden", "Crystal", "Cedar", "Maple", "Stone", "Ivory", "Jade", "Azure",
+     "Scarlet", "Velvet", "Frost", "Ember", "Willow", "Raven", "Falcon", "Thunder", "Shadow", "Lunar", "Solar"),
+    ("Rock", "Reef", "Crown", "Harbor", "Haven", "Point", "Ridge", "Shore", "Cliff", "Moon", "Star", "Peak",
+     "Vale", "Cove", "Gate", "Hill", "Field", "Spring", "Wood", "Lake", "Tower", "Garden", "Bridge"),
+)
 
 
 @dataclass(frozen=True)
@@ -383,7 +395,7 @@ class Island:
 
     @property
     def slug(self) -> str:
-        return self.name.lower()
+        return self.name.lower().replace(" ", "-")
 
     def fact(self, attribute: str) -> str:
         return {"capital": self.capital, "currency": self.currency, "highest mountain": self.highest_mountain}[attribute]
@@ -393,12 +405,17 @@ def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
 
 
-def _make_islands(rng: random.Random, count: int) -> list[Island]:
+def _make_islands(rng: random.Random, count: int, recipe: str) -> list[Island]:
+    if recipe == "learning" and count > len(_NAME_WORDS[0]) * len(_NAME_WORDS[1]):
+        raise ValueError(f"the learning recipe names at most {len(_NAME_WORDS[0]) * len(_NAME_WORDS[1])} islands, not {count}")
     islands: list[Island] = []
     names: set[str] = set()
     flags: set[tuple[str, tuple[str, ...]]] = set()
     while len(islands) < count:
-        name = (_word(rng, 2) + rng.choice(_ENDINGS)).capitalize()
+        if recipe == "learning":
+            name = " ".join(rng.choice(words) for words in _NAME_WORDS)
+        else:
+            name = (_word(rng, 2) + rng.choice(_ENDINGS)).capitalize()
         layout = rng.choice(sorted(_FLAG_LAYOUTS))
         flag = (layout, tuple(rng.sample(sorted(_FLAG_COLORS), _FLAG_LAYOUTS[layout])))
         if name in names or flag in flags:
@@ -459,7 +476,7 @@ def _write_corpus(path: Path, islands: list[Island], rng: random.Random) -> None
     that name the island without stating any fact (history, travel) as distractors."""
     docs = []
     for island in islands:
-        link = f"https://islands.example/wiki/{island.name}"
+        link = f"https://islands.example/wiki/{island.name.replace(' ', '_')}"
         for attribute, (_, query) in LOOKUP_ATTRIBUTES.items():
             title = query.format(name=island.name)
             docs.append(
