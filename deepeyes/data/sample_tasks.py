@@ -24,7 +24,9 @@ that stdout repeats. A quarter of its lookups ask about an island no page or fla
 right answer is UNKNOWN_ANSWER, reached by searching and finding only other islands. A tiny model
 cannot copy an unseen island's name in minutes, so its queries miss and its searches return other
 islands; these tasks show what a careful agent does then (answer that the search found nothing)
-instead of leaving it in a state no trajectory covered (it ended the turn at once). `no_tool`
+instead of leaving it in a state no trajectory covered (it ended the turn at once). Its RL tasks
+(rl_train) hold twice as many perception tasks as tasks of each other family; the cold start
+covers the first `n_per_family` of each. `no_tool`
 makes the cold start deliberately imperfect: per family, that share of the trajectories answers
 at once without any tool, leaving reinforcement learning something to fix.
 
@@ -59,7 +61,7 @@ from deepeyes.data.writers import write_records, write_sft_records
 
 # Part of the cache key: bump whenever the generated files change, including when
 # deepeyes.tools.search ranks differently (trajectories embed its results).
-GENERATOR_VERSION = 7  # 7: the learning recipe's islands are named by two common words
+GENERATOR_VERSION = 8  # 8: the learning recipe: two-word island names; twice the perception tasks for RL
 
 FAMILIES = ("perception", "arithmetic", "lookup")
 RECIPES = ("default", "learning")
@@ -77,6 +79,11 @@ COLORS = {
 # The learning recipe's perception colors: each is the one strong channel of its RGB value, so a
 # short cell names it (deepeyes.data.trajectories).
 LEARNING_COLORS = ("red", "green", "blue")
+# The learning recipe's RL tasks hold this many perception tasks per task of each other family (the
+# extra ones have no cold-start trajectory): perception is where RL must discover a tool, and with
+# the families in equal parts a GRPO step of 8 prompts saw 2-3 perception prompts, too few for the
+# crop-and-measure rollouts to stand out at every seed (bench seed 1: no crops gained in 8 steps).
+LEARNING_RL_PERCEPTION = 2
 _FLAG_COLORS = {**COLORS, "black": INK, "white": (250, 250, 250)}
 
 
@@ -136,17 +143,22 @@ def generate_sample_data(
         if island.name in unlisted:  # its flag is the task's image, but no image search knows it
             _save(_draw_flag(island.flag, FLAG_SIZE), _flag_path(dataset.root, island))
 
+    cold_start_ids: list[str] = []  # the train tasks with a cold-start trajectory, families interleaved
     for path, split, count, split_islands in (
         (dataset.rl_train, "train", n_per_family, train_islands),
         (dataset.rl_test, "test", n_test_per_family, test_islands),
     ):
-        by_family = [
-            _perception_tasks(dataset.root, split, count, random.Random(f"{seed}:perception:{split}"), recipe),
+        per_round = LEARNING_RL_PERCEPTION if recipe == "learning" and split == "train" else 1
+        perception, arithmetic, lookup = (
+            _perception_tasks(dataset.root, split, count * per_round, random.Random(f"{seed}:perception:{split}"), recipe),
             _arithmetic_tasks(dataset.root, split, count, random.Random(f"{seed}:arithmetic:{split}"), recipe),
             _lookup_tasks(dataset.root, split, split_islands, recipe),
-        ]
-        # Interleaved so that any prefix of the file is balanced across families.
-        write_records(path, [task for group in zip(*by_family) for task in group])
+        )
+        # Interleaved so that any prefix of the file has the families in proportion.
+        write_records(path, [task for index in range(count) for task in (
+            *perception[index * per_round : (index + 1) * per_round], arithmetic[index], lookup[index])])
+        if split == "train":
+            cold_start_ids = [task.id for group in zip(perception[:count], arithmetic, lookup) for task in group]
 
     # Imported here: deepeyes.tools imports deepeyes.data.schema, so a module-level import
     # would be circular. The trajectories show exactly what the search tools return at RL time.
@@ -154,7 +166,8 @@ def generate_sample_data(
 
     text_search = LocalTextSearch.from_jsonl(dataset.corpus)
     image_search = LocalImageSearch.from_jsonl(dataset.image_index)
-    records = read_records(dataset.rl_train)
+    train = {record.id: record for record in read_records(dataset.rl_train)}
+    records = [train[record_id] for record_id in cold_start_ids]
     without_tools = _pick_without_tools(records, no_tool, random.Random(f"{seed}:no-tool"))
     trajectories = [
         direct_answer_trajectory(record) if record.id in without_tools

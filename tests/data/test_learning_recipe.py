@@ -1,5 +1,7 @@
 """The learning recipe's sample data: measurable color questions, a deliberately imperfect cold start."""
 
+from collections import Counter
+
 import pytest
 
 from deepeyes.agent.protocol import Answer, CodeCall, SearchCall, parse_action
@@ -80,3 +82,21 @@ def test_bad_recipe_or_share_is_refused_before_generating(tmp_path):
         generate_sample_data(tmp_path, n_per_family=2, no_tool={"perceptoin": 0.5})
     with pytest.raises(ValueError, match=r"no_tool\['lookup'\]=1.5"):
         generate_sample_data(tmp_path, n_per_family=2, no_tool={"lookup": 1.5})
+
+
+def test_rl_tasks_hold_twice_the_perception_tasks_and_the_cold_start_covers_the_first(learning):
+    tasks = read_records(learning.rl_train)
+    assert [t.family for t in tasks[:4]] == ["perception", "perception", "arithmetic", "lookup"]
+    assert Counter(t.family for t in tasks) == {"perception": 16, "arithmetic": 8, "lookup": 8}
+    cold_start = read_sft_records(learning.sft_train)
+    assert Counter(t.family for t in cold_start) == {"perception": 8, "arithmetic": 8, "lookup": 8}
+    assert {t.id for t in cold_start if t.family == "perception"} == {f"perception-train-{i:05d}" for i in range(8)}
+    assert Counter(t.family for t in read_records(learning.rl_test)) == {"perception": 4, "arithmetic": 4, "lookup": 4}
+
+
+def test_island_names_are_two_known_tokens(learning):
+    from deepeyes.model.tokenizer import build_qwen2_5_tokenizer
+
+    tokenizer = build_qwen2_5_tokenizer()
+    names = {t.metadata["entity"] for t in read_records(learning.rl_train) + read_records(learning.rl_test) if t.family == "lookup"}
+    assert all(len(tokenizer.encode(f" {name}")) == 2 for name in names)
