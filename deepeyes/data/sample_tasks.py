@@ -61,7 +61,7 @@ from deepeyes.data.writers import write_records, write_sft_records
 
 # Part of the cache key: bump whenever the generated files change, including when
 # deepeyes.tools.search ranks differently (trajectories embed its results).
-GENERATOR_VERSION = 8  # 8: the learning recipe: two-word island names; twice the perception tasks for RL
+GENERATOR_VERSION = 9  # 9: the learning recipe's facts are a fixed word and a known token
 
 FAMILIES = ("perception", "arithmetic", "lookup")
 RECIPES = ("default", "learning")
@@ -394,6 +394,12 @@ _NAME_WORDS = (
     ("Rock", "Reef", "Crown", "Harbor", "Haven", "Point", "Ridge", "Shore", "Cliff", "Moon", "Star", "Peak",
      "Vale", "Cove", "Gate", "Hill", "Field", "Spring", "Wood", "Lake", "Tower", "Garden", "Bridge"),
 )
+# The learning recipe's facts: the attribute's word (Port, Crown, Mount) and one of these words, each
+# one token with its leading space. With made-up facts, the queries were right after SFT but the
+# answers were not: the model garbled the copy of "Mount Graerio" and never closed the answer tag
+# (bench seed 0: 4 of 16 held-out lookups failed the format after SFT, all this way).
+_FACT_WORDS = ("Ash", "Birch", "Brook", "Clay", "Dawn", "Elm", "Fern", "Flint", "Glen", "Hawk", "Holly", "Iris",
+               "Marsh", "Oak", "Pine", "Reed", "Rose", "Sage", "Slate", "Thorn", "Vine", "Aspen", "Basil", "Ferry")
 
 
 @dataclass(frozen=True)
@@ -435,13 +441,17 @@ def _make_islands(rng: random.Random, count: int, recipe: str) -> list[Island]:
             continue
         names.add(name)
         flags.add(flag)
-        town = _word(rng, 2).capitalize()
+        if recipe == "learning":
+            capital, currency, mountain = (f"{prefix} {rng.choice(_FACT_WORDS)}" for prefix in ("Port", "Crown", "Mount"))
+        else:
+            capital = rng.choice(("Port {}", "{} Bay", "New {}", "{}ton")).format(_word(rng, 2).capitalize())
+            currency, mountain = _word(rng, 2) + rng.choice(("el", "ar", "o")), f"Mount {_word(rng, 2).capitalize()}"
         islands.append(
             Island(
                 name=name,
-                capital=rng.choice(("Port {}", "{} Bay", "New {}", "{}ton")).format(town),
-                currency=_word(rng, 2) + rng.choice(("el", "ar", "o")),
-                highest_mountain=f"Mount {_word(rng, 2).capitalize()}",
+                capital=capital,
+                currency=currency,
+                highest_mountain=mountain,
                 sea=rng.choice(_SEAS),
                 settled=rng.randint(1100, 1850),
                 flag=flag,
