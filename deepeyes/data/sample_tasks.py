@@ -61,7 +61,7 @@ from deepeyes.data.writers import write_records, write_sft_records
 
 # Part of the cache key: bump whenever the generated files change, including when
 # deepeyes.tools.search ranks differently (trajectories embed its results).
-GENERATOR_VERSION = 9  # 9: the learning recipe's facts are a fixed word and a known token
+GENERATOR_VERSION = 10  # 10: the learning recipe's square is 12 pixels; no subtraction
 
 FAMILIES = ("perception", "arithmetic", "lookup")
 RECIPES = ("default", "learning")
@@ -79,6 +79,9 @@ COLORS = {
 # The learning recipe's perception colors: each is the one strong channel of its RGB value, so a
 # short cell names it (deepeyes.data.trajectories).
 LEARNING_COLORS = ("red", "green", "blue")
+# The side of the learning recipe's square in pixels: the measuring cell prints its color once per
+# pixel row, and the answer copies it (deepeyes.data.trajectories).
+LEARNING_SQUARE = 12
 # The learning recipe's RL tasks hold this many perception tasks per task of each other family (the
 # extra ones have no cold-start trajectory): perception is where RL must discover a tool, and with
 # the families in equal parts a GRPO step of 8 prompts saw 2-3 perception prompts, too few for the
@@ -263,7 +266,7 @@ def _perception_tasks(root: Path, split: str, count: int, rng: random.Random, re
         else:
             contents = rng.sample("0123456789" if variant == "digit" else sorted(COLORS), len(_REGIONS))
         for region, content in zip(_REGIONS, contents):
-            _draw_corner_box(image, region, variant, content, rng)
+            _draw_corner_box(image, region, variant, content, rng, LEARNING_SQUARE if recipe == "learning" else 6)
         if recipe != "learning":  # drawn after the boxes, as before the learning recipe existed
             target = rng.randrange(len(_REGIONS))
         region, answer = list(_REGIONS)[target], contents[target]
@@ -302,7 +305,8 @@ def _draw_clutter(image: Image.Image, rng: random.Random) -> None:
         shape((x0, y0, x1, y1), fill=color)
 
 
-def _draw_corner_box(image: Image.Image, region: str, variant: str, content: str | None, rng: random.Random) -> None:
+def _draw_corner_box(image: Image.Image, region: str, variant: str, content: str | None, rng: random.Random,
+                     square: int) -> None:
     left, top = _REGIONS[region]
     x = left + rng.randint(2, CORNER - _BOX - 2)
     y = top + rng.randint(2, CORNER - _BOX - 2)
@@ -312,7 +316,8 @@ def _draw_corner_box(image: Image.Image, region: str, variant: str, content: str
     if variant == "digit":
         glyphs.draw_text(image, (x + (_BOX - glyphs.GLYPH_WIDTH) // 2, y + (_BOX - glyphs.GLYPH_HEIGHT) // 2), content, 1, INK)
     else:
-        ImageDraw.Draw(image).rectangle((x + 7, y + 7, x + 12, y + 12), fill=COLORS[content])
+        inset = (_BOX - square) // 2
+        ImageDraw.Draw(image).rectangle((x + inset, y + inset, x + inset + square - 1, y + inset + square - 1), fill=COLORS[content])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,15 +327,19 @@ ARITHMETIC_SIZE = (224, 56)
 
 
 # The learning recipe's operand ranges: per operator, operands and result have a fixed number of
-# digits (4 x 2 -> 6, 5 + 5 -> 6, 5 - 5 -> 5), so copying them is copying at fixed distances.
-_FIXED_WIDTH_OPERANDS = {"*": ((5000, 9999), (20, 99)), "+": ((50000, 99999), (50000, 99999)),
-                         "-": ((60000, 99999), (10000, 49999))}
+# digits (4 x 2 -> 6, 5 + 5 -> 6), so copying them is copying at fixed distances. There is no
+# subtraction: a garbled copy of the operands keeps their leading digits (5-9, 2-9), and with these
+# two operators their result still has 6 digits; 5 - 5 digits ended in 4 (68686 - 60507, a copy
+# that mixed the operands), and the model, which had only ever copied 5 digits there, left the
+# answer empty (bench seed 1: 3 of 16 held-out arithmetic questions failed the format after SFT).
+_FIXED_WIDTH_OPERANDS = {"*": ((5000, 9999), (20, 99)), "+": ((50000, 99999), (50000, 99999))}
 
 
 def _arithmetic_tasks(root: Path, split: str, count: int, rng: random.Random, recipe: str) -> list[Record]:
     tasks = []
     for index in range(count):
-        op = "*+-"[index % 3]
+        operators = "".join(_FIXED_WIDTH_OPERANDS) if recipe == "learning" else "*+-"
+        op = operators[index % len(operators)]
         if recipe == "learning":
             (a_low, a_high), (b_low, b_high) = _FIXED_WIDTH_OPERANDS[op]
             a, b = rng.randint(a_low, a_high), rng.randint(b_low, b_high)
