@@ -61,7 +61,7 @@ from deepeyes.data.writers import write_records, write_sft_records
 
 # Part of the cache key: bump whenever the generated files change, including when
 # deepeyes.tools.search ranks differently (trajectories embed its results).
-GENERATOR_VERSION = 10  # 10: the learning recipe's square is 12 pixels; no subtraction
+GENERATOR_VERSION = 11  # 11: the learning recipe's square is 12 pixels; no subtraction
 
 FAMILIES = ("perception", "arithmetic", "lookup")
 RECIPES = ("default", "learning")
