@@ -16,19 +16,24 @@ can learn the protocol from them:
 Everything is drawn from seeded `random.Random` streams and our own bitmap font, so the same
 parameters give byte-identical files. Lookup islands in the test split never appear in train.
 
-The "learning" recipe (bench/learning.py) makes perception learnable by a tiny model in minutes:
-every perception question asks for the color (red, green or blue) of the one square drawn in the
-image's corners, and the cold-start code crops the image row by row and prints, for every pixel
-row of the square, the strongest channel of its most saturated pixel, so the answer is one word
-that stdout repeats. A quarter of its lookups ask about an island no page or flag index knows: the
-right answer is UNKNOWN_ANSWER, reached by searching and finding only other islands. A tiny model
-cannot copy an unseen island's name in minutes, so its queries miss and its searches return other
-islands; these tasks show what a careful agent does then (answer that the search found nothing)
-instead of leaving it in a state no trajectory covered (it ended the turn at once). Its RL tasks
-(rl_train) hold twice as many perception tasks as tasks of each other family; the cold start
-covers the first `n_per_family` of each. `no_tool`
-makes the cold start deliberately imperfect: per family, that share of the trajectories answers
-at once without any tool, leaving reinforcement learning something to fix.
+The "learning" recipe (bench/learning.py) makes every family learnable by a tiny model (2 layers,
+width 64) in minutes, by keeping each copy it must make one it can make:
+
+- perception asks for the color (red, green or blue) of the one square drawn in the image's
+  corners; the cold-start code crops the image row by row and prints, for every pixel row of the
+  square, the strongest channel of its most saturated pixel, so the answer is one word that stdout
+  repeats (LEARNING_SQUARE times);
+- arithmetic has fixed widths (4 x 2 and 5 + 5 digits, 6-digit results; no subtraction);
+- islands are named by two common words and their facts are a fixed word and a common word
+  (Port Slate), each word one Qwen2.5 token seen in many train tasks, so a held-out name or fact
+  is a new pair of known tokens. A quarter of the lookups ask about an island no page or flag
+  index knows: the right answer is UNKNOWN_ANSWER, reached by searching and finding only other
+  islands (a search that misses leaves the model in a state the trajectories cover);
+- the RL tasks (rl_train) hold twice as many perception tasks as tasks of each other family; the
+  cold start covers the first `n_per_family` of each.
+
+`no_tool` makes the cold start deliberately imperfect: per family, that share of the trajectories
+answers at once without any tool, leaving reinforcement learning something to fix.
 
 Layout of a generated dataset (image paths in every file are relative to that file)::
 
