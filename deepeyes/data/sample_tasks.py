@@ -66,7 +66,7 @@ from deepeyes.data.writers import write_records, write_sft_records
 
 # Part of the cache key: bump whenever the generated files change, including when
 # deepeyes.tools.search ranks differently (trajectories embed its results).
-GENERATOR_VERSION = 12  # 12: the learning recipe's held-out islands have their own fact words
+GENERATOR_VERSION = 11  # 11: the learning recipe's square is 12 pixels; no subtraction
 
 FAMILIES = ("perception", "arithmetic", "lookup")
 RECIPES = ("default", "learning")
@@ -139,8 +139,7 @@ def generate_sample_data(
     for family in (*FAMILIES, "search", "sft"):
         (dataset.root / "images" / family).mkdir(parents=True, exist_ok=True)
 
-    islands = _make_islands(random.Random(f"{seed}:islands"), n_per_family + n_test_per_family + 8, recipe,
-                            held_out=range(n_per_family, n_per_family + n_test_per_family))
+    islands = _make_islands(random.Random(f"{seed}:islands"), n_per_family + n_test_per_family + 8, recipe)
     train_islands = islands[:n_per_family]
     test_islands = islands[n_per_family : n_per_family + n_test_per_family]
     unlisted = {island.name for split in (train_islands, test_islands) for index, island in enumerate(split)
@@ -415,11 +414,6 @@ _NAME_WORDS = (
 # (bench seed 0: 4 of 16 held-out lookups failed the format after SFT, all this way).
 _FACT_WORDS = ("Ash", "Birch", "Brook", "Clay", "Dawn", "Elm", "Fern", "Flint", "Glen", "Hawk", "Holly", "Iris",
                "Marsh", "Oak", "Pine", "Reed", "Rose", "Sage", "Slate", "Thorn", "Vine", "Aspen", "Basil", "Ferry")
-# The held-out islands' facts use other words, so a held-out fact can only be read from a search
-# result, never recalled: with shared words the tiny model's favourite answers (Port Brook) matched
-# a held-out fact by luck, and such a lucky answer, lost to RL's drift, counted as a family getting
-# worse (bench seed 3: lookup 0.375 -> 0.25, one of the two questions lost was a lucky guess).
-_HELD_OUT_FACT_WORDS = ("Moss", "Ivy", "Heath", "Coal", "Owl", "Fox", "Mint", "Lime", "Wolf", "Bear", "Swan", "Crow")
 
 
 @dataclass(frozen=True)
@@ -444,9 +438,7 @@ def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
 
 
-def _make_islands(rng: random.Random, count: int, recipe: str, held_out: range) -> list[Island]:
-    """`count` islands with distinct names and flags; those at `held_out` positions are the test
-    split's (the learning recipe gives them their own fact words)."""
+def _make_islands(rng: random.Random, count: int, recipe: str) -> list[Island]:
     if recipe == "learning" and count > len(_NAME_WORDS[0]) * len(_NAME_WORDS[1]):
         raise ValueError(f"the learning recipe names at most {len(_NAME_WORDS[0]) * len(_NAME_WORDS[1])} islands, not {count}")
     islands: list[Island] = []
@@ -464,8 +456,7 @@ def _make_islands(rng: random.Random, count: int, recipe: str, held_out: range) 
         names.add(name)
         flags.add(flag)
         if recipe == "learning":
-            words = _HELD_OUT_FACT_WORDS if len(islands) in held_out else _FACT_WORDS
-            capital, currency, mountain = (f"{prefix} {rng.choice(words)}" for prefix in ("Port", "Crown", "Mount"))
+            capital, currency, mountain = (f"{prefix} {rng.choice(_FACT_WORDS)}" for prefix in ("Port", "Crown", "Mount"))
         else:
             capital = rng.choice(("Port {}", "{} Bay", "New {}", "{}ton")).format(_word(rng, 2).capitalize())
             currency, mountain = _word(rng, 2) + rng.choice(("el", "ar", "o")), f"Mount {_word(rng, 2).capitalize()}"
