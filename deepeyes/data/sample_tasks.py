@@ -16,17 +16,24 @@ can learn the protocol from them:
 Everything is drawn from seeded `random.Random` streams and our own bitmap font, so the same
 parameters give byte-identical files. Lookup islands in the test split never appear in train.
 
-The "learning" recipe (bench/learning.py) makes perception learnable by a tiny model in minutes:
-every perception question asks for the color (red, green or blue) of the one square drawn in the
-image's corners, and the cold-start code crops the image row by row and prints, for every pixel
-row of the square, the strongest channel of its most saturated pixel, so the answer is one word
-that stdout repeats. A quarter of its lookups ask about an island no page or flag index knows: the
-right answer is UNKNOWN_ANSWER, reached by searching and finding only other islands. A tiny model
-cannot copy an unseen island's name in minutes, so its queries miss and its searches return other
-islands; these tasks show what a careful agent does then (answer that the search found nothing)
-instead of leaving it in a state no trajectory covered (it ended the turn at once). `no_tool`
-makes the cold start deliberately imperfect: per family, that share of the trajectories answers
-at once without any tool, leaving reinforcement learning something to fix.
+The "learning" recipe (bench/learning.py) makes every family learnable by a tiny model (2 layers,
+width 64) in minutes, by keeping each copy it must make one it can make:
+
+- perception asks for the color (red, green or blue) of the one square drawn in the image's
+  corners; the cold-start code crops the image row by row and prints, for every pixel row of the
+  square, the strongest channel of its most saturated pixel, so the answer is one word that stdout
+  repeats (LEARNING_SQUARE times);
+- arithmetic has fixed widths (4 x 2 and 5 + 5 digits, 6-digit results; no subtraction);
+- islands are named by two common words and their facts are a fixed word and a common word
+  (Port Slate), each word one Qwen2.5 token seen in many train tasks, so a held-out name or fact
+  is a new pair of known tokens. A quarter of the lookups ask about an island no page or flag
+  index knows: the right answer is UNKNOWN_ANSWER, reached by searching and finding only other
+  islands (a search that misses leaves the model in a state the trajectories cover);
+- the RL tasks (rl_train) hold twice as many perception tasks as tasks of each other family; the
+  cold start covers the first `n_per_family` of each.
+
+`no_tool` makes the cold start deliberately imperfect: per family, that share of the trajectories
+answers at once without any tool, leaving reinforcement learning something to fix.
 
 Layout of a generated dataset (image paths in every file are relative to that file)::
 
@@ -59,7 +66,7 @@ from deepeyes.data.writers import write_records, write_sft_records
 
 # Part of the cache key: bump whenever the generated files change, including when
 # deepeyes.tools.search ranks differently (trajectories embed its results).
-GENERATOR_VERSION = 6  # 6: learning recipe with lookups about unlisted islands
+GENERATOR_VERSION = 11  # 11: the learning recipe's square is 12 pixels; no subtraction
 
 FAMILIES = ("perception", "arithmetic", "lookup")
 RECIPES = ("default", "learning")
@@ -77,6 +84,14 @@ COLORS = {
 # The learning recipe's perception colors: each is the one strong channel of its RGB value, so a
 # short cell names it (deepeyes.data.trajectories).
 LEARNING_COLORS = ("red", "green", "blue")
+# The side of the learning recipe's square in pixels: the measuring cell prints its color once per
+# pixel row, and the answer copies it (deepeyes.data.trajectories).
+LEARNING_SQUARE = 12
+# The learning recipe's RL tasks hold this many perception tasks per task of each other family (the
+# extra ones have no cold-start trajectory): perception is where RL must discover a tool, and with
+# the families in equal parts a GRPO step of 8 prompts saw 2-3 perception prompts, too few for the
+# crop-and-measure rollouts to stand out at every seed (bench seed 1: no crops gained in 8 steps).
+LEARNING_RL_PERCEPTION = 2
 _FLAG_COLORS = {**COLORS, "black": INK, "white": (250, 250, 250)}
 
 
@@ -124,7 +139,7 @@ def generate_sample_data(
     for family in (*FAMILIES, "search", "sft"):
         (dataset.root / "images" / family).mkdir(parents=True, exist_ok=True)
 
-    islands = _make_islands(random.Random(f"{seed}:islands"), n_per_family + n_test_per_family + 8)
+    islands = _make_islands(random.Random(f"{seed}:islands"), n_per_family + n_test_per_family + 8, recipe)
     train_islands = islands[:n_per_family]
     test_islands = islands[n_per_family : n_per_family + n_test_per_family]
     unlisted = {island.name for split in (train_islands, test_islands) for index, island in enumerate(split)
@@ -136,17 +151,22 @@ def generate_sample_data(
         if island.name in unlisted:  # its flag is the task's image, but no image search knows it
             _save(_draw_flag(island.flag, FLAG_SIZE), _flag_path(dataset.root, island))
 
+    cold_start_ids: list[str] = []  # the train tasks with a cold-start trajectory, families interleaved
     for path, split, count, split_islands in (
         (dataset.rl_train, "train", n_per_family, train_islands),
         (dataset.rl_test, "test", n_test_per_family, test_islands),
     ):
-        by_family = [
-            _perception_tasks(dataset.root, split, count, random.Random(f"{seed}:perception:{split}"), recipe),
+        per_round = LEARNING_RL_PERCEPTION if recipe == "learning" and split == "train" else 1
+        perception, arithmetic, lookup = (
+            _perception_tasks(dataset.root, split, count * per_round, random.Random(f"{seed}:perception:{split}"), recipe),
             _arithmetic_tasks(dataset.root, split, count, random.Random(f"{seed}:arithmetic:{split}"), recipe),
             _lookup_tasks(dataset.root, split, split_islands, recipe),
-        ]
-        # Interleaved so that any prefix of the file is balanced across families.
-        write_records(path, [task for group in zip(*by_family) for task in group])
+        )
+        # Interleaved so that any prefix of the file has the families in proportion.
+        write_records(path, [task for index in range(count) for task in (
+            *perception[index * per_round : (index + 1) * per_round], arithmetic[index], lookup[index])])
+        if split == "train":
+            cold_start_ids = [task.id for group in zip(perception[:count], arithmetic, lookup) for task in group]
 
     # Imported here: deepeyes.tools imports deepeyes.data.schema, so a module-level import
     # would be circular. The trajectories show exactly what the search tools return at RL time.
@@ -154,7 +174,8 @@ def generate_sample_data(
 
     text_search = LocalTextSearch.from_jsonl(dataset.corpus)
     image_search = LocalImageSearch.from_jsonl(dataset.image_index)
-    records = read_records(dataset.rl_train)
+    train = {record.id: record for record in read_records(dataset.rl_train)}
+    records = [train[record_id] for record_id in cold_start_ids]
     without_tools = _pick_without_tools(records, no_tool, random.Random(f"{seed}:no-tool"))
     trajectories = [
         direct_answer_trajectory(record) if record.id in without_tools
@@ -250,7 +271,7 @@ def _perception_tasks(root: Path, split: str, count: int, rng: random.Random, re
         else:
             contents = rng.sample("0123456789" if variant == "digit" else sorted(COLORS), len(_REGIONS))
         for region, content in zip(_REGIONS, contents):
-            _draw_corner_box(image, region, variant, content, rng)
+            _draw_corner_box(image, region, variant, content, rng, LEARNING_SQUARE if recipe == "learning" else 6)
         if recipe != "learning":  # drawn after the boxes, as before the learning recipe existed
             target = rng.randrange(len(_REGIONS))
         region, answer = list(_REGIONS)[target], contents[target]
@@ -289,7 +310,8 @@ def _draw_clutter(image: Image.Image, rng: random.Random) -> None:
         shape((x0, y0, x1, y1), fill=color)
 
 
-def _draw_corner_box(image: Image.Image, region: str, variant: str, content: str | None, rng: random.Random) -> None:
+def _draw_corner_box(image: Image.Image, region: str, variant: str, content: str | None, rng: random.Random,
+                     square: int) -> None:
     left, top = _REGIONS[region]
     x = left + rng.randint(2, CORNER - _BOX - 2)
     y = top + rng.randint(2, CORNER - _BOX - 2)
@@ -299,7 +321,8 @@ def _draw_corner_box(image: Image.Image, region: str, variant: str, content: str
     if variant == "digit":
         glyphs.draw_text(image, (x + (_BOX - glyphs.GLYPH_WIDTH) // 2, y + (_BOX - glyphs.GLYPH_HEIGHT) // 2), content, 1, INK)
     else:
-        ImageDraw.Draw(image).rectangle((x + 7, y + 7, x + 12, y + 12), fill=COLORS[content])
+        inset = (_BOX - square) // 2
+        ImageDraw.Draw(image).rectangle((x + inset, y + inset, x + inset + square - 1, y + inset + square - 1), fill=COLORS[content])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,15 +332,19 @@ ARITHMETIC_SIZE = (224, 56)
 
 
 # The learning recipe's operand ranges: per operator, operands and result have a fixed number of
-# digits (4 x 2 -> 6, 5 + 5 -> 6, 5 - 5 -> 5), so copying them is copying at fixed distances.
-_FIXED_WIDTH_OPERANDS = {"*": ((5000, 9999), (20, 99)), "+": ((50000, 99999), (50000, 99999)),
-                         "-": ((60000, 99999), (10000, 49999))}
+# digits (4 x 2 -> 6, 5 + 5 -> 6), so copying them is copying at fixed distances. There is no
+# subtraction: a garbled copy of the operands keeps their leading digits (5-9, 2-9), and with these
+# two operators their result still has 6 digits; 5 - 5 digits ended in 4 (68686 - 60507, a copy
+# that mixed the operands), and the model, which had only ever copied 5 digits there, left the
+# answer empty (bench seed 1: 3 of 16 held-out arithmetic questions failed the format after SFT).
+_FIXED_WIDTH_OPERANDS = {"*": ((5000, 9999), (20, 99)), "+": ((50000, 99999), (50000, 99999))}
 
 
 def _arithmetic_tasks(root: Path, split: str, count: int, rng: random.Random, recipe: str) -> list[Record]:
     tasks = []
     for index in range(count):
-        op = "*+-"[index % 3]
+        operators = "".join(_FIXED_WIDTH_OPERANDS) if recipe == "learning" else "*+-"
+        op = operators[index % len(operators)]
         if recipe == "learning":
             (a_low, a_high), (b_low, b_high) = _FIXED_WIDTH_OPERANDS[op]
             a, b = rng.randint(a_low, a_high), rng.randint(b_low, b_high)
@@ -369,6 +396,24 @@ _ONSETS = ("b", "d", "k", "l", "m", "n", "r", "s", "t", "v", "z", "th", "gr", "b
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "io")
 _ENDINGS = ("ria", "nia", "dor", "land", "mere", "holm", "ssa", "vel", "tia", "ros")
 _SEAS = ("Amber", "Glass", "Salt", "Quiet", "Iron", "Pearl")
+# The learning recipe's island names: two words, each one token of the Qwen2.5 vocabulary (with its
+# leading space) and each in many train islands' names, so a test island's name is a new pair of
+# tokens the model has seen. Made-up names split into 2-5 rare pieces, some seen only in test names:
+# the tiny model garbled them when it copied one into a search query, and the garbled, open-ended
+# copy broke the tool call's JSON (at bench seed 2, 12 of 16 held-out lookups failed the format
+# after SFT). A copy of two known tokens, right or wrong, ends where every copy in training ends.
+_NAME_WORDS = (
+    ("Coral", "Copper", "Silver", "Golden", "Crystal", "Cedar", "Maple", "Stone", "Ivory", "Jade", "Azure",
+     "Scarlet", "Velvet", "Frost", "Ember", "Willow", "Raven", "Falcon", "Thunder", "Shadow", "Lunar", "Solar"),
+    ("Rock", "Reef", "Crown", "Harbor", "Haven", "Point", "Ridge", "Shore", "Cliff", "Moon", "Star", "Peak",
+     "Vale", "Cove", "Gate", "Hill", "Field", "Spring", "Wood", "Lake", "Tower", "Garden", "Bridge"),
+)
+# The learning recipe's facts: the attribute's word (Port, Crown, Mount) and one of these words, each
+# one token with its leading space. With made-up facts, the queries were right after SFT but the
+# answers were not: the model garbled the copy of "Mount Graerio" and never closed the answer tag
+# (bench seed 0: 4 of 16 held-out lookups failed the format after SFT, all this way).
+_FACT_WORDS = ("Ash", "Birch", "Brook", "Clay", "Dawn", "Elm", "Fern", "Flint", "Glen", "Hawk", "Holly", "Iris",
+               "Marsh", "Oak", "Pine", "Reed", "Rose", "Sage", "Slate", "Thorn", "Vine", "Aspen", "Basil", "Ferry")
 
 
 @dataclass(frozen=True)
@@ -383,7 +428,7 @@ class Island:
 
     @property
     def slug(self) -> str:
-        return self.name.lower()
+        return self.name.lower().replace(" ", "-")
 
     def fact(self, attribute: str) -> str:
         return {"capital": self.capital, "currency": self.currency, "highest mountain": self.highest_mountain}[attribute]
@@ -393,25 +438,34 @@ def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
 
 
-def _make_islands(rng: random.Random, count: int) -> list[Island]:
+def _make_islands(rng: random.Random, count: int, recipe: str) -> list[Island]:
+    if recipe == "learning" and count > len(_NAME_WORDS[0]) * len(_NAME_WORDS[1]):
+        raise ValueError(f"the learning recipe names at most {len(_NAME_WORDS[0]) * len(_NAME_WORDS[1])} islands, not {count}")
     islands: list[Island] = []
     names: set[str] = set()
     flags: set[tuple[str, tuple[str, ...]]] = set()
     while len(islands) < count:
-        name = (_word(rng, 2) + rng.choice(_ENDINGS)).capitalize()
+        if recipe == "learning":
+            name = " ".join(rng.choice(words) for words in _NAME_WORDS)
+        else:
+            name = (_word(rng, 2) + rng.choice(_ENDINGS)).capitalize()
         layout = rng.choice(sorted(_FLAG_LAYOUTS))
         flag = (layout, tuple(rng.sample(sorted(_FLAG_COLORS), _FLAG_LAYOUTS[layout])))
         if name in names or flag in flags:
             continue
         names.add(name)
         flags.add(flag)
-        town = _word(rng, 2).capitalize()
+        if recipe == "learning":
+            capital, currency, mountain = (f"{prefix} {rng.choice(_FACT_WORDS)}" for prefix in ("Port", "Crown", "Mount"))
+        else:
+            capital = rng.choice(("Port {}", "{} Bay", "New {}", "{}ton")).format(_word(rng, 2).capitalize())
+            currency, mountain = _word(rng, 2) + rng.choice(("el", "ar", "o")), f"Mount {_word(rng, 2).capitalize()}"
         islands.append(
             Island(
                 name=name,
-                capital=rng.choice(("Port {}", "{} Bay", "New {}", "{}ton")).format(town),
-                currency=_word(rng, 2) + rng.choice(("el", "ar", "o")),
-                highest_mountain=f"Mount {_word(rng, 2).capitalize()}",
+                capital=capital,
+                currency=currency,
+                highest_mountain=mountain,
                 sea=rng.choice(_SEAS),
                 settled=rng.randint(1100, 1850),
                 flag=flag,
@@ -459,7 +513,7 @@ def _write_corpus(path: Path, islands: list[Island], rng: random.Random) -> None
     that name the island without stating any fact (history, travel) as distractors."""
     docs = []
     for island in islands:
-        link = f"https://islands.example/wiki/{island.name}"
+        link = f"https://islands.example/wiki/{island.name.replace(' ', '_')}"
         for attribute, (_, query) in LOOKUP_ATTRIBUTES.items():
             title = query.format(name=island.name)
             docs.append(

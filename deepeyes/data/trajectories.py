@@ -147,11 +147,13 @@ BRIEF_THOUGHTS = {
 # square; the background, boxes and outlines are near grey and the clutter is muted (saturation at
 # most 110, green's is 130). So the image's pixel rows that cross the square are exactly those
 # with a pixel more saturated than 120, and that pixel's strongest channel names the color: the
-# cell prints it once per row of the square (6 times), in capitals (it names the colors in lower
-# case). The repetition is what lets a tiny model learn to carry the color over: the answer
-# position sees it among ~1300 tokens of context (the system prompt alone is 950); with one
-# occurrence its teacher-forced copy accuracy stayed at chance for 200 SFT steps, with several it
-# reached 1.0 on held-out trajectories by step 125.
+# cell prints it once per row of the square (LEARNING_SQUARE = 12 times), in capitals (it names the
+# colors in lower case). The repetition is what lets a tiny model learn to carry the color over: the
+# answer position sees it among ~1300 tokens of context (the system prompt alone is 950). With one
+# occurrence its teacher-forced copy accuracy stayed at chance for 200 SFT steps. With 6 (a 6-pixel
+# square), after 300 steps it told one color apart and confused the other two (probability of the
+# right one 0.38-0.52 for those, at seeds 0 and 1), and RL then taught the confusion (green answered
+# BLUE); with 12 it was 0.91-0.96 for every color at both seeds.
 _MEASURE_COLOR = """for row in range(image_1.height):
     pixel = max(image_1.crop((0, row, image_1.width, row + 1)).get_flattened_data(), key=lambda p: max(p) - min(p))
     if max(pixel) - min(pixel) > 120:

@@ -1,10 +1,12 @@
 """The learning recipe's sample data: measurable color questions, a deliberately imperfect cold start."""
 
+from collections import Counter
+
 import pytest
 
 from deepeyes.agent.protocol import Answer, CodeCall, SearchCall, parse_action
 from deepeyes.data import generate_sample_data, read_records, read_sft_records
-from deepeyes.data.sample_tasks import ensure_sample_data
+from deepeyes.data.sample_tasks import LEARNING_SQUARE, ensure_sample_data
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def test_perception_asks_for_colors_and_the_cold_start_measures_them(learning):
         code, observation, answer = (m.content for m in trajectory.messages[2:])
         assert ".crop(" in code and task.answer in ("red", "green", "blue")
         # The cell really printed it, once per pixel row of the square (and nothing else).
-        assert f"stdout:\n```\n{(task.answer.upper() + chr(10)) * 6}\n```" in observation
+        assert f"stdout:\n```\n{(task.answer.upper() + chr(10)) * LEARNING_SQUARE}\n```" in observation
         assert answer.endswith(f"<answer>{task.answer.upper()}</answer>")
 
 
@@ -43,7 +45,7 @@ def test_thoughts_are_brief_and_arithmetic_has_fixed_widths(learning):
         if task.family == "arithmetic":
             a, op, b = task.metadata["expression"].split()
             widths.setdefault(op, set()).add((len(a), len(b), len(task.answer)))
-    assert widths == {"*": {(4, 2, 6)}, "+": {(5, 5, 6)}, "-": {(5, 5, 5)}}
+    assert widths == {"*": {(4, 2, 6)}, "+": {(5, 5, 6)}}
 
 
 def test_a_quarter_of_lookups_ask_about_islands_no_search_finds(learning):
@@ -56,8 +58,9 @@ def test_a_quarter_of_lookups_ask_about_islands_no_search_finds(learning):
         name = tasks[trajectory.id].metadata["entity"]
         assert name in tasks[trajectory.id].question and name not in corpus
         assert actions(trajectory) == [SearchCall, Answer]
-        # It searched the right name and read five pages about other islands.
-        assert trajectory.messages[3].content.count("islands.example/wiki/") == 5
+        # It searched the right name and read five pages, all about other islands.
+        header, results = trajectory.messages[3].content.split("## Web Results")
+        assert "found 5 results" in header and name not in results
         assert trajectory.messages[-1].content.endswith("<answer>unknown</answer>")
     # The other lookups still find their answer in the first result.
     answered = [t for t in lookups if t not in unlisted]
@@ -79,3 +82,21 @@ def test_bad_recipe_or_share_is_refused_before_generating(tmp_path):
         generate_sample_data(tmp_path, n_per_family=2, no_tool={"perceptoin": 0.5})
     with pytest.raises(ValueError, match=r"no_tool\['lookup'\]=1.5"):
         generate_sample_data(tmp_path, n_per_family=2, no_tool={"lookup": 1.5})
+
+
+def test_rl_tasks_hold_twice_the_perception_tasks_and_the_cold_start_covers_the_first(learning):
+    tasks = read_records(learning.rl_train)
+    assert [t.family for t in tasks[:4]] == ["perception", "perception", "arithmetic", "lookup"]
+    assert Counter(t.family for t in tasks) == {"perception": 16, "arithmetic": 8, "lookup": 8}
+    cold_start = read_sft_records(learning.sft_train)
+    assert Counter(t.family for t in cold_start) == {"perception": 8, "arithmetic": 8, "lookup": 8}
+    assert {t.id for t in cold_start if t.family == "perception"} == {f"perception-train-{i:05d}" for i in range(8)}
+    assert Counter(t.family for t in read_records(learning.rl_test)) == {"perception": 4, "arithmetic": 4, "lookup": 4}
+
+
+def test_island_names_are_two_known_tokens(learning):
+    from deepeyes.model.tokenizer import build_qwen2_5_tokenizer
+
+    tokenizer = build_qwen2_5_tokenizer()
+    names = {t.metadata["entity"] for t in read_records(learning.rl_train) + read_records(learning.rl_test) if t.family == "lookup"}
+    assert all(len(tokenizer.encode(f" {name}")) == 2 for name in names)
