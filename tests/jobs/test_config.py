@@ -49,7 +49,7 @@ def test_the_main_job_is_rl_from_the_cold_start_on_the_learning_recipe_and_plann
     cfg = to_object(composed("rl"))
     assert cfg.model.cold_start and cfg.model.path is None and cfg.run.init_from is None
     assert (cfg.data.name, cfg.data.sample_recipe, cfg.trainer.backend) == ("learning", "learning", "hf")
-    assert (cfg.protocol.variant, cfg.rollout.temperature, cfg.rollout.servers, cfg.optim.lr) == ("feedback", 0.7, 0, 3e-4)
+    assert (cfg.protocol.variant, cfg.rollout.temperature, cfg.rollout.servers, cfg.optim.lr) == ("feedback", 0.7, 0, 1.5e-4)
     assert to_object(composed("rl", "+experiment=learning_rl")) == cfg
 
     cache = tmp_path / "cache"
